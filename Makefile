@@ -1,0 +1,32 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Both create .venv on first use. torch is pinned first to the CPU build that
+# installs in seconds; setup.cfg keeps a range that this pin satisfies.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test test-slow bench proto clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/gapaware train --task digits-cnn --workers 4 --policy gap-aware
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+proto: $(STAMP)
+	$(BIN)/python -m gapaware.proto.generate
+
+clean:
+	rm -rf $(VENV) build *.egg-info

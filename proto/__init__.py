@@ -1,0 +1,1 @@
+"""The wire contract: ``parameter_server.proto`` and the modules generated from it."""

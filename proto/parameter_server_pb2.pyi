@@ -1,0 +1,225 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+BFLOAT16: DType
+FLOAT16: DType
+
+class TensorHeader(_message.Message):
+    __slots__ = ("dtype", "numel", "chunk_count", "crc32c")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    numel: int
+    chunk_count: int
+    crc32c: int
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., numel: _Optional[int] = ..., chunk_count: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("index", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ParamSpec(_message.Message):
+    __slots__ = ("name", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ParamLayout(_message.Message):
+    __slots__ = ("params", "fingerprint")
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
+    fingerprint: str
+    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("layout", "hostname", "device")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    layout: ParamLayout
+    hostname: str
+    device: str
+    def __init__(self, layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("worker_id", "run_config_json", "layout", "version", "finished", "lease_seconds")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    run_config_json: str
+    layout: ParamLayout
+    version: int
+    finished: bool
+    lease_seconds: float
+    def __init__(self, worker_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., version: _Optional[int] = ..., finished: _Optional[bool] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("worker_id", "dtype")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    dtype: DType
+    def __init__(self, worker_id: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class PushReply(_message.Message):
+    __slots__ = ("version", "staleness", "mean_gap", "finished", "applied")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_GAP_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    staleness: int
+    mean_gap: float
+    finished: bool
+    applied: bool
+    def __init__(self, version: _Optional[int] = ..., staleness: _Optional[int] = ..., mean_gap: _Optional[float] = ..., finished: _Optional[bool] = ..., applied: _Optional[bool] = ...) -> None: ...
+
+class PullHeader(_message.Message):
+    __slots__ = ("version", "tensor", "finished", "push")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    tensor: TensorHeader
+    finished: bool
+    push: PushReply
+    def __init__(self, version: _Optional[int] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., finished: _Optional[bool] = ..., push: _Optional[_Union[PushReply, _Mapping]] = ...) -> None: ...
+
+class PullFrame(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PullHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull_dtype")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    PULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    base_version: int
+    seq: int
+    samples: int
+    loss: float
+    tensor: TensorHeader
+    pull_dtype: DType
+    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class PushFrame(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("finished",)
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    finished: bool
+    def __init__(self, finished: _Optional[bool] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("worker_id", "hostname", "device", "staleness", "pushes", "last_seen_seconds", "mean_gap")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_GAP_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    hostname: str
+    device: str
+    staleness: int
+    pushes: int
+    last_seen_seconds: float
+    mean_gap: float
+    def __init__(self, worker_id: _Optional[int] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ..., staleness: _Optional[int] = ..., pushes: _Optional[int] = ..., last_seen_seconds: _Optional[float] = ..., mean_gap: _Optional[float] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("version", "policy", "updates", "samples", "epoch", "workers", "finished", "run_config_json", "last_accuracy", "last_loss", "mean_staleness", "mean_gap", "uptime_seconds", "max_updates")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_GAP_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    policy: str
+    updates: int
+    samples: int
+    epoch: float
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    finished: bool
+    run_config_json: str
+    last_accuracy: float
+    last_loss: float
+    mean_staleness: float
+    mean_gap: float
+    uptime_seconds: float
+    max_updates: int
+    def __init__(self, version: _Optional[int] = ..., policy: _Optional[str] = ..., updates: _Optional[int] = ..., samples: _Optional[int] = ..., epoch: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., finished: _Optional[bool] = ..., run_config_json: _Optional[str] = ..., last_accuracy: _Optional[float] = ..., last_loss: _Optional[float] = ..., mean_staleness: _Optional[float] = ..., mean_gap: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., max_updates: _Optional[int] = ...) -> None: ...
