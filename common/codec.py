@@ -1,0 +1,125 @@
+"""Flat tensors to checked chunk streams and back.
+
+A tensor travels as a :class:`~gapaware.proto.parameter_server_pb2.TensorHeader`
+(dtype, element count, chunk count, CRC-32C of the payload) and then chunks of raw
+little-endian bytes of at most :data:`MAX_CHUNK_BYTES`. The transport dtype
+(float32, bfloat16, float16) is a choice made here, not a branch in server or
+worker: :func:`encode` casts on the way out and :class:`TensorAssembler` casts
+back to float32 on the way in, after checking everything the header claims.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import crc32c
+import torch
+
+from gapaware.proto import parameter_server_pb2 as pb
+
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+
+TORCH_DTYPES = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
+DTYPE_NAMES = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}
+
+
+class CodecError(ValueError):
+    """A tensor stream that does not match its header: the message says what is wrong."""
+
+
+def dtype_from_name(name: str) -> int:
+    try:
+        return DTYPE_NAMES[name]
+    except KeyError:
+        raise ValueError(f"Invalid transport dtype: {name!r} (choose from {', '.join(DTYPE_NAMES)})") from None
+
+
+def itemsize(dtype: int) -> int:
+    if dtype not in TORCH_DTYPES:
+        raise CodecError(f"unknown tensor dtype {dtype} (expected one of {sorted(TORCH_DTYPES)})")
+    return TORCH_DTYPES[dtype].itemsize
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    header: pb.TensorHeader
+    chunks: list[memoryview]
+
+
+def encode(tensor: torch.Tensor, dtype: int = pb.FLOAT32, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> EncodedTensor:
+    """Splits a flat tensor into chunks of ``chunk_bytes`` in the transport ``dtype``.
+
+    The chunks are views of one contiguous CPU buffer (a cast or a device copy when
+    needed, otherwise no copy at all).
+    """
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"Invalid chunk size: {chunk_bytes} (1 to {MAX_CHUNK_BYTES} bytes)")
+    if tensor.dim() != 1:
+        raise ValueError(f"expected a flat tensor, got shape {tuple(tensor.shape)}")
+    itemsize(dtype)
+    flat = tensor.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()
+    raw = memoryview(flat.view(torch.uint8).numpy())
+    chunks = [raw[start:start + chunk_bytes] for start in range(0, len(raw), chunk_bytes)]
+    header = pb.TensorHeader(
+        dtype=dtype, numel=flat.numel(), chunk_count=len(chunks), crc32c=crc32c.crc32c(raw)
+    )
+    return EncodedTensor(header, chunks)
+
+
+def chunk_messages(encoded: EncodedTensor) -> Iterator[pb.Chunk]:
+    for index, data in enumerate(encoded.chunks):
+        yield pb.Chunk(index=index, data=bytes(data))
+
+
+class TensorAssembler:
+    """Receives the chunks that follow a header and checks all of it.
+
+    ``expected_numel`` is the element count the receiver needs (the model's size);
+    a header claiming any other count is refused before a byte is allocated, so a
+    lying header cannot make the receiver reserve memory.
+    """
+
+    def __init__(self, header: pb.TensorHeader, *, expected_numel: int) -> None:
+        size = itemsize(header.dtype)
+        if header.numel != expected_numel:
+            raise CodecError(f"tensor has {header.numel} elements but {expected_numel} are expected")
+        self._nbytes = header.numel * size
+        min_chunks = -(-self._nbytes // MAX_CHUNK_BYTES)
+        if not min_chunks <= header.chunk_count <= self._nbytes:
+            raise CodecError(
+                f"header announces {header.chunk_count} chunks for {self._nbytes} bytes "
+                f"(between {min_chunks} and {self._nbytes} needed with chunks of at most {MAX_CHUNK_BYTES} bytes)"
+            )
+        self._header = header
+        self._buffer = torch.empty(self._nbytes, dtype=torch.uint8)
+        self._view = memoryview(self._buffer.numpy())
+        self._offset = 0
+        self._next_index = 0
+        self._crc = 0
+
+    def add(self, chunk: pb.Chunk) -> None:
+        if chunk.index != self._next_index:
+            raise CodecError(f"chunk {chunk.index} arrived where chunk {self._next_index} was expected")
+        if self._next_index >= self._header.chunk_count:
+            raise CodecError(f"more chunks than the {self._header.chunk_count} the header announced")
+        length = len(chunk.data)
+        if not 0 < length <= MAX_CHUNK_BYTES:
+            raise CodecError(f"chunk {chunk.index} has {length} bytes (1 to {MAX_CHUNK_BYTES} allowed)")
+        if self._offset + length > self._nbytes:
+            raise CodecError(f"chunks carry more than the {self._nbytes} bytes the header announced")
+        self._view[self._offset:self._offset + length] = chunk.data
+        self._crc = crc32c.crc32c(chunk.data, value=self._crc)
+        self._offset += length
+        self._next_index += 1
+
+    def finish(self) -> torch.Tensor:
+        """The received tensor as float32, once every chunk arrived and the checksum matches."""
+        if self._next_index != self._header.chunk_count or self._offset != self._nbytes:
+            raise CodecError(
+                f"stream ended after {self._next_index} of {self._header.chunk_count} chunks "
+                f"({self._offset} of {self._nbytes} bytes)"
+            )
+        if self._crc != self._header.crc32c:
+            raise CodecError(f"checksum mismatch: payload CRC-32C {self._crc:#010x}, header says {self._header.crc32c:#010x}")
+        return self._buffer.view(TORCH_DTYPES[self._header.dtype]).to(torch.float32)

@@ -1,0 +1,94 @@
+"""The run's configuration, shared by server and workers as JSON, and its learning-rate schedule."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+SCHEDULES = ("constant", "step", "cosine")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run. The server owns it; workers receive it at Join."""
+
+    task: str = "digits-cnn"
+    policy: str = "gap-aware"
+    seed: int = 0
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    warmup_updates: int = 0
+    schedule: str = "step"
+    decay_at: tuple[float, ...] = (0.5, 0.75)
+    decay_factor: float = 0.1
+    ga_beta: float = 0.999
+    ga_eps: float = 1e-8
+    batch_size: int = 32
+    max_updates: int = 0
+    epochs: float = 0.0
+    eval_every: int = 100
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr >= 0 and math.isfinite(self.lr), f"Invalid learning rate: {self.lr}"),
+            (0 <= self.momentum < 1, f"Invalid momentum: {self.momentum} (must be in [0, 1))"),
+            (not self.nesterov or self.momentum > 0, "Nesterov momentum requires a momentum > 0"),
+            (self.weight_decay >= 0, f"Invalid weight decay: {self.weight_decay}"),
+            (self.warmup_updates >= 0, f"Invalid warm-up: {self.warmup_updates}"),
+            (self.schedule in SCHEDULES, f"Invalid schedule: {self.schedule!r} (choose from {', '.join(SCHEDULES)})"),
+            (all(0 < f < 1 for f in self.decay_at), f"Invalid decay points: {self.decay_at} (fractions in (0, 1))"),
+            (0 < self.decay_factor <= 1, f"Invalid decay factor: {self.decay_factor}"),
+            (0 <= self.ga_beta < 1, f"Invalid GA beta: {self.ga_beta}"),
+            (self.ga_eps > 0, f"Invalid GA epsilon: {self.ga_eps}"),
+            (self.batch_size >= 1, f"Invalid batch size: {self.batch_size}"),
+            (self.max_updates >= 0, f"Invalid max updates: {self.max_updates}"),
+            (self.epochs >= 0, f"Invalid epochs: {self.epochs}"),
+            (self.max_updates > 0 or self.epochs > 0, "Give --max-updates or --epochs: the run needs an end"),
+            (self.eval_every >= 1, f"Invalid eval interval: {self.eval_every}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown run config fields: {', '.join(unknown)}")
+        if "decay_at" in data:
+            data["decay_at"] = tuple(data["decay_at"])
+        return cls(**data)
+
+    def total_updates(self, train_size: int) -> int:
+        """The update at which the run ends: ``max_updates`` or ``epochs`` of ``train_size`` examples,
+        whichever comes first, estimated at ``batch_size`` examples an update."""
+        by_epochs = math.ceil(self.epochs * train_size / self.batch_size) if self.epochs else 0
+        candidates = [n for n in (self.max_updates, by_epochs) if n > 0]
+        return min(candidates)
+
+
+def learning_rate(config: RunConfig, update: int, total_updates: int) -> float:
+    """η at update ``update`` (0-based): a linear warm-up from 0, then constant, step or cosine decay.
+
+    The step schedule multiplies by ``decay_factor`` at each fraction ``decay_at`` of the
+    updates, the paper's recipe (ALGORITHMS.md, "How the paper evaluated").
+    """
+    if update < config.warmup_updates:
+        return config.lr * update / config.warmup_updates
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "step":
+        passed = sum(1 for f in config.decay_at if update >= f * total_updates)
+        return config.lr * config.decay_factor**passed
+    span = max(1, total_updates - config.warmup_updates)
+    progress = min(1.0, (update - config.warmup_updates) / span)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,86 @@
+"""The parameter layout: which named tensors, of which shapes, make up the flat vector.
+
+Server and workers exchange one flat float32 vector; the layout says how it maps
+onto the model's parameters (in ``model.named_parameters()`` order) and its
+fingerprint lets the server refuse a worker whose model differs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from gapaware.proto import parameter_server_pb2 as pb
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_module(cls, model: nn.Module) -> ParamLayout:
+        named = list(model.named_parameters())
+        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
+
+    @classmethod
+    def from_proto(cls, message: pb.ParamLayout) -> ParamLayout:
+        return cls(tuple(p.name for p in message.params), tuple(tuple(p.shape) for p in message.params))
+
+    def to_proto(self) -> pb.ParamLayout:
+        return pb.ParamLayout(
+            params=[pb.ParamSpec(name=n, shape=s) for n, s in zip(self.names, self.shapes)],
+            fingerprint=self.fingerprint,
+        )
+
+    @property
+    def numel(self) -> int:
+        return sum(_prod(s) for s in self.shapes)
+
+    @property
+    def fingerprint(self) -> str:
+        text = json.dumps([[n, list(s)] for n, s in zip(self.names, self.shapes)])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def describe_mismatch(self, other: ParamLayout) -> str | None:
+        """A sentence saying how ``other`` differs from this layout, or None when equal."""
+        if self == other:
+            return None
+        for i, (mine, theirs) in enumerate(zip(zip(self.names, self.shapes), zip(other.names, other.shapes))):
+            if mine != theirs:
+                return (f"parameter #{i} is {theirs[0]} {list(theirs[1])} but the server's model has "
+                        f"{mine[0]} {list(mine[1])}")
+        return (f"the model has {len(other.names)} parameter tensors ({other.numel} elements) but the "
+                f"server's has {len(self.names)} ({self.numel} elements)")
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    """The model's parameters as one new flat float32 CPU tensor."""
+    return parameters_to_vector(model.parameters()).detach().to("cpu", torch.float32).clone()
+
+
+def load_flat_parameters(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copies a flat vector into the model's parameters, on the model's device."""
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        vector_to_parameters(flat.to(device, non_blocking=True), model.parameters())
+
+
+def flat_gradients(model: nn.Module) -> torch.Tensor:
+    """The model's gradients as one flat float32 CPU tensor; zeros where a parameter has none."""
+    parts = [
+        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+        for p in model.parameters()
+    ]
+    return torch.cat(parts).detach().to("cpu", torch.float32)

@@ -1,0 +1,3 @@
+from gapaware.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""``gapaware train``: a server and N worker processes on this machine, over loopback gRPC.
+
+The processes are the same ``gapaware server`` and ``gapaware worker`` commands a
+cluster runs; this module only starts them, shows progress from the server's Status
+and prints the summary the server wrote last to its metrics file.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import grpc
+from tqdm import tqdm
+
+from gapaware.cli import config_to_flags
+from gapaware.common.config import RunConfig
+from gapaware.worker.client import WorkerClient
+
+STARTUP_TIMEOUT = 120.0
+
+
+def _gapaware(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gapaware", *args]
+
+
+def _wait_for_port(ready_file: Path, server: subprocess.Popen, log_path: Path) -> int:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if ready_file.exists() and ready_file.read_text():
+            return json.loads(ready_file.read_text())["port"]
+        if server.poll() is not None:
+            raise click.ClickException(f"the server exited with code {server.returncode}; its log:\n"
+                                       + log_path.read_text()[-3000:])
+        time.sleep(0.1)
+    server.kill()
+    raise click.ClickException(f"the server did not start within {STARTUP_TIMEOUT:.0f}s; see {log_path}")
+
+
+def _final_record(metrics_file: Path) -> dict | None:
+    if not metrics_file.exists():
+        return None
+    finals = [json.loads(line) for line in metrics_file.read_text().splitlines() if '"final"' in line]
+    return finals[-1] if finals else None
+
+
+def run_local(config: RunConfig, workers: int, out: Path | None) -> dict | None:
+    out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file, ready_file, server_log = out / "metrics.jsonl", out / "server.ready", out / "server.log"
+    ready_file.unlink(missing_ok=True)
+    started = time.monotonic()
+    click.echo(f"gapaware train: task {config.task}, policy {config.policy}, {workers} workers; logs in {out}")
+    with server_log.open("w") as log:
+        server = subprocess.Popen(
+            _gapaware("server", *config_to_flags(config), "--host", "127.0.0.1", "--port", "0",
+                      "--ready-file", str(ready_file), "--metrics-file", str(metrics_file), "--linger", "5"),
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    procs: list[subprocess.Popen] = []
+    try:
+        port = _wait_for_port(ready_file, server, server_log)
+        address = f"127.0.0.1:{port}"
+        for i in range(workers):
+            with (out / f"worker-{i}.log").open("w") as log:
+                procs.append(subprocess.Popen(_gapaware("worker", "--server", address),
+                                              stdout=log, stderr=subprocess.STDOUT))
+        _show_progress(address, server)
+        server.wait()
+        for proc in procs:
+            proc.wait(timeout=30)
+    finally:
+        for proc in [*procs, server]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    final = _final_record(metrics_file)
+    if server.returncode != 0 or final is None:
+        raise click.ClickException(f"the server failed (exit {server.returncode}); its log:\n"
+                                   + server_log.read_text()[-3000:])
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    click.echo(
+        f"final test accuracy {final['accuracy']:.4f} (loss {final['loss']:.4f}) after {final['version']} updates "
+        f"in {time.monotonic() - started:.1f}s; mean staleness {final['run_mean_staleness']:.2f}, "
+        f"mean gap {final['run_mean_gap']:.3f}"
+        + (f"; workers {failed} exited with errors, see their logs in {out}" if failed else "")
+    )
+    return final
+
+
+def _show_progress(address: str, server: subprocess.Popen) -> None:
+    with WorkerClient(address, timeout=5.0) as client, tqdm(unit="upd", dynamic_ncols=True) as bar:
+        while server.poll() is None:
+            try:
+                status = client.status()
+            except grpc.RpcError:
+                break
+            bar.total = status.max_updates
+            bar.n = status.version
+            bar.set_postfix(acc=f"{status.last_accuracy:.3f}", workers=len(status.workers),
+                            staleness=f"{status.mean_staleness:.1f}", gap=f"{status.mean_gap:.2f}",
+                            refresh=False)
+            bar.refresh()
+            if status.finished:
+                break
+            time.sleep(0.5)

@@ -1,0 +1,28 @@
+"""Why the server refuses a request. The servicer maps each class to one gRPC status code."""
+
+
+class RequestRefused(Exception):
+    """Base class: a request the server refuses with a message the worker's user can act on.
+    Nothing in the server's state changed."""
+
+
+class UnknownWorker(RequestRefused):
+    """The worker id is not (or no longer) registered: its lease expired or the server restarted."""
+
+    def __init__(self, worker_id: int) -> None:
+        super().__init__(
+            f"worker {worker_id} is not registered with this server (its lease expired, it left, "
+            "or the server restarted): join again"
+        )
+
+
+class LayoutMismatch(RequestRefused):
+    """The worker's model does not have the server's parameter layout."""
+
+
+class BadPush(RequestRefused):
+    """A push whose content is invalid (size, base version, values)."""
+
+
+class StaleSnapshot(RequestRefused):
+    """A push computed on parameters other than those the server last sent this worker."""

@@ -1,0 +1,117 @@
+"""The codec: exact round trips, and every malformed stream refused with a clear reason."""
+import pytest
+import torch
+
+from gapaware.common import codec
+from gapaware.common.codec import CodecError, TensorAssembler, chunk_messages, encode
+from gapaware.proto import parameter_server_pb2 as pb
+
+ELEMS_PER_CHUNK = codec.DEFAULT_CHUNK_BYTES // 4
+
+
+def roundtrip(tensor, dtype=pb.FLOAT32, chunk_bytes=codec.DEFAULT_CHUNK_BYTES):
+    encoded = encode(tensor, dtype, chunk_bytes)
+    assembler = TensorAssembler(encoded.header, expected_numel=tensor.numel())
+    for chunk in chunk_messages(encoded):
+        assembler.add(chunk)
+    return encoded, assembler.finish()
+
+
+@pytest.mark.parametrize("numel", [0, 1, ELEMS_PER_CHUNK - 1, ELEMS_PER_CHUNK, ELEMS_PER_CHUNK + 1])
+def test_float32_roundtrip_is_bit_exact(numel):
+    tensor = torch.randn(numel)
+    encoded, back = roundtrip(tensor)
+    assert back.dtype == torch.float32
+    assert torch.equal(back, tensor)
+    assert encoded.header.chunk_count == -(-numel * 4 // codec.DEFAULT_CHUNK_BYTES)
+
+
+def test_thirty_million_elements_roundtrip_in_max_size_chunks():
+    tensor = torch.arange(30_000_000, dtype=torch.float32)
+    encoded, back = roundtrip(tensor, chunk_bytes=codec.MAX_CHUNK_BYTES)
+    assert encoded.header.numel == 30_000_000
+    assert encoded.header.chunk_count == -(-120_000_000 // codec.MAX_CHUNK_BYTES)
+    assert all(len(c) <= codec.MAX_CHUNK_BYTES for c in encoded.chunks)
+    assert torch.equal(back, tensor)
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [(pb.BFLOAT16, torch.bfloat16), (pb.FLOAT16, torch.float16)])
+def test_half_precision_transport_halves_bytes_and_rounds_like_torch(dtype, torch_dtype):
+    tensor = torch.randn(ELEMS_PER_CHUNK + 3)
+    encoded, back = roundtrip(tensor, dtype)
+    assert sum(len(c) for c in encoded.chunks) == tensor.numel() * 2
+    assert torch.equal(back, tensor.to(torch_dtype).to(torch.float32))
+
+
+def frames(tensor, dtype=pb.FLOAT32, chunk_bytes=4096):
+    encoded = encode(tensor, dtype, chunk_bytes)
+    return encoded.header, list(chunk_messages(encoded))
+
+
+def feed(header, chunks, expected_numel):
+    assembler = TensorAssembler(header, expected_numel=expected_numel)
+    for chunk in chunks:
+        assembler.add(chunk)
+    return assembler.finish()
+
+
+def test_corrupted_chunk_is_rejected_by_checksum():
+    header, chunks = frames(torch.randn(5000))
+    data = bytearray(chunks[2].data)
+    data[17] ^= 0x01
+    chunks[2] = pb.Chunk(index=2, data=bytes(data))
+    with pytest.raises(CodecError, match="checksum mismatch"):
+        feed(header, chunks, 5000)
+
+
+def test_wrong_element_count_is_rejected_before_allocating():
+    header, chunks = frames(torch.randn(5000))
+    header.numel = 10**12
+    with pytest.raises(CodecError, match="1000000000000 elements but 5000 are expected"):
+        feed(header, chunks, 5000)
+
+
+def test_header_lying_about_chunk_count_is_rejected():
+    header, chunks = frames(torch.randn(5000))
+    header.chunk_count += 1
+    with pytest.raises(CodecError, match="stream ended after"):
+        feed(header, chunks, 5000)
+
+
+def test_wrong_dtype_is_rejected():
+    header, chunks = frames(torch.randn(5000))
+    header.dtype = pb.BFLOAT16  # payload is float32: twice the bytes the header implies
+    with pytest.raises(CodecError, match="more than the 10000 bytes"):
+        feed(header, chunks, 5000)
+    header.dtype = 42
+    with pytest.raises(CodecError, match="unknown tensor dtype 42"):
+        feed(header, chunks, 5000)
+
+
+def test_chunks_out_of_order_missing_or_extra_are_rejected():
+    header, chunks = frames(torch.randn(5000))
+    with pytest.raises(CodecError, match="chunk 1 arrived where chunk 0 was expected"):
+        feed(header, [chunks[1], chunks[0], *chunks[2:]], 5000)
+    with pytest.raises(CodecError, match="chunk 3 arrived where chunk 2 was expected"):
+        feed(header, [chunks[0], chunks[1], *chunks[3:]], 5000)
+    with pytest.raises(CodecError, match="more chunks than"):
+        feed(header, [*chunks, pb.Chunk(index=len(chunks), data=b"\0\0\0\0")], 5000)
+
+
+def test_oversized_and_empty_chunks_are_rejected():
+    header, chunks = frames(torch.randn(5000))
+    with pytest.raises(CodecError, match="chunk 0 has 0 bytes"):
+        feed(header, [pb.Chunk(index=0, data=b"")], 5000)
+    big = encode(torch.randn(2 * codec.MAX_CHUNK_BYTES // 4), pb.FLOAT32, codec.MAX_CHUNK_BYTES)
+    huge = pb.Chunk(index=0, data=bytes(codec.MAX_CHUNK_BYTES + 1))
+    with pytest.raises(CodecError, match=f"{codec.MAX_CHUNK_BYTES + 1} bytes"):
+        feed(big.header, [huge], big.header.numel)
+
+
+def test_encode_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="flat tensor"):
+        encode(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="Invalid chunk size"):
+        encode(torch.zeros(4), chunk_bytes=codec.MAX_CHUNK_BYTES + 1)
+    with pytest.raises(ValueError, match="Invalid transport dtype"):
+        codec.dtype_from_name("int8")

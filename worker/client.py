@@ -1,0 +1,150 @@
+"""The worker side of the wire contract: join, pull, push, leave.
+
+:class:`WorkerClient` is the public Python API; the training loop in
+:mod:`gapaware.worker.loop` is built on it, and users can drive training with it
+themselves.
+"""
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from gapaware.common.codec import DEFAULT_CHUNK_BYTES, CodecError, TensorAssembler, chunk_messages, dtype_from_name, encode
+from gapaware.common.config import RunConfig
+from gapaware.common.layout import ParamLayout
+from gapaware.common.results import PushResult
+from gapaware.proto import parameter_server_pb2 as pb
+from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class JoinInfo:
+    worker_id: int
+    config: RunConfig
+    layout: ParamLayout
+    version: int
+    finished: bool
+    lease_seconds: float
+
+
+class WorkerClient:
+    """A connection to one parameter server, as one worker.
+
+    ``transport_dtype`` ("float32", "bfloat16" or "float16") is how gradients are sent
+    and parameters requested; tensors handed to and returned by this class are always
+    flat float32 CPU tensors.
+    """
+
+    def __init__(self, address: str, *, transport_dtype: str = "float32",
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: float = 120.0) -> None:
+        self.address = address
+        self._dtype = dtype_from_name(transport_dtype)
+        self._chunk_bytes = chunk_bytes
+        self._timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.ParameterServerStub(self._channel)
+        self._info: JoinInfo | None = None
+        self._seq = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def join(self, layout: ParamLayout | None = None, *, device: str = "cpu") -> JoinInfo:
+        """Registers with the server. With ``layout`` the server checks the model matches."""
+        reply = self._stub.Join(
+            pb.JoinRequest(layout=layout.to_proto() if layout else None, hostname=socket.gethostname(),
+                           device=device),
+            timeout=self._timeout,
+        )
+        self._info = JoinInfo(
+            worker_id=reply.worker_id, config=RunConfig.from_json(reply.run_config_json),
+            layout=ParamLayout.from_proto(reply.layout), version=reply.version, finished=reply.finished,
+            lease_seconds=reply.lease_seconds,
+        )
+        return self._info
+
+    @property
+    def info(self) -> JoinInfo:
+        if self._info is None:
+            raise RuntimeError("join() first: the server assigns the worker id at Join")
+        return self._info
+
+    def leave(self) -> None:
+        self._stub.Leave(pb.LeaveRequest(worker_id=self.info.worker_id), timeout=self._timeout)
+        self._info = None
+
+    def heartbeat(self) -> bool:
+        """Keeps the lease alive; returns True once the run is finished."""
+        return self._stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.info.worker_id),
+                                    timeout=self._timeout).finished
+
+    def status(self) -> pb.StatusReply:
+        return self._stub.Status(pb.StatusRequest(), timeout=self._timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> WorkerClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- parameters and gradients ---------------------------------------------------------
+    def pull(self) -> tuple[int, torch.Tensor]:
+        """The server's current version and parameters (flat float32)."""
+        frames = self._stub.Pull(pb.PullRequest(worker_id=self.info.worker_id, dtype=self._dtype),
+                                 timeout=self._timeout)
+        header, theta = self._receive(frames)
+        return header.version, theta
+
+    def push(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
+             loss: float = math.nan) -> PushResult:
+        """Sends a gradient computed on the parameters of ``base_version``."""
+        reply = self._stub.Push(self._push_frames(grad, base_version, samples, loss), timeout=self._timeout)
+        return _result(reply)
+
+    def push_pull(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
+                  loss: float = math.nan) -> tuple[PushResult, int, torch.Tensor]:
+        """Push, then receive the parameters after the update: one round trip a step."""
+        frames = self._stub.PushPull(self._push_frames(grad, base_version, samples, loss),
+                                     timeout=self._timeout)
+        header, theta = self._receive(frames)
+        return _result(header.push), header.version, theta
+
+    def _push_frames(self, grad: torch.Tensor, base_version: int, samples: int,
+                     loss: float) -> Iterator[pb.PushFrame]:
+        if grad.dim() != 1 or grad.numel() != self.info.layout.numel:
+            raise ValueError(f"gradient must be flat with {self.info.layout.numel} elements, "
+                             f"got shape {tuple(grad.shape)}")
+        self._seq += 1
+        encoded = encode(grad, self._dtype, self._chunk_bytes)
+        yield pb.PushFrame(header=pb.PushHeader(
+            worker_id=self.info.worker_id, base_version=base_version, seq=self._seq, samples=samples,
+            loss=loss, tensor=encoded.header, pull_dtype=self._dtype,
+        ))
+        for chunk in chunk_messages(encoded):
+            yield pb.PushFrame(chunk=chunk)
+
+    def _receive(self, frames) -> tuple[pb.PullHeader, torch.Tensor]:
+        frames = iter(frames)
+        first = next(frames, None)
+        if first is None or first.WhichOneof("frame") != "header":
+            raise CodecError("the server's reply did not start with a header")
+        assembler = TensorAssembler(first.header.tensor, expected_numel=self.info.layout.numel)
+        for frame in frames:
+            assembler.add(frame.chunk)
+        return first.header, assembler.finish()
+
+
+def _result(reply: pb.PushReply) -> PushResult:
+    return PushResult(version=reply.version, staleness=reply.staleness, mean_gap=reply.mean_gap,
+                      finished=reply.finished, applied=reply.applied)
