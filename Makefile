@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-slow bench proto clean
+.PHONY: demo test test-slow bench proto docs clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test-slow: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python -m gapaware.proto.generate
+
+docs: $(STAMP)
+	$(BIN)/python -m gapaware.cli_reference README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info
