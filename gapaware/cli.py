@@ -166,3 +166,28 @@ def status(address, as_json) -> None:
     from gapaware.worker.status_view import print_status
 
     print_status(address, as_json)
+
+
+ENVVAR_PREFIX = "GAPAWARE_"
+
+
+def envvar_for(option: click.Option) -> str:
+    """``--metrics-port`` -> ``GAPAWARE_METRICS_PORT``: one variable per flag name, the same in every command."""
+    longest = max(option.opts, key=len)
+    return ENVVAR_PREFIX + longest.lstrip("-").replace("-", "_").upper()
+
+
+def add_envvars(group: click.Group) -> None:
+    """Gives every option of every command its ``GAPAWARE_…`` variable, shown in ``--help``.
+
+    Done here once, so a new flag gets its variable without anyone writing it; an option
+    that names its own ``envvar`` keeps it. A flag given on the command line wins.
+    """
+    for command in group.commands.values():
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden and not param.is_eager:
+                param.envvar = param.envvar or envvar_for(param)
+                param.show_envvar = True
+
+
+add_envvars(main)

@@ -18,11 +18,11 @@ END = "<!-- cli-reference:end -->"
 
 def render() -> str:
     parts = []
-    ctx = click.Context(main, info_name="gapaware", terminal_width=100, max_content_width=100)
+    # The group's context settings (help option names, width) apply as when the CLI runs.
+    ctx = click.Context(main, info_name="gapaware", terminal_width=100, **main.context_settings)
     for name in sorted(main.list_commands(ctx)):
         command = main.get_command(ctx, name)
-        sub = click.Context(command, info_name=f"gapaware {name}", parent=ctx, terminal_width=100,
-                            max_content_width=100)
+        sub = click.Context(command, info_name=name, parent=ctx, terminal_width=100)
         parts.append(f"### `gapaware {name}`\n\n```text\n{command.get_help(sub)}\n```\n")
     return "\n".join(parts)
 
