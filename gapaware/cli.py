@@ -111,15 +111,27 @@ def main() -> None:
               help="Write {\"port\": N} here once the server accepts connections.")
 @click.option("--linger", type=float, default=10.0, show_default=True,
               help="Seconds to wait for workers to leave after the run ends.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off).")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(path_type=Path), default=None,
+              help="Write the evaluation metrics as TensorBoard scalars into this directory "
+                   "(needs pip install 'gapaware[tensorboard]').")
 @log_level_option
-def server(host, port, metrics_file, ready_file, linger, log_level, **values) -> None:
+def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, log_level, **values) -> None:
     """Run the parameter server until the run ends."""
     from gapaware.server.app import ServerOptions, run_server
+    from gapaware.server.observability import tensorboard_writer_class
 
     config = config_from_options(values)
+    if tensorboard_dir is not None:
+        try:
+            tensorboard_writer_class()
+        except RuntimeError as error:
+            raise click.UsageError(str(error)) from None
     _setup_logging(log_level)
     run_server(config, ServerOptions(host=host, port=port, metrics_file=metrics_file, ready_file=ready_file,
-                                     linger_seconds=linger))
+                                     linger_seconds=linger, metrics_port=metrics_port,
+                                     tensorboard_dir=tensorboard_dir))
 
 
 @main.command()
@@ -166,6 +178,36 @@ def status(address, as_json) -> None:
     from gapaware.worker.status_view import print_status
 
     print_status(address, as_json)
+
+
+@main.command()
+@click.option("--server", "address", default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
+@click.option("--wait", type=float, default=0.0, show_default=True,
+              help="Keep asking for up to this many seconds until the server is SERVING.")
+def health(address, wait) -> None:
+    """Ask the server's standard gRPC health service; exit 0 only when it is SERVING."""
+    from gapaware.worker.health import wait_until_serving
+
+    status = wait_until_serving(address, wait)
+    click.echo(f"{address}: {status}")
+    if status != "SERVING":
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("metrics_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG to write (default: the metrics file with .png).")
+def plot(metrics_file, out) -> None:
+    """Plot a run's metrics file: accuracy and loss against time and updates, staleness, Gap."""
+    from gapaware.plot import PlotError, plot_metrics
+
+    out = out or metrics_file.with_suffix(".png")
+    try:
+        plot_metrics(metrics_file, out)
+    except PlotError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {out}")
 
 
 ENVVAR_PREFIX = "GAPAWARE_"

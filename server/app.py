@@ -1,4 +1,9 @@
-"""Builds and runs the parameter-server process: state, evaluator and the gRPC server."""
+"""Builds and runs the parameter-server process: state, evaluator and the gRPC server.
+
+Next to the parameter service the gRPC server carries the standard health service
+(SERVING while the run goes on, NOT_SERVING from the moment it ends) and server
+reflection, so ``grpc_health_probe``, grpcurl and Kubernetes ``grpc`` probes work.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -10,12 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters
 from gapaware.common.tasks import load_task
+from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.evaluator import Evaluator, MetricsLog
+from gapaware.server.observability import RecordSinks, ServerMetrics, TensorBoardLog
 from gapaware.server.servicer import ParameterServerServicer
 from gapaware.server.state import ParameterServerState
 
@@ -36,6 +45,8 @@ class ServerOptions:
     ready_file: Path | None = None
     linger_seconds: float = 10.0
     eval_device: str = "cpu"
+    metrics_port: int = 0               # Prometheus /metrics on this port; 0: off
+    tensorboard_dir: Path | None = None
 
 
 def listen_address(host: str, port: int) -> str:
@@ -56,17 +67,27 @@ def build_state(config: RunConfig):
 async def serve(config: RunConfig, options: ServerOptions) -> dict:
     """Runs the server until the run ends (or SIGTERM/SIGINT), then returns the final record."""
     task, state = build_state(config)
-    metrics = MetricsLog(options.metrics_file)
-    evaluator = Evaluator(state, task, metrics, device=options.eval_device)
+    metrics = ServerMetrics(state)
+    sinks = RecordSinks([MetricsLog(options.metrics_file), metrics,
+                         *([TensorBoardLog(options.tensorboard_dir)] if options.tensorboard_dir else [])])
+    evaluator = Evaluator(state, task, sinks, device=options.eval_device)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_ParameterServerServicer_to_server(
-        ParameterServerServicer(state, last_eval=lambda: evaluator.last), server
+        ParameterServerServicer(state, last_eval=lambda: evaluator.last, metrics=metrics), server
     )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_name = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = listen_address(options.host, options.port)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not listen on {address}")
+    if options.metrics_port:
+        metrics.serve(options.host, options.metrics_port)
     await server.start()
+    for name in ("", service_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("listening on %s: task %s, policy %s, %d parameters, %d updates",
              listen_address(options.host, port), config.task, config.policy, state.layout.numel,
              state.total_updates)
@@ -80,6 +101,7 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
     try:
         while not state.finished:
             await asyncio.sleep(0.1)
+        await health_servicer.enter_graceful_shutdown()
         deadline = time.monotonic() + options.linger_seconds
         while state.live_workers() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -90,7 +112,7 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
         return final
     finally:
         await server.stop(grace=1.0)
-        metrics.close()
+        sinks.close()
 
 
 def run_server(config: RunConfig, options: ServerOptions) -> dict:

@@ -7,6 +7,7 @@ loop keeps receiving other workers' gradients meanwhile.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.errors import BadPush, LayoutMismatch, RequestRefused, StaleSnapshot, UnknownWorker
 from gapaware.common.results import PushResult
+from gapaware.server.observability import ServerMetrics, rejection_reason
 from gapaware.server.state import ParameterServerState
 
 STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
@@ -40,10 +42,11 @@ def status_code_for(error: Exception) -> grpc.StatusCode:
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def __init__(self, state: ParameterServerState, *, last_eval: Callable[[], dict] = dict,
-                 lease_seconds: float = 0.0) -> None:
+                 lease_seconds: float = 0.0, metrics: ServerMetrics | None = None) -> None:
         self._state = state
         self._last_eval = last_eval
         self._lease_seconds = lease_seconds
+        self._metrics = metrics or ServerMetrics(state)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gapaware-update")
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable, *args, **kwargs):
@@ -98,25 +101,36 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         try:
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
+            self._metrics.push_rejected("malformed")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty push: a push starts with a header")
+        started = time.perf_counter()
         if first.WhichOneof("frame") != "header":
+            self._metrics.push_rejected("malformed")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push must start with a header, not a chunk")
         header = first.header
+        received = 0
         try:
             assembler = TensorAssembler(header.tensor, expected_numel=self._state.layout.numel)
             async for frame in request_iterator:
                 if frame.WhichOneof("frame") != "chunk":
                     raise CodecError("a second header arrived inside a push; expected only chunks")
+                received += len(frame.chunk.data)
                 assembler.add(frame.chunk)
             grad = assembler.finish()
         except CodecError as error:
+            self._metrics.push_rejected(rejection_reason(error), received)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
         if header_holder is not None:
             header_holder.append(header)
-        return await self._call(
-            context, self._state.push, header.worker_id, grad,
-            base_version=header.base_version, samples=header.samples, loss=header.loss,
-        )
+        push = functools.partial(self._state.push, header.worker_id, grad, base_version=header.base_version,
+                                 samples=header.samples, loss=header.loss)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, push)
+        except RequestRefused as error:
+            self._metrics.push_rejected(rejection_reason(error), received)
+            await context.abort(status_code_for(error), str(error))
+        self._metrics.push_applied(result, time.perf_counter() - started, received)
+        return result
 
     async def _send_parameters(self, context, version: int, theta, dtype: int,
                                push: pb.PushReply | None = None) -> AsyncIterator[pb.PullFrame]:
@@ -127,6 +141,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         yield pb.PullFrame(header=pb.PullHeader(version=version, tensor=encoded.header,
                                                 finished=self._state.finished, push=push))
         for chunk in chunk_messages(encoded):
+            self._metrics.sent(len(chunk.data))
             yield pb.PullFrame(chunk=chunk)
 
 

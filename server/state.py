@@ -10,7 +10,7 @@ import inspect
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,12 +30,16 @@ class Window:
     staleness: float = 0.0
     gap: float = 0.0
     loss: float = 0.0
+    staleness_counts: list[int] = field(default_factory=list)  # [i]: pushes of staleness i
 
     def add(self, staleness: int, gap: float, loss: float) -> None:
         self.pushes += 1
         self.staleness += staleness
         self.gap += gap
         self.loss += loss
+        if staleness >= len(self.staleness_counts):
+            self.staleness_counts.extend([0] * (staleness + 1 - len(self.staleness_counts)))
+        self.staleness_counts[staleness] += 1
 
     def means(self) -> dict[str, float]:
         n = max(1, self.pushes)
@@ -150,11 +154,11 @@ class ParameterServerState:
         with self._lock:
             return self.version, self.theta.clone()
 
-    def take_window(self) -> dict[str, float]:
-        """Means over the pushes since the previous call."""
+    def take_window(self) -> dict:
+        """Means over the pushes since the previous call, and how many pushes had each staleness."""
         with self._lock:
             window, self._window = self._window, Window()
-        return window.means()
+        return {**window.means(), "staleness_counts": window.staleness_counts}
 
     def totals(self) -> dict[str, float]:
         """The run so far: pushes applied and their mean staleness, Gap and training loss."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ def gapaware_cmd(*args: str) -> list[str]:
 class ServerProcess:
     """A ``gapaware server`` on a free loopback port, logging into ``workdir``."""
 
-    def __init__(self, workdir: Path, *flags: str, name: str = "server") -> None:
+    def __init__(self, workdir: Path, *flags: str, name: str = "server", env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.ready_file = workdir / f"{name}.ready"
         self.metrics_file = workdir / f"{name}.metrics.jsonl"
@@ -25,7 +26,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 gapaware_cmd("server", "--host", "127.0.0.1", "--port", "0", "--ready-file", str(self.ready_file),
                              "--metrics-file", str(self.metrics_file), "--linger", "5", *flags),
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             )
         self.port = self._wait_ready()
         self.address = f"127.0.0.1:{self.port}"

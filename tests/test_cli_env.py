@@ -31,17 +31,17 @@ def test_the_variable_is_named_after_the_flag_and_means_the_same_in_every_comman
         for option in options_of(command):
             flag = max(option.opts, key=len)
             by_flag.setdefault(flag, set()).add(option.envvar)
-    assert by_flag["--batch-size"] == {"GAPAWARE_BATCH_SIZE"}
-    assert by_flag["--server"] == {"GAPAWARE_SERVER"}, "worker and status read the same variable"
+    assert by_flag["--metrics-port"] == {"GAPAWARE_METRICS_PORT"}
+    assert by_flag["--server"] == {"GAPAWARE_SERVER"}, "worker, status and health read the same variable"
     assert all(len(names) == 1 for names in by_flag.values()), by_flag
 
 
 def test_variables_configure_a_command_and_flags_override_them():
     env = {"GAPAWARE_PORT": "7171", "GAPAWARE_POLICY": "dana", "GAPAWARE_NESTEROV": "true",
-           "GAPAWARE_DECAY_AT": "0.3,0.6"}
+           "GAPAWARE_DECAY_AT": "0.3,0.6", "GAPAWARE_METRICS_PORT": "9191"}
     params = parse(["server"], env)
-    assert (params["port"], params["policy"], params["nesterov"], params["decay_at"]) == \
-        (7171, "dana", True, (0.3, 0.6))
+    assert (params["port"], params["policy"], params["nesterov"], params["decay_at"], params["metrics_port"]) == \
+        (7171, "dana", True, (0.3, 0.6), 9191)
     assert parse(["server", "--port", "7272", "--no-nesterov"], env)["port"] == 7272
     assert parse(["server", "--no-nesterov"], env)["nesterov"] is False
     worker = parse(["worker"], {"GAPAWARE_SERVER": "head:7070", "GAPAWARE_DEVICE": "cuda:1"})
