@@ -1,7 +1,7 @@
 """What a running server tells the outside: Prometheus metrics and TensorBoard scalars.
 
 :class:`ServerMetrics` owns the Prometheus metrics of one server in a registry of its own.
-The servicer reports each push (``push_applied``, ``push_rejected``) and the bytes it
+The servicer reports each push (``push_answered``, ``push_rejected``) and the bytes it
 sends; the evaluator's records arrive through ``write`` like every other record sink;
 version, live workers and whether the run finished are read from the state only when
 scraped. Every call on the update path is a counter or histogram increment, a few
@@ -82,7 +82,8 @@ class ServerMetrics:
             gauge.set(math.nan)
 
     # -- called by the servicer, on the update path --------------------------------------------
-    def push_applied(self, result: PushResult, seconds: float, received_bytes: int) -> None:
+    def push_answered(self, result: PushResult, seconds: float, received_bytes: int) -> None:
+        """A push the state answered: applied, or (``result.applied`` false) arrived after the end."""
         self._bytes_in.inc(received_bytes)
         if not result.applied:
             self._rejected.labels("run_finished").inc()

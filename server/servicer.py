@@ -129,7 +129,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         except RequestRefused as error:
             self._metrics.push_rejected(rejection_reason(error), received)
             await context.abort(status_code_for(error), str(error))
-        self._metrics.push_applied(result, time.perf_counter() - started, received)
+        self._metrics.push_answered(result, time.perf_counter() - started, received)
         return result
 
     async def _send_parameters(self, context, version: int, theta, dtype: int,
