@@ -115,7 +115,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             header_holder.append(header)
         return await self._call(
             context, self._state.push, header.worker_id, grad,
-            base_version=header.base_version, samples=header.samples, loss=header.loss,
+            base_version=header.base_version, samples=header.samples, loss=header.loss, seq=header.seq,
         )
 
     async def _send_parameters(self, context, version: int, theta, dtype: int,
@@ -152,4 +152,5 @@ def status_reply(state: ParameterServerState, last_eval: dict) -> pb.StatusReply
         last_accuracy=last_eval.get("accuracy", math.nan), last_loss=last_eval.get("loss", math.nan),
         mean_staleness=totals["run_mean_staleness"], mean_gap=totals["run_mean_gap"],
         uptime_seconds=now - state.started, max_updates=state.total_updates,
+        held_snapshots=state.held_snapshots(),
     )
