@@ -6,9 +6,11 @@ import subprocess
 import time
 
 import grpc
+import pytest
 
 from gapaware import WorkerClient
-from tests.processes import gapaware_cmd, start_worker
+from tests.netns import SERVER_ADDRESS, cannot_make_namespaces, veth_pair
+from tests.processes import ServerProcess, gapaware_cmd, start_worker
 
 FAST_RETRY = ("--retry-initial-backoff", "0.2", "--retry-max-backoff", "1", "--retry-give-up-after", "120",
               "--rpc-timeout", "10")
@@ -30,7 +32,8 @@ def wait_status(address: str, until, timeout: float = 120.0, what: str = "condit
 
 
 def joined_ids(log_text: str) -> list[int]:
-    return [int(i) for i in re.findall(r"worker (\d+) joined", log_text)]
+    """The ids a worker process had, in order: its first join and every re-join."""
+    return [int(a or b) for a, b in re.findall(r"worker (\d+) joined|joined again as worker (\d+)", log_text)]
 
 
 def server_push_counts(log_text: str) -> dict[int, int]:
@@ -58,7 +61,7 @@ def test_scale_up_then_sigterm_three_and_sigkill_one(servers, tmp_path):
     killed.send_signal(signal.SIGKILL)
     assert [p.wait(timeout=60) for p in stopped] == [0, 0, 0], [logs(i) for i in range(2, 5)]
     assert killed.wait(timeout=10) == -signal.SIGKILL
-    killed_id = joined_ids(logs(5))[0]
+    killed_id = joined_ids(logs(5))[-1]
     survivors = wait_status(server.address, lambda s: len(s.workers) == 2, timeout=30,
                             what="the killed worker's lease to expire")
     assert killed_id not in {w.worker_id for w in survivors.workers}
@@ -76,11 +79,12 @@ def test_scale_up_then_sigterm_three_and_sigkill_one(servers, tmp_path):
     assert final["held_snapshots"] == 0 and final["workers"] == 0
     assert final["accuracy"] >= 0.9, final
     pushes = server_push_counts(server.log())
-    assert set(pushes) == {joined_ids(logs(i))[0] for i in range(6)}
+    assert set(pushes) == {worker_id for i in range(6) for worker_id in joined_ids(logs(i))}
     assert sum(pushes.values()) == final["pushes"], "every applied push is accounted to exactly one worker"
     for i in (0, 1, 2, 3, 4):
         applied = int(re.search(r"(\d+) pushes applied", logs(i)).group(1))
-        assert applied == pushes[joined_ids(logs(i))[0]], f"worker {i} and the server disagree on its pushes"
+        server_side = sum(pushes[worker_id] for worker_id in joined_ids(logs(i)))
+        assert applied == server_side, f"worker {i} and the server disagree on its pushes"
 
 
 def test_server_killed_and_resumed_from_the_previous_checkpoint_when_the_newest_is_torn(servers, tmp_path):
@@ -122,10 +126,52 @@ def test_worker_procs_parent_forwards_sigterm_and_every_child_leaves(servers, tm
     with (tmp_path / "procs.log").open("w") as log:
         parent = subprocess.Popen(gapaware_cmd("worker", "--server", server.address, "--procs", "2", *FAST_RETRY),
                                   stdout=log, stderr=subprocess.STDOUT)
-    wait_status(server.address, lambda s: sum(w.pushes > 0 for w in s.workers) == 2, timeout=180,
-                what="both child workers to push")
+    two = wait_status(server.address, lambda s: sum(w.pushes > 0 for w in s.workers) == 2, timeout=180,
+                      what="both child workers to push")
+    shown = subprocess.run(gapaware_cmd("status", "--server", server.address), capture_output=True, text=True,
+                           timeout=60).stdout
+    assert "2 live workers" in shown, shown
+    rows = {int(line.split()[0]): line.split() for line in shown.splitlines() if line[:6].strip().isdigit()}
+    assert set(rows) == {w.worker_id for w in two.workers}, shown
+    assert all(row[-1].endswith("s") and int(row[4]) > 0 for row in rows.values()), "pushes and last seen shown"
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(timeout=60) == 0, (tmp_path / "procs.log").read_text()
     status = wait_status(server.address, lambda s: not s.workers, timeout=10, what="both children to leave")
     assert status.held_snapshots == 0
     assert (tmp_path / "procs.log").read_text().count("SIGTERM received") == 2
+
+
+@pytest.mark.slow
+def test_network_cut_longer_than_the_lease_then_the_run_recovers(tmp_path):
+    reason = cannot_make_namespaces()
+    if reason:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    with veth_pair() as net:
+        server = ServerProcess(tmp_path, "--task", "digits-mlp", "--max-updates", "1500", "--eval-every", "50",
+                               "--lease-seconds", "2", "--host", SERVER_ADDRESS,
+                               prefix=net.exec_in(net.server_ns))
+        address = f"{SERVER_ADDRESS}:{server.port}"
+        workers = [start_worker(address, tmp_path, i, *FAST_RETRY, "--rpc-timeout", "3",
+                                prefix=net.exec_in(net.worker_ns)) for i in range(2)]
+        try:
+            deadline = time.monotonic() + 120
+            while not any(r["version"] >= 100 for r in server.records("eval")):
+                assert time.monotonic() < deadline and server.proc.poll() is None, server.log()
+                time.sleep(0.1)
+            net.set_link(up=False)
+            time.sleep(8)  # four leases
+            cut_version = max(r["version"] for r in server.records("eval"))
+            assert server.log().count("lease expired") == 2, "both workers are forgotten while cut off"
+            net.set_link(up=True)
+            assert server.wait(timeout=300) == 0, server.log()
+            assert [w.wait(timeout=60) for w in workers] == [0, 0]
+        finally:
+            for proc in [*workers, server.proc]:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        final = server.records("final")[-1]
+        assert cut_version < 1500 and final["version"] == final["pushes"] == 1500
+        assert final["accuracy"] >= 0.9, final
+        for i in range(2):
+            assert "joined again" in (tmp_path / f"worker-{i}.log").read_text()

@@ -19,6 +19,7 @@ def print_status(address: str, as_json: bool) -> None:
                f"epoch {reply.epoch:.2f}, {'finished' if reply.finished else 'running'}")
     click.echo(f"last accuracy {reply.last_accuracy:.4f}, mean staleness {reply.mean_staleness:.2f}, "
                f"mean gap {reply.mean_gap:.3f}, up {reply.uptime_seconds:.0f}s")
+    click.echo(f"{len(reply.workers)} live workers, {reply.held_snapshots} parameter snapshots held")
     click.echo(f"{'worker':>6}  {'host':<20} {'device':<8} {'staleness':>9} {'pushes':>8} {'gap':>8} {'last seen':>10}")
     for w in reply.workers:
         click.echo(f"{w.worker_id:>6}  {w.hostname[:20]:<20} {w.device[:8]:<8} {w.staleness:>9} {w.pushes:>8} "
