@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import click
+import grpc
 from google.protobuf.json_format import MessageToDict
 
 from gapaware.worker.client import WorkerClient
@@ -11,7 +12,11 @@ from gapaware.worker.client import WorkerClient
 
 def print_status(address: str, as_json: bool) -> None:
     with WorkerClient(address, timeout=10.0) as client:
-        reply = client.status()
+        try:
+            reply = client.status()
+        except grpc.RpcError as error:
+            raise click.ClickException(f"no answer from the server at {address}: {error.code().name} "
+                                       f"({error.details()})") from None
     if as_json:
         click.echo(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
         return
