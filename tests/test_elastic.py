@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from gapaware import WorkerClient
+from gapaware.server.checkpoint import CheckpointDirectory, read_checkpoint
 from tests.netns import SERVER_ADDRESS, cannot_make_namespaces, veth_pair
 from tests.processes import ServerProcess, gapaware_cmd, start_worker
 
@@ -45,8 +46,10 @@ def server_push_counts(log_text: str) -> dict[int, int]:
 
 
 def test_scale_up_then_sigterm_three_and_sigkill_one(servers, tmp_path):
+    ckpt = tmp_path / "ckpt"
     server = servers("--task", "digits-mlp", "--max-updates", "20000", "--schedule", "constant", "--lr", "0.05",
-                     "--lease-seconds", "3", "--eval-every", "200")
+                     "--lease-seconds", "3", "--eval-every", "200", "--checkpoint-dir", str(ckpt),
+                     "--checkpoint-every", "0", "--checkpoint-seconds", "0")
     logs = lambda i: (tmp_path / f"worker-{i}.log").read_text()  # noqa: E731
     first = [start_worker(server.address, tmp_path, i, *FAST_RETRY) for i in range(2)]
     wait_status(server.address, lambda s: s.version >= 50, what="the first two workers to train")
@@ -78,6 +81,9 @@ def test_scale_up_then_sigterm_three_and_sigkill_one(servers, tmp_path):
     assert final["version"] == final["pushes"] >= target
     assert final["held_snapshots"] == 0 and final["workers"] == 0
     assert final["accuracy"] >= 0.9, final
+    start, last = CheckpointDirectory(ckpt).paths()
+    assert read_checkpoint(start).version == 0
+    assert read_checkpoint(last).version == final["version"], "SIGTERM wrote a final checkpoint"
     pushes = server_push_counts(server.log())
     assert set(pushes) == {worker_id for i in range(6) for worker_id in joined_ids(logs(i))}
     assert sum(pushes.values()) == final["pushes"], "every applied push is accounted to exactly one worker"
