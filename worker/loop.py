@@ -78,7 +78,7 @@ def stop_on_signals(stop: threading.Event):
             signal.signal(sig, handler)
 
 
-class _Membership:
+class _Registration:
     """This worker's place in the run: joins, and joins again whenever the server forgot it."""
 
     def __init__(self, client: WorkerClient, layout: ParamLayout, device: str, retry) -> None:
@@ -87,17 +87,25 @@ class _Membership:
         self._device = device
         self._retry = retry
         self.joins = 0
+        self._rejoins_since_push = 0
 
     def join(self):
+        if self._rejoins_since_push >= MAX_REJOINS_IN_A_ROW:
+            raise RuntimeError(f"the server forgot this worker {MAX_REJOINS_IN_A_ROW} times without a push "
+                               "in between: is --lease-seconds shorter than a step?")
         info = self._retry(lambda: self._client.join(self._layout, device=self._device), what="join")
         self.joins += 1
         if self.joins > 1:
+            self._rejoins_since_push += 1
             log.info("joined again as worker %d (server version %d)", info.worker_id, info.version)
         return info
 
+    def pushed(self) -> None:
+        self._rejoins_since_push = 0
+
     def pull(self) -> tuple[int, torch.Tensor]:
         """The current parameters, joining again first as often as the server does not know us."""
-        for _ in range(MAX_REJOINS_IN_A_ROW):
+        while True:
             try:
                 return self._retry(self._client.pull, what="pull")
             except grpc.RpcError as error:
@@ -105,7 +113,6 @@ class _Membership:
                     raise
                 log.warning("the server forgot this worker (%s): joining again", error.details())
                 self.join()
-        raise RuntimeError(f"the server forgot this worker {MAX_REJOINS_IN_A_ROW} times in a row")
 
 
 def run_worker(options: WorkerOptions) -> WorkerSummary:
@@ -126,15 +133,15 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
     task = load_task(options.task or config.task, seed=config.seed, data_dir=options.data_dir or config.data_dir)
     model = task.model.to(options.device)
     model.train()
-    membership = _Membership(client, ParamLayout.from_module(model), options.device, retry)
-    info = membership.join()
+    registration = _Registration(client, ParamLayout.from_module(model), options.device, retry)
+    info = registration.join()
     log.info("worker %d joined %s (task %s, policy %s, lease %.0fs)", info.worker_id, options.server,
              config.task, config.policy, info.lease_seconds)
     data = batches(task.train, options.batch_size or config.batch_size,
                    seed=config.seed * 1_000_003 + info.worker_id)
     steps = applied = 0
     with Heartbeat(client, interval=info.lease_seconds / 3) as heartbeat:
-        version, theta = membership.pull()
+        version, theta = registration.pull()
         finished = info.finished
         while not (finished or stop.is_set()):
             load_flat_parameters(model, theta)
@@ -154,16 +161,17 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
                     raise
                 log.warning("push %d refused (%s: %s): dropping its gradient, pulling afresh", seq,
                             error.code().name, error.details())
-                version, theta = membership.pull()
+                version, theta = registration.pull()
                 continue
+            registration.pushed()
             steps += 1
             applied += result.applied
             finished = result.finished or heartbeat.finished
     worker_id = client.info.worker_id
     _leave(client)
     log.info("worker %d done after %d steps, %d pushes applied, %d joins (server version %d)", worker_id,
-             steps, applied, membership.joins, version)
-    return WorkerSummary(worker_id, steps, version, applied, membership.joins)
+             steps, applied, registration.joins, version)
+    return WorkerSummary(worker_id, steps, version, applied, registration.joins)
 
 
 def _leave(client: WorkerClient) -> None:
