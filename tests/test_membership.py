@@ -38,9 +38,10 @@ def test_heartbeat_keeps_a_computing_worker_while_a_silent_one_is_forgotten(serv
         with Heartbeat(busy, interval=0.5):
             time.sleep(4.5)  # three leases without a push
         status = busy.status()
-        assert [w.worker_id for w in status.workers] == [busy_id]
+        assert [w.worker_id for w in status.workers] == [busy_id] and busy_id != silent_id
         assert status.held_snapshots == 1
         with pytest.raises(grpc.RpcError) as refused:
             silent.push(torch.zeros_like(theta), base_version=0)
-        assert refused.value.code() == grpc.StatusCode.NOT_FOUND and "join again" in refused.value.details()
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert f"worker {silent_id} is not registered" in refused.value.details() and "join again" in refused.value.details()
         assert busy.push(torch.zeros_like(theta), base_version=0).applied
