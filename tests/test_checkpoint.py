@@ -1,11 +1,13 @@
 """Checkpoints: exact round trips of the server state, atomic files, corruption detected, resume rules."""
 import os
+import time
 
 import pytest
 import torch
 
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
+from gapaware.server.checkpointer import Checkpointer, CheckpointOptions
 from gapaware.server.checkpoint import CheckpointDirectory, CorruptCheckpoint, read_checkpoint, write_checkpoint
 from gapaware.server.membership import first_worker_id
 from gapaware.server.resume import ResumeError, check_fresh_directory, find_resume_point, resolve_config
@@ -141,3 +143,27 @@ def test_resumed_config_takes_explicit_flags_but_not_another_task():
     assert (resumed.task, resumed.max_updates, resumed.lr) == ("digits-mlp", 600, 0.1)
     with pytest.raises(ResumeError, match="task 'digits-mlp'"):
         resolve_config(saved, given, frozenset({"task"}))
+
+
+def test_checkpointer_writes_every_n_updates_and_every_s_seconds(tmp_path):
+    state = make_state("gap-aware")
+    worker = state.join("h", "cpu", None).worker_id
+    by_updates = Checkpointer(state, CheckpointOptions(tmp_path / "u", every_updates=5, keep=10))
+    by_updates.start()
+    for _ in range(12):
+        drive(state, [worker], steps=1, seed=state.version)
+        deadline = time.monotonic() + 10  # wait for the thread to write before the next push
+        while len(by_updates.directory.paths()) < state.version // 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    by_updates.stop()
+    versions = [read_checkpoint(p).version for p in by_updates.directory.paths()]
+    assert versions == [5, 10], versions
+
+    by_time = Checkpointer(state, CheckpointOptions(tmp_path / "s", every_seconds=0.2, keep=10))
+    by_time.start()
+    for _ in range(4):
+        drive(state, [worker], steps=1, seed=state.version)
+        time.sleep(0.5)
+    by_time.stop()
+    timed = [read_checkpoint(p).version for p in by_time.directory.paths()]
+    assert len(timed) >= 2 and timed == sorted(set(timed)) and 0 < timed[0], timed
