@@ -64,7 +64,14 @@ class WorkerSummary:
 
 @contextlib.contextmanager
 def stop_on_signals(stop: threading.Event):
-    """While inside, SIGTERM and SIGINT set ``stop`` (every time: a second one does not kill)."""
+    """While inside, SIGTERM and SIGINT set ``stop`` (every time: a second one does not kill).
+
+    Signal handlers can only be installed from the main thread; elsewhere (a worker run from a
+    user's thread) ``stop`` is only what the caller sets."""
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
     def request_stop(signum, frame):
         if not stop.is_set():
             log.info("%s received: abandoning the current step and leaving", signal.Signals(signum).name)
