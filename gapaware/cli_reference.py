@@ -18,7 +18,10 @@ END = "<!-- cli-reference:end -->"
 
 def render() -> str:
     parts = []
-    ctx = click.Context(main, info_name="gapaware", terminal_width=100, max_content_width=100)
+    # The group's context settings (``-h`` as well as ``--help``) apply, as on the command line: click
+    # caches each command's help option, so rendering without them would depend on what ran before.
+    ctx = click.Context(main, info_name="gapaware", terminal_width=100, max_content_width=100,
+                        help_option_names=main.context_settings["help_option_names"])
     for name in sorted(main.list_commands(ctx)):
         command = main.get_command(ctx, name)
         sub = click.Context(command, info_name=f"gapaware {name}", parent=ctx, terminal_width=100,
