@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from gapaware.common.config import SCHEDULES, RunConfig
 
@@ -57,11 +58,20 @@ def run_config_options(fn):
     return functools.reduce(lambda f, option: option(f), reversed(options), fn)
 
 
+CONFIG_FIELDS = ("task", "policy", "lr", "momentum", "nesterov", "weight_decay", "warmup_updates", "schedule",
+                 "decay_at", "decay_factor", "ga_beta", "ga_eps", "batch_size", "eval_every", "seed", "data_dir")
+
+
+def explicit_config_flags() -> frozenset[str]:
+    """The run-config fields the current command line gives explicitly (not by default)."""
+    ctx = click.get_current_context()
+    return frozenset(name for name in (*CONFIG_FIELDS, "max_updates", "epochs")
+                     if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE)
+
+
 def config_from_options(values: dict) -> RunConfig:
     """Pops the run-config flags out of ``values`` and builds the config; bad values become usage errors."""
-    fields = ("task", "policy", "lr", "momentum", "nesterov", "weight_decay", "warmup_updates", "schedule",
-              "decay_at", "decay_factor", "ga_beta", "ga_eps", "batch_size", "eval_every", "seed", "data_dir")
-    kwargs = {name: values.pop(name) for name in fields}
+    kwargs = {name: values.pop(name) for name in CONFIG_FIELDS}
     max_updates, epochs = values.pop("max_updates"), values.pop("epochs")
     if max_updates is None and epochs is None:
         max_updates = 3000
@@ -116,12 +126,30 @@ def main() -> None:
 @click.option("--tensorboard", "tensorboard_dir", type=click.Path(path_type=Path), default=None,
               help="Write the evaluation metrics as TensorBoard scalars into this directory "
                    "(needs pip install 'gapaware[tensorboard]').")
+@click.option("--lease-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Forget a worker not heard from (push, heartbeat) for this long, freeing its snapshot; "
+                   "0 never forgets.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write checkpoints here (default: the --resume directory; none without either).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Checkpoint every this many updates (0: not by updates).")
+@click.option("--checkpoint-seconds", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              help="Checkpoint every this many seconds (0: not by time).")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Keep the newest this many checkpoints.")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Continue the run from the newest valid checkpoint in this directory (a new run when it "
+                   "holds none). Its run config is used; run flags given explicitly override it.")
 @log_level_option
-def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, log_level, **values) -> None:
+def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, lease_seconds, checkpoint_dir,
+           checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, log_level, **values) -> None:
     """Run the parameter server until the run ends."""
     from gapaware.server.app import ServerOptions, run_server
+    from gapaware.server.checkpointer import CheckpointOptions
     from gapaware.server.observability import tensorboard_writer_class
+    from gapaware.server.resume import ResumeError
 
+    explicit = explicit_config_flags()
     config = config_from_options(values)
     if tensorboard_dir is not None:
         try:
@@ -129,9 +157,16 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
         except RuntimeError as error:
             raise click.UsageError(str(error)) from None
     _setup_logging(log_level)
-    run_server(config, ServerOptions(host=host, port=port, metrics_file=metrics_file, ready_file=ready_file,
-                                     linger_seconds=linger, metrics_port=metrics_port,
-                                     tensorboard_dir=tensorboard_dir))
+    checkpoint_dir = checkpoint_dir or resume
+    checkpoints = None if checkpoint_dir is None else CheckpointOptions(
+        checkpoint_dir, every_updates=checkpoint_every, every_seconds=checkpoint_seconds, keep=keep_checkpoints)
+    try:
+        run_server(config, ServerOptions(host=host, port=port, metrics_file=metrics_file, ready_file=ready_file,
+                                         linger_seconds=linger, metrics_port=metrics_port,
+                                         tensorboard_dir=tensorboard_dir, lease_seconds=lease_seconds,
+                                         checkpoints=checkpoints, resume=resume, explicit_flags=explicit))
+    except ResumeError as error:
+        raise click.ClickException(str(error)) from None
 
 
 @main.command()
@@ -143,14 +178,57 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
 @click.option("--threads", type=int, default=1, show_default=True, help="Torch threads in this process.")
 @click.option("--transport-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="dtype of gradients and parameters on the wire.")
+@click.option("--procs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes to run on this host; {i} in --device becomes each one's index "
+                   "(--device cuda:{i}).")
+@click.option("--rpc-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds a call to the server may take before it is retried.")
+@click.option("--retry-initial-backoff", type=click.FloatRange(min=0, min_open=True), default=0.5,
+              show_default=True, help="Seconds before the first retry of a failed call (doubling, jittered).")
+@click.option("--retry-max-backoff", type=click.FloatRange(min=0, min_open=True), default=15.0,
+              show_default=True, help="Longest wait between retries.")
+@click.option("--retry-give-up-after", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              help="Give up (exit 1) after retrying one call for this many seconds.")
 @log_level_option
-def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, log_level) -> None:
-    """Join a server and train until the run ends."""
+def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, procs, rpc_timeout,
+           retry_initial_backoff, retry_max_backoff, retry_give_up_after, log_level) -> None:
+    """Join a server and train until the run ends (SIGTERM/SIGINT: leave and exit 0)."""
     from gapaware.worker.loop import WorkerOptions, run_worker
+    from gapaware.worker.procs import run_worker_processes
+    from gapaware.worker.retry import RetryPolicy
 
     _setup_logging(log_level)
-    run_worker(WorkerOptions(server=address, device=device, batch_size=batch_size, task=task,
-                             data_dir=data_dir, threads=threads, transport_dtype=transport_dtype))
+    if procs > 1:
+        ctx = click.get_current_context()
+        devices = [_device_for(device, i) for i in range(procs)]
+        sys.exit(run_worker_processes(procs, lambda i: ["worker", *_flags_of(ctx, skip="procs"),
+                                                        "--device", devices[i]]))
+    try:
+        retry = RetryPolicy(initial_backoff=retry_initial_backoff, max_backoff=retry_max_backoff,
+                            give_up_after=retry_give_up_after)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    run_worker(WorkerOptions(server=address, device=_device_for(device, 0), batch_size=batch_size, task=task,
+                             data_dir=data_dir, threads=threads, transport_dtype=transport_dtype,
+                             rpc_timeout=rpc_timeout, retry=retry))
+
+
+def _device_for(device: str, index: int) -> str:
+    try:
+        return device.format(i=index)
+    except (KeyError, IndexError, ValueError):
+        raise click.BadParameter(f"{device!r}: the only placeholder allowed is {{i}}, the process index",
+                                 param_hint="--device") from None
+
+
+def _flags_of(ctx: click.Context, skip: str) -> list[str]:
+    """The current command's options as flags that reproduce them, without ``skip`` and --device."""
+    flags = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Option) and param.name not in (skip, "device") and value is not None:
+            flags += [param.opts[0], str(value)]
+    return flags
 
 
 @main.command()

@@ -23,8 +23,11 @@ from gapaware.common.layout import ParamLayout, flat_parameters
 from gapaware.common.tasks import load_task
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
+from gapaware.server.checkpointer import Checkpointer, CheckpointOptions
 from gapaware.server.evaluator import Evaluator, MetricsLog
 from gapaware.server.observability import RecordSinks, ServerMetrics, TensorBoardLog
+from gapaware.server.resume import (ResumeError, check_fresh_directory, find_resume_point, next_incarnation,
+                                    resolve_config)
 from gapaware.server.servicer import ParameterServerServicer
 from gapaware.server.state import ParameterServerState
 
@@ -47,6 +50,10 @@ class ServerOptions:
     eval_device: str = "cpu"
     metrics_port: int = 0               # Prometheus /metrics on this port; 0: off
     tensorboard_dir: Path | None = None
+    lease_seconds: float = 0.0                    # 0: workers are never forgotten for silence
+    checkpoints: CheckpointOptions | None = None
+    resume: Path | None = None                    # continue the run checkpointed there
+    explicit_flags: frozenset[str] = frozenset()  # run-config fields given on the command line
 
 
 def listen_address(host: str, port: int) -> str:
@@ -64,16 +71,51 @@ def build_state(config: RunConfig):
     return task, state
 
 
+def prepare_state(config: RunConfig, options: ServerOptions):
+    """The task, the state (resumed from ``options.resume`` when it holds a checkpoint) and the
+    checkpointer, which has already written this server incarnation's first checkpoint: from then
+    on a crash at any moment can be resumed, and worker ids stay unique across restarts."""
+    checkpoint = find_resume_point(options.resume) if options.resume is not None else None
+    if checkpoint is not None:
+        config = resolve_config(checkpoint.config, config, options.explicit_flags)
+    elif options.checkpoints is not None:
+        check_fresh_directory(options.checkpoints.directory)
+    task, state = build_state(config)
+    if checkpoint is not None:
+        directories = [d for d in (options.resume, options.checkpoints and options.checkpoints.directory) if d]
+        try:
+            state.restore(checkpoint, incarnation=max(next_incarnation(*directories), checkpoint.incarnation + 1))
+        except ValueError as error:
+            raise ResumeError(f"cannot resume this checkpoint with the run's settings: {error}") from None
+    checkpointer = None
+    if options.checkpoints is not None:
+        checkpointer = Checkpointer(state, options.checkpoints)
+        checkpointer.directory.remove_partial_writes()
+        checkpointer.save("resumed" if checkpoint is not None else "start")
+    return task, state, checkpointer
+
+
+async def reap_expired(state: ParameterServerState, lease_seconds: float) -> None:
+    """Forgets the workers whose lease expired, off the event loop."""
+    expired = await asyncio.get_running_loop().run_in_executor(None, state.reap, lease_seconds)
+    for record in expired:
+        log.warning("worker %d (%s) silent for over %.1fs: lease expired, forgotten after %d pushes",
+                    record.worker_id, record.hostname, lease_seconds, record.pushes)
+
+
 async def serve(config: RunConfig, options: ServerOptions) -> dict:
     """Runs the server until the run ends (or SIGTERM/SIGINT), then returns the final record."""
-    task, state = build_state(config)
+    task, state, checkpointer = prepare_state(config, options)
+    config = state.config
     metrics = ServerMetrics(state)
     sinks = RecordSinks([MetricsLog(options.metrics_file), metrics,
                          *([TensorBoardLog(options.tensorboard_dir)] if options.tensorboard_dir else [])])
     evaluator = Evaluator(state, task, sinks, device=options.eval_device)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_ParameterServerServicer_to_server(
-        ParameterServerServicer(state, last_eval=lambda: evaluator.last, metrics=metrics), server
+        ParameterServerServicer(state, last_eval=lambda: evaluator.last, lease_seconds=options.lease_seconds,
+                                metrics=metrics),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -98,15 +140,25 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, state.finish)
     evaluator.start()
+    if checkpointer is not None:
+        checkpointer.start()
     try:
+        next_reap = time.monotonic()
         while not state.finished:
             await asyncio.sleep(0.1)
+            if options.lease_seconds and time.monotonic() >= next_reap:
+                await reap_expired(state, options.lease_seconds)
+                next_reap = time.monotonic() + min(1.0, options.lease_seconds / 4)
         await health_servicer.enter_graceful_shutdown()
+        if checkpointer is not None:
+            checkpointer.stop()
+            await loop.run_in_executor(None, checkpointer.save, "final")
         deadline = time.monotonic() + options.linger_seconds
         while state.live_workers() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         evaluator.stop()
-        final = await loop.run_in_executor(None, evaluator.evaluate_now, "final", state.totals())
+        extra = {**state.totals(), "held_snapshots": state.held_snapshots()}
+        final = await loop.run_in_executor(None, evaluator.evaluate_now, "final", extra)
         log.info("finished at version %d: test accuracy %.4f, loss %.4f", final["version"],
                  final["accuracy"], final["loss"])
         return final

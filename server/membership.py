@@ -5,7 +5,17 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from gapaware.common.results import PushResult
 from gapaware.server.errors import UnknownWorker
+
+IDS_PER_INCARNATION = 1_000_000
+"""Worker ids of the n-th server incarnation (n restarts from checkpoints) start at
+``n·IDS_PER_INCARNATION + 1``, so a worker of a crashed incarnation can never be mistaken for
+one that joined the restarted server: its old id is simply unknown (join again)."""
+
+
+def first_worker_id(incarnation: int) -> int:
+    return incarnation * IDS_PER_INCARNATION + 1
 
 
 @dataclass
@@ -18,6 +28,8 @@ class WorkerRecord:
     pulled_version: int | None = None
     pushes: int = 0
     last_gap: float = 1.0
+    last_seq: int = 0                      # sequence number of the last push answered
+    last_result: PushResult | None = None  # and its answer, replayed to a retried copy
 
 
 class Membership:
@@ -38,6 +50,10 @@ class Membership:
             raise UnknownWorker(worker_id)
         record.last_seen = time.monotonic()
         return record
+
+    def silent_since(self, moment: float) -> list[int]:
+        """Ids of the workers last heard from before ``moment`` (a ``time.monotonic()`` value)."""
+        return [w.worker_id for w in self._workers.values() if w.last_seen < moment]
 
     def remove(self, worker_id: int) -> WorkerRecord:
         record = self._workers.pop(worker_id, None)

@@ -123,7 +123,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if header_holder is not None:
             header_holder.append(header)
         push = functools.partial(self._state.push, header.worker_id, grad, base_version=header.base_version,
-                                 samples=header.samples, loss=header.loss)
+                                 samples=header.samples, loss=header.loss, seq=header.seq)
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._pool, push)
         except RequestRefused as error:
@@ -167,4 +167,5 @@ def status_reply(state: ParameterServerState, last_eval: dict) -> pb.StatusReply
         last_accuracy=last_eval.get("accuracy", math.nan), last_loss=last_eval.get("loss", math.nan),
         mean_staleness=totals["run_mean_staleness"], mean_gap=totals["run_mean_gap"],
         uptime_seconds=now - state.started, max_updates=state.total_updates,
+        held_snapshots=state.held_snapshots(),
     )

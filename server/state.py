@@ -6,7 +6,9 @@ receiving a gradient (the slow part) happens outside it, in the servicer.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import logging
 import math
 import threading
 import time
@@ -17,9 +19,12 @@ import torch
 from gapaware.common.config import RunConfig, learning_rate
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
+from gapaware.server.checkpoint import Checkpoint
 from gapaware.server.errors import BadPush, LayoutMismatch, StaleSnapshot
-from gapaware.server.membership import Membership, WorkerRecord
+from gapaware.server.membership import Membership, WorkerRecord, first_worker_id
 from gapaware.server.policies import POLICIES, Policy, make_policy
+
+log = logging.getLogger("gapaware.server")
 
 
 @dataclass
@@ -67,6 +72,7 @@ class ParameterServerState:
         self.version = 0
         self.samples = 0
         self.finished = False
+        self.incarnation = 0
         self.members = Membership()
         self.started = time.monotonic()
         self._snapshots: dict[int, torch.Tensor] = {}
@@ -83,12 +89,25 @@ class ParameterServerState:
                 raise LayoutMismatch(f"the worker's model does not match the server's (task "
                                      f"{self.config.task!r}): {mismatch}")
         with self._lock:
-            return self.members.add(hostname, device)
+            record = self.members.add(hostname, device)
+        log.info("worker %d joined from %s (%s)", record.worker_id, hostname, device)
+        return record
 
-    def leave(self, worker_id: int) -> None:
+    def leave(self, worker_id: int) -> WorkerRecord:
         with self._lock:
-            self.members.remove(worker_id)
+            record = self.members.remove(worker_id)
             self._forget(worker_id)
+        log.info("worker %d left after %d pushes", worker_id, record.pushes)
+        return record
+
+    def reap(self, lease_seconds: float) -> list[WorkerRecord]:
+        """Forgets the workers not heard from (join, pull, push, heartbeat) for ``lease_seconds``:
+        their records, parameter snapshots and per-worker policy state. Returns their records."""
+        with self._lock:
+            expired = self.members.silent_since(time.monotonic() - lease_seconds)
+            for worker_id in expired:
+                self._forget(worker_id)
+            return [self.members.remove(worker_id) for worker_id in expired]
 
     def _forget(self, worker_id: int) -> None:
         self._snapshots.pop(worker_id, None)
@@ -117,36 +136,55 @@ class ParameterServerState:
             return self.version, view
 
     def push(self, worker_id: int, grad: torch.Tensor, *, base_version: int, samples: int = 0,
-             loss: float = math.nan) -> PushResult:
-        """Applies ``grad``, computed by ``worker_id`` on ``base_version``, with the run's policy."""
+             loss: float = math.nan, seq: int = 0) -> PushResult:
+        """Applies ``grad``, computed by ``worker_id`` on ``base_version``, with the run's policy.
+
+        ``seq`` (from 1, increasing per worker; 0 turns the check off) makes the push exactly-once:
+        a copy of the last push answered (a retry whose reply was lost) gets that push's answer
+        again with ``applied=False`` and changes nothing; an older one is refused.
+        """
         if grad.shape != self.theta.shape:
             raise BadPush(f"gradient has {grad.numel()} elements, the model has {self.theta.numel()}")
         with self._lock:
             record = self.members.get(worker_id)
-            if base_version > self.version:
-                raise BadPush(f"base version {base_version} is ahead of the server's version {self.version}")
-            if record.pulled_version != base_version:
-                sent = "nothing since its last push" if record.pulled_version is None else f"version {record.pulled_version}"
-                raise StaleSnapshot(f"gradient computed on version {base_version} but worker {worker_id} was "
-                                    f"last sent {sent}: pull, then push a gradient computed on what was pulled")
-            if self.finished:
-                return PushResult(self.version, self.version - base_version, 1.0, True, False)
-            staleness = self.version - base_version
-            gap = self.policy.apply(
-                self.theta, grad, lr=self.lr(), staleness=staleness,
-                stale_theta=self._snapshots.pop(worker_id, None), worker_id=worker_id,
-            )
-            record.pulled_version = None
-            record.pushes += 1
-            record.last_gap = gap
-            self.version += 1
-            self.samples += samples
-            self._window.add(staleness, gap, loss)
-            self._totals.add(staleness, gap, loss)
-            if self.version >= self.total_updates:
-                self.finished = True
-            self._changed.notify_all()
-            return PushResult(self.version, staleness, gap, self.finished, True)
+            if seq and seq == record.last_seq and record.last_result is not None:
+                return dataclasses.replace(record.last_result, finished=self.finished, applied=False)
+            if seq and seq < record.last_seq:
+                raise BadPush(f"push {seq} of worker {worker_id} is older than its push {record.last_seq} "
+                              "already answered: nothing applied")
+            result = self._apply(record, grad, base_version=base_version, samples=samples, loss=loss)
+            if seq:
+                record.last_seq, record.last_result = seq, result
+            return result
+
+    def _apply(self, record: WorkerRecord, grad: torch.Tensor, *, base_version: int, samples: int,
+               loss: float) -> PushResult:
+        """The push of a new ``seq``, under the lock."""
+        worker_id = record.worker_id
+        if base_version > self.version:
+            raise BadPush(f"base version {base_version} is ahead of the server's version {self.version}")
+        if record.pulled_version != base_version:
+            sent = "nothing since its last push" if record.pulled_version is None else f"version {record.pulled_version}"
+            raise StaleSnapshot(f"gradient computed on version {base_version} but worker {worker_id} was "
+                                f"last sent {sent}: pull, then push a gradient computed on what was pulled")
+        if self.finished:
+            return PushResult(self.version, self.version - base_version, 1.0, True, False)
+        staleness = self.version - base_version
+        gap = self.policy.apply(
+            self.theta, grad, lr=self.lr(), staleness=staleness,
+            stale_theta=self._snapshots.pop(worker_id, None), worker_id=worker_id,
+        )
+        record.pulled_version = None
+        record.pushes += 1
+        record.last_gap = gap
+        self.version += 1
+        self.samples += samples
+        self._window.add(staleness, gap, loss)
+        self._totals.add(staleness, gap, loss)
+        if self.version >= self.total_updates:
+            self.finished = True
+        self._changed.notify_all()
+        return PushResult(self.version, staleness, gap, self.finished, True)
 
     # -- observation ------------------------------------------------------------------------
     def parameters(self) -> tuple[int, torch.Tensor]:
@@ -182,3 +220,42 @@ class ParameterServerState:
 
     def epoch(self) -> float:
         return self.samples / self.train_size if self.train_size else 0.0
+
+    def held_snapshots(self) -> int:
+        """Parameter snapshots θ⁽ⁱ⁾ held for workers (at most one per live worker)."""
+        with self._lock:
+            return len(self._snapshots)
+
+    # -- crash safety -----------------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        """A consistent copy of what a restarted server needs. Only the copy of θ and of the
+        policy state happens under the lock; writing it to disk is the caller's, outside."""
+        with self._lock:
+            return Checkpoint(version=self.version, samples=self.samples, incarnation=self.incarnation,
+                              config=self.config, theta=self.theta.clone(),
+                              policy_state=self.policy.state_dict(), totals=dataclasses.asdict(self._totals))
+
+    def restore(self, checkpoint: Checkpoint, incarnation: int) -> None:
+        """Continues the run saved in ``checkpoint`` as server incarnation ``incarnation``.
+
+        θ, the version, the examples seen, the run's totals and the policy state (momentum, GA's
+        ``v``, ``k`` and ``η_max``) are restored. Per-worker policy state (DANA's buffers ``vⁱ``) is
+        then dropped, exactly as when a worker leaves: the workers of the crashed server re-join
+        under new ids, so a buffer of an old id would never be pushed to again, yet would stay in
+        the look-ahead's ``Σⱼ vʲ`` forever. Snapshots are not saved: every worker pulls afresh.
+        Raises ``ValueError`` when the checkpoint does not fit this run's model or policy.
+        """
+        if checkpoint.theta.shape != self.theta.shape:
+            raise ValueError(f"the checkpoint holds {checkpoint.theta.numel()} parameters, the model of task "
+                             f"{self.config.task!r} has {self.theta.numel()}")
+        with self._lock:
+            self.policy.load_state_dict(checkpoint.policy_state)
+            for worker_id in self.policy.worker_ids():
+                self.policy.forget_worker(worker_id)
+            self.theta.copy_(checkpoint.theta)
+            self.version = checkpoint.version
+            self.samples = checkpoint.samples
+            self._totals = Window(**checkpoint.totals)
+            self.incarnation = incarnation
+            self.members = Membership(first_id=first_worker_id(incarnation))
+            self.finished = self.version >= self.total_updates

@@ -14,9 +14,13 @@ def gapaware_cmd(*args: str) -> list[str]:
 
 
 class ServerProcess:
-    """A ``gapaware server`` on a free loopback port, logging into ``workdir``."""
+    """A ``gapaware server`` on a free loopback port, logging into ``workdir``.
 
-    def __init__(self, workdir: Path, *flags: str, name: str = "server", env: dict[str, str] | None = None) -> None:
+    ``prefix`` runs it under another command (``ip netns exec NS``); flags after the defaults
+    override them (``--host``, ``--port``); ``env`` adds environment variables."""
+
+    def __init__(self, workdir: Path, *flags: str, name: str = "server", prefix: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.ready_file = workdir / f"{name}.ready"
         self.metrics_file = workdir / f"{name}.metrics.jsonl"
@@ -24,8 +28,9 @@ class ServerProcess:
         self.ready_file.unlink(missing_ok=True)
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
-                gapaware_cmd("server", "--host", "127.0.0.1", "--port", "0", "--ready-file", str(self.ready_file),
-                             "--metrics-file", str(self.metrics_file), "--linger", "5", *flags),
+                [*prefix, *gapaware_cmd("server", "--host", "127.0.0.1", "--port", "0",
+                                        "--ready-file", str(self.ready_file),
+                                        "--metrics-file", str(self.metrics_file), "--linger", "5", *flags)],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             )
         self.port = self._wait_ready()
@@ -60,7 +65,8 @@ class ServerProcess:
             self.proc.wait()
 
 
-def start_worker(address: str, workdir: Path, index: int, *flags: str) -> subprocess.Popen:
+def start_worker(address: str, workdir: Path, index: int, *flags: str,
+                 prefix: tuple[str, ...] = ()) -> subprocess.Popen:
     with (workdir / f"worker-{index}.log").open("w") as log:
-        return subprocess.Popen(gapaware_cmd("worker", "--server", address, *flags),
+        return subprocess.Popen([*prefix, *gapaware_cmd("worker", "--server", address, *flags)],
                                 stdout=log, stderr=subprocess.STDOUT)

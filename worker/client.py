@@ -24,6 +24,11 @@ from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    # Reconnect within seconds once a restarted server or a healed network is back (gRPC's own
+    # default backs off up to 2 minutes); the retry policy above the client paces the calls.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
 ]
 
 
@@ -81,10 +86,10 @@ class WorkerClient:
         self._stub.Leave(pb.LeaveRequest(worker_id=self.info.worker_id), timeout=self._timeout)
         self._info = None
 
-    def heartbeat(self) -> bool:
+    def heartbeat(self, timeout: float | None = None) -> bool:
         """Keeps the lease alive; returns True once the run is finished."""
         return self._stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.info.worker_id),
-                                    timeout=self._timeout).finished
+                                    timeout=timeout or self._timeout).finished
 
     def status(self) -> pb.StatusReply:
         return self._stub.Status(pb.StatusRequest(), timeout=self._timeout)
@@ -106,29 +111,40 @@ class WorkerClient:
         header, theta = self._receive(frames)
         return header.version, theta
 
+    def next_seq(self) -> int:
+        """A new push sequence number: pass it as ``seq`` to every attempt of one push."""
+        self._seq += 1
+        return self._seq
+
     def push(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
-             loss: float = math.nan) -> PushResult:
-        """Sends a gradient computed on the parameters of ``base_version``."""
-        reply = self._stub.Push(self._push_frames(grad, base_version, samples, loss), timeout=self._timeout)
+             loss: float = math.nan, seq: int | None = None) -> PushResult:
+        """Sends a gradient computed on the parameters of ``base_version``.
+
+        ``seq`` numbers the push for exactly-once delivery: retrying a push whose reply was lost
+        with the same ``seq`` is applied at most once (the copy is answered with ``applied=False``).
+        None takes :meth:`next_seq`.
+        """
+        reply = self._stub.Push(self._push_frames(grad, base_version, samples, loss, seq), timeout=self._timeout)
         return _result(reply)
 
     def push_pull(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
-                  loss: float = math.nan) -> tuple[PushResult, int, torch.Tensor]:
-        """Push, then receive the parameters after the update: one round trip a step."""
-        frames = self._stub.PushPull(self._push_frames(grad, base_version, samples, loss),
+                  loss: float = math.nan, seq: int | None = None) -> tuple[PushResult, int, torch.Tensor]:
+        """Push, then receive the parameters after the update: one round trip a step. ``seq`` as in
+        :meth:`push`; a retried copy still receives the current parameters."""
+        frames = self._stub.PushPull(self._push_frames(grad, base_version, samples, loss, seq),
                                      timeout=self._timeout)
         header, theta = self._receive(frames)
         return _result(header.push), header.version, theta
 
     def _push_frames(self, grad: torch.Tensor, base_version: int, samples: int,
-                     loss: float) -> Iterator[pb.PushFrame]:
+                     loss: float, seq: int | None) -> Iterator[pb.PushFrame]:
         if grad.dim() != 1 or grad.numel() != self.info.layout.numel:
             raise ValueError(f"gradient must be flat with {self.info.layout.numel} elements, "
                              f"got shape {tuple(grad.shape)}")
-        self._seq += 1
+        seq = self.next_seq() if seq is None else seq
         encoded = encode(grad, self._dtype, self._chunk_bytes)
         yield pb.PushFrame(header=pb.PushHeader(
-            worker_id=self.info.worker_id, base_version=base_version, seq=self._seq, samples=samples,
+            worker_id=self.info.worker_id, base_version=base_version, seq=seq, samples=samples,
             loss=loss, tensor=encoded.header, pull_dtype=self._dtype,
         ))
         for chunk in chunk_messages(encoded):

@@ -1,13 +1,28 @@
 """The worker's training loop: pull → forward/backward on a batch → push, until the run ends.
 
 Built on :class:`~gapaware.worker.client.WorkerClient`; one round trip a step (the
-push returns the parameters the update produced).
+push returns the parameters the update produced). The loop survives what preemptible
+clusters do to it:
+
+* the server restarting or the network failing: every call is retried with backoff
+  (:mod:`gapaware.worker.retry`); a retried push keeps its sequence number, so it counts once;
+* the server forgetting this worker (its lease expired, or the server restarted from a
+  checkpoint): the push is refused with ``NOT_FOUND``, the worker joins again, pulls fresh
+  parameters and carries on (the gradient computed on the forgotten snapshot is dropped);
+* SIGTERM or SIGINT: the step in progress is abandoned, the worker leaves and exits 0.
+
+A heartbeat thread keeps the lease alive while a step computes.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from dataclasses import dataclass
+import signal
+import threading
+from dataclasses import dataclass, field
 
+import grpc
 import torch
 
 from gapaware.common.config import RunConfig
@@ -15,8 +30,14 @@ from gapaware.common.data import batches
 from gapaware.common.layout import ParamLayout, flat_gradients, load_flat_parameters
 from gapaware.common.tasks import load_task
 from gapaware.worker.client import WorkerClient
+from gapaware.worker.heartbeat import Heartbeat
+from gapaware.worker.retry import RetryAborted, RetryPolicy, call_with_retries
 
 log = logging.getLogger("gapaware.worker")
+
+MAX_REJOINS_IN_A_ROW = 10
+"""Re-joins without a single push in between before the worker gives up (something is wrong
+beyond a restart: e.g. a lease shorter than one step)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +49,8 @@ class WorkerOptions:
     data_dir: str | None = None
     threads: int = 1                  # torch intra-op threads for this process
     transport_dtype: str = "float32"
+    rpc_timeout: float = 60.0         # seconds one call may take before it is retried
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 @dataclass(frozen=True)
@@ -35,34 +58,133 @@ class WorkerSummary:
     worker_id: int
     steps: int
     last_version: int
+    applied: int = 0                  # pushes the server applied (retried copies not counted twice)
+    joins: int = 1
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event):
+    """While inside, SIGTERM and SIGINT set ``stop`` (every time: a second one does not kill).
+
+    Signal handlers can only be installed from the main thread; elsewhere (a worker run from a
+    user's thread) ``stop`` is only what the caller sets."""
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request_stop(signum, frame):
+        if not stop.is_set():
+            log.info("%s received: abandoning the current step and leaving", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Registration:
+    """This worker's place in the run: joins, and joins again whenever the server forgot it."""
+
+    def __init__(self, client: WorkerClient, layout: ParamLayout, device: str, retry) -> None:
+        self._client = client
+        self._layout = layout
+        self._device = device
+        self._retry = retry
+        self.joins = 0
+        self._rejoins_since_push = 0
+
+    def join(self):
+        if self._rejoins_since_push >= MAX_REJOINS_IN_A_ROW:
+            raise RuntimeError(f"the server forgot this worker {MAX_REJOINS_IN_A_ROW} times without a push "
+                               "in between: is --lease-seconds shorter than a step?")
+        info = self._retry(lambda: self._client.join(self._layout, device=self._device), what="join")
+        self.joins += 1
+        if self.joins > 1:
+            self._rejoins_since_push += 1
+            log.info("joined again as worker %d (server version %d)", info.worker_id, info.version)
+        return info
+
+    def pushed(self) -> None:
+        self._rejoins_since_push = 0
+
+    def pull(self) -> tuple[int, torch.Tensor]:
+        """The current parameters, joining again first as often as the server does not know us."""
+        while True:
+            try:
+                return self._retry(self._client.pull, what="pull")
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                log.warning("the server forgot this worker (%s): joining again", error.details())
+                self.join()
 
 
 def run_worker(options: WorkerOptions) -> WorkerSummary:
     torch.set_num_threads(options.threads)
-    with WorkerClient(options.server, transport_dtype=options.transport_dtype) as client:
-        config = RunConfig.from_json(client.status().run_config_json)
-        task = load_task(options.task or config.task, seed=config.seed,
-                         data_dir=options.data_dir or config.data_dir)
-        model = task.model.to(options.device)
-        model.train()
-        info = client.join(ParamLayout.from_module(model), device=options.device)
-        log.info("worker %d joined %s (task %s, policy %s)", info.worker_id, options.server,
-                 config.task, config.policy)
-        data = batches(task.train, options.batch_size or config.batch_size,
-                       seed=config.seed * 1_000_003 + info.worker_id)
-        version, theta = client.pull()
-        steps = 0
+    with stop_on_signals(threading.Event()) as stop, \
+            WorkerClient(options.server, transport_dtype=options.transport_dtype,
+                         timeout=options.rpc_timeout) as client:
+        retry = functools.partial(call_with_retries, policy=options.retry, stop=stop)
+        try:
+            return _train(client, options, retry, stop)
+        except RetryAborted as aborted:
+            log.info("stopped while the server was unreachable (%s); exiting", aborted)
+            return WorkerSummary(0, 0, -1)
+
+
+def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.Event) -> WorkerSummary:
+    config = RunConfig.from_json(retry(client.status, what="status").run_config_json)
+    task = load_task(options.task or config.task, seed=config.seed, data_dir=options.data_dir or config.data_dir)
+    model = task.model.to(options.device)
+    model.train()
+    registration = _Registration(client, ParamLayout.from_module(model), options.device, retry)
+    info = registration.join()
+    log.info("worker %d joined %s (task %s, policy %s, lease %.0fs)", info.worker_id, options.server,
+             config.task, config.policy, info.lease_seconds)
+    data = batches(task.train, options.batch_size or config.batch_size,
+                   seed=config.seed * 1_000_003 + info.worker_id)
+    steps = applied = 0
+    with Heartbeat(client, interval=info.lease_seconds / 3) as heartbeat:
+        version, theta = registration.pull()
         finished = info.finished
-        while not finished:
+        while not (finished or stop.is_set()):
             load_flat_parameters(model, theta)
             inputs, targets = (t.to(options.device, non_blocking=True) for t in next(data))
             model.zero_grad(set_to_none=True)
             loss = task.loss(model(inputs), targets)
             loss.backward()
-            result, version, theta = client.push_pull(flat_gradients(model), version,
-                                                      samples=len(targets), loss=loss.item())
+            if stop.is_set():
+                break
+            grad, seq = flat_gradients(model), client.next_seq()
+            try:
+                result, version, theta = retry(
+                    lambda: client.push_pull(grad, version, samples=len(targets), loss=loss.item(), seq=seq),
+                    what=f"push {seq}")
+            except grpc.RpcError as error:
+                if error.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise
+                log.warning("push %d refused (%s: %s): dropping its gradient, pulling afresh", seq,
+                            error.code().name, error.details())
+                version, theta = registration.pull()
+                continue
+            registration.pushed()
             steps += 1
-            finished = result.finished
+            applied += result.applied
+            finished = result.finished or heartbeat.finished
+    worker_id = client.info.worker_id
+    _leave(client)
+    log.info("worker %d done after %d steps, %d pushes applied, %d joins (server version %d)", worker_id,
+             steps, applied, registration.joins, version)
+    return WorkerSummary(worker_id, steps, version, applied, registration.joins)
+
+
+def _leave(client: WorkerClient) -> None:
+    """Leave once, without retrying: a server that is gone or forgot us has nothing to free."""
+    try:
         client.leave()
-        log.info("worker %d done after %d steps (server version %d)", info.worker_id, steps, version)
-        return WorkerSummary(info.worker_id, steps, version)
+    except grpc.RpcError as error:
+        log.info("leave not acknowledged (%s: %s); the server's lease frees this worker", error.code().name,
+                 error.details())

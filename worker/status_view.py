@@ -52,7 +52,8 @@ def format_status(address: str, reply) -> str:
         f"progress: update {reply.version} of {reply.max_updates}, epoch {reply.epoch:.2f}, {reply.samples} examples",
         f"last test accuracy: {accuracy}",
         f"pushes so far: mean staleness {reply.mean_staleness:.2f}, mean gap {reply.mean_gap:.3f}",
-        f"{len(reply.workers)} live worker{'' if len(reply.workers) == 1 else 's'}",
+        f"{len(reply.workers)} live worker{'' if len(reply.workers) == 1 else 's'}, "
+        f"{reply.held_snapshots} parameter snapshot{'' if reply.held_snapshots == 1 else 's'} held",
     ]
     if reply.workers:
         lines.append(_row(name for name, _ in COLUMNS))

@@ -115,6 +115,10 @@ class Policy(abc.ABC):
     def forget_worker(self, worker_id: int) -> None:
         """Drop the per-worker state of a worker that left (none here)."""
 
+    def worker_ids(self) -> list[int]:
+        """The workers this policy keeps per-worker state for (none here)."""
+        return []
+
     def state_dict(self) -> dict[str, Tensor]:
         """A copy of all policy state, as tensors (scalars as 0-d tensors) that safetensors can save."""
         return {key: value.clone() for key, value in self._state().items()}

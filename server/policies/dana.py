@@ -103,6 +103,9 @@ class DanaZero(Policy):
         else:
             self.buffer_sum.zero_()  # exact once nobody is left: no rounding residue carries on
 
+    def worker_ids(self) -> list[int]:
+        return list(self.buffers)
+
     def _buffer(self, worker_id: int) -> Tensor | None:
         """The worker's ``vⁱ`` (zeros on its first push); ``None`` when μ = 0."""
         if self.buffer_sum is None:

@@ -1,0 +1,95 @@
+"""Retrying calls to a server that is restarting or unreachable: exponential backoff with jitter.
+
+Only failures that say nothing reached a decision are retried: ``UNAVAILABLE`` (no connection,
+the server restarting, the network down) and ``DEADLINE_EXCEEDED`` (no answer in time). A push
+may be retried safely because it carries its sequence number (the server applies it at most
+once); gRPC's own transparent retries are not used for gradients, since they skip messages
+bigger than gRPC's retry buffer. Every other status is an answer and goes to the caller.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+log = logging.getLogger("gapaware.worker")
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+T = TypeVar("T")
+
+
+class RetryAborted(Exception):
+    """A stop was requested (SIGTERM) while waiting to retry; ``__cause__`` is the last failure."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff before the n-th retry: uniform in ``[c/2, c]`` with ``c = min(max_backoff,
+    initial_backoff·multiplier^(n−1))`` ("equal jitter": spread out, never near zero, so a
+    restarted server is not hit by all its workers at once). Retrying stops once ``give_up_after``
+    seconds have passed since the first failure of the call."""
+
+    initial_backoff: float = 0.5
+    max_backoff: float = 15.0
+    multiplier: float = 2.0
+    give_up_after: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_backoff <= self.max_backoff:
+            raise ValueError(f"Invalid backoff: initial {self.initial_backoff}s, max {self.max_backoff}s "
+                             "(need 0 < initial <= max)")
+        if self.multiplier < 1:
+            raise ValueError(f"Invalid backoff multiplier: {self.multiplier} (at least 1)")
+        if self.give_up_after < 0:
+            raise ValueError(f"Invalid retry limit: {self.give_up_after}s")
+
+    def backoffs(self, rng: random.Random) -> Iterator[float]:
+        """The waits before retry 1, 2, ... (endless; the caller bounds them by time)."""
+        ceiling = self.initial_backoff
+        while True:
+            yield rng.uniform(ceiling / 2, ceiling)
+            ceiling = min(self.max_backoff, ceiling * self.multiplier)
+
+
+def is_retryable(error: BaseException) -> bool:
+    return isinstance(error, grpc.RpcError) and error.code() in RETRYABLE
+
+
+def call_with_retries(call: Callable[[], T], policy: RetryPolicy, *, what: str,
+                      stop: threading.Event | None = None, rng: random.Random | None = None) -> T:
+    """``call()``, retried per ``policy`` while it fails with a retryable status.
+
+    Raises the last error once the policy gives up (or at once for any other error), and
+    :class:`RetryAborted` when ``stop`` is set during a wait.
+    """
+    rng = rng or random.Random()
+    backoffs = policy.backoffs(rng)
+    first_failure = None
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as error:
+            if not is_retryable(error):
+                raise
+            now = time.monotonic()
+            first_failure = first_failure or now
+            wait = next(backoffs)
+            if now + wait - first_failure > policy.give_up_after:
+                log.error("%s failed (%s: %s); giving up after retrying for %.0fs", what, error.code().name,
+                          error.details(), now - first_failure)
+                raise
+            attempt += 1
+            log.warning("%s failed (%s: %s); retry %d in %.1fs", what, error.code().name, error.details(),
+                        attempt, wait)
+            if stop is not None and stop.wait(wait):
+                raise RetryAborted(f"{what}: stopped while waiting to retry") from error
+            if stop is None:
+                time.sleep(wait)
