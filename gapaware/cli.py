@@ -10,6 +10,10 @@ from pathlib import Path
 
 import click
 
+from gapaware.cli_security import (
+    client_security_from_options, client_security_options, local_security_options, server_security_from_options,
+    server_security_options,
+)
 from gapaware.common.config import SCHEDULES, RunConfig
 
 POLICY_NAMES = ("asgd", "staleness-aware", "gap-aware", "dana", "dana-ga")
@@ -111,15 +115,27 @@ def main() -> None:
               help="Write {\"port\": N} here once the server accepts connections.")
 @click.option("--linger", type=float, default=10.0, show_default=True,
               help="Seconds to wait for workers to leave after the run ends.")
+@server_security_options
+@click.option("--nonfinite", type=click.Choice(["reject", "skip"]), default="reject", show_default=True,
+              help="A gradient with NaN or Inf: refuse the push, or acknowledge and drop it. Counted in status.")
+@click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Calls served at once; more get RESOURCE_EXHAUSTED.")
 @log_level_option
-def server(host, port, metrics_file, ready_file, linger, log_level, **values) -> None:
+def server(host, port, metrics_file, ready_file, linger, nonfinite, max_concurrent_rpcs, log_level,
+           **values) -> None:
     """Run the parameter server until the run ends."""
     from gapaware.server.app import ServerOptions, run_server
 
-    config = config_from_options(values)
     _setup_logging(log_level)
+    security = server_security_from_options(values)
+    try:
+        security.check_listen(host)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    config = config_from_options(values)
     run_server(config, ServerOptions(host=host, port=port, metrics_file=metrics_file, ready_file=ready_file,
-                                     linger_seconds=linger))
+                                     linger_seconds=linger, security=security, nonfinite=nonfinite,
+                                     max_concurrent_rpcs=max_concurrent_rpcs))
 
 
 @main.command()
@@ -131,14 +147,17 @@ def server(host, port, metrics_file, ready_file, linger, log_level, **values) ->
 @click.option("--threads", type=int, default=1, show_default=True, help="Torch threads in this process.")
 @click.option("--transport-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="dtype of gradients and parameters on the wire.")
+@client_security_options
 @log_level_option
-def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, log_level) -> None:
+def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, log_level, **values) -> None:
     """Join a server and train until the run ends."""
     from gapaware.worker.loop import WorkerOptions, run_worker
 
     _setup_logging(log_level)
+    security = client_security_from_options(values)
     run_worker(WorkerOptions(server=address, device=device, batch_size=batch_size, task=task,
-                             data_dir=data_dir, threads=threads, transport_dtype=transport_dtype))
+                             data_dir=data_dir, threads=threads, transport_dtype=transport_dtype,
+                             security=security))
 
 
 @main.command()
@@ -146,14 +165,20 @@ def worker(address, device, batch_size, task, data_dir, threads, transport_dtype
 @click.option("--workers", type=int, default=4, show_default=True, help="Worker processes to start.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Directory for metrics and logs (default: runs/<time>).")
-def train(workers, out, **values) -> None:
+@local_security_options
+def train(workers, out, tls_cert, tls_key, tls_client_ca, tls_ca, token_file, **values) -> None:
     """Start a server and WORKERS worker processes on this machine and train."""
-    from gapaware.local_run import run_local
+    from gapaware.local_run import LocalSecurity, run_local
 
     config = config_from_options(values)
     if workers < 1:
         raise click.UsageError(f"Invalid worker count: {workers}")
-    final = run_local(config, workers, out)
+    try:
+        security = LocalSecurity(tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, tls_ca=tls_ca,
+                                 token_file=token_file)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    final = run_local(config, workers, out, security)
     if not final or not math.isfinite(final.get("accuracy") or math.nan):
         sys.exit(1)
 
@@ -161,8 +186,9 @@ def train(workers, out, **values) -> None:
 @main.command()
 @click.option("--server", "address", default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(address, as_json) -> None:
+@client_security_options
+def status(address, as_json, **values) -> None:
     """Show the server's version, policy and live workers."""
     from gapaware.worker.status_view import print_status
 
-    print_status(address, as_json)
+    print_status(address, as_json, client_security_from_options(values))

@@ -6,22 +6,26 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters
+from gapaware.common.security import ServerSecurity
 from gapaware.common.tasks import load_task
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
+from gapaware.server.auth import TokenAuthInterceptor
 from gapaware.server.evaluator import Evaluator, MetricsLog
 from gapaware.server.servicer import ParameterServerServicer
 from gapaware.server.state import ParameterServerState
 
 log = logging.getLogger("gapaware.server")
 
-# Chunks are at most 4 MiB; leave room for the frame around them.
+# Chunks are at most 4 MiB; leave room for the frame around them. A bigger message is refused
+# by gRPC itself with RESOURCE_EXHAUSTED before it reaches the servicer.
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
@@ -36,6 +40,9 @@ class ServerOptions:
     ready_file: Path | None = None
     linger_seconds: float = 10.0
     eval_device: str = "cpu"
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+    max_concurrent_rpcs: int = 1024     # beyond it a call gets RESOURCE_EXHAUSTED
+    nonfinite: str = "reject"           # a push with NaN or Inf: "reject" or "skip"
 
 
 def listen_address(host: str, port: int) -> str:
@@ -45,31 +52,47 @@ def listen_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def build_state(config: RunConfig):
+def build_state(config: RunConfig, *, nonfinite: str = "reject"):
     """The task (for layout and evaluation) and the server state with the seeded initial parameters."""
     task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)
     layout = ParamLayout.from_module(task.model)
-    state = ParameterServerState(config, layout, flat_parameters(task.model), train_size=len(task.train))
+    state = ParameterServerState(config, layout, flat_parameters(task.model), train_size=len(task.train),
+                                 nonfinite=nonfinite)
     return task, state
+
+
+def build_grpc_server(state: ParameterServerState, options: ServerOptions,
+                      last_eval: Callable[[], dict] = dict) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server for ``state``, with ``options``' security and limits, bound but not started.
+
+    Call it inside the event loop that will run the server. Returns the server and its port.
+    """
+    security = options.security
+    security.check_listen(options.host)
+    server = grpc.aio.server(
+        options=GRPC_OPTIONS, maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+        interceptors=[TokenAuthInterceptor(security.token)] if security.token else [],
+    )
+    pb_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(state, last_eval=last_eval), server)
+    address = listen_address(options.host, options.port)
+    credentials = security.credentials()
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not listen on {address}")
+    return server, port
 
 
 async def serve(config: RunConfig, options: ServerOptions) -> dict:
     """Runs the server until the run ends (or SIGTERM/SIGINT), then returns the final record."""
-    task, state = build_state(config)
+    options.security.check_listen(options.host)  # before the slow part: loading the task
+    task, state = build_state(config, nonfinite=options.nonfinite)
     metrics = MetricsLog(options.metrics_file)
     evaluator = Evaluator(state, task, metrics, device=options.eval_device)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_ParameterServerServicer_to_server(
-        ParameterServerServicer(state, last_eval=lambda: evaluator.last), server
-    )
-    address = listen_address(options.host, options.port)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not listen on {address}")
+    server, port = build_grpc_server(state, options, last_eval=lambda: evaluator.last)
     await server.start()
-    log.info("listening on %s: task %s, policy %s, %d parameters, %d updates",
-             listen_address(options.host, port), config.task, config.policy, state.layout.numel,
-             state.total_updates)
+    log.info("listening on %s (%s): task %s, policy %s, %d parameters, %d updates",
+             listen_address(options.host, port), _describe(options.security), config.task, config.policy,
+             state.layout.numel, state.total_updates)
     if options.ready_file is not None:
         options.ready_file.write_text(json.dumps({"port": port}))
 
@@ -91,6 +114,11 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
     finally:
         await server.stop(grace=1.0)
         metrics.close()
+
+
+def _describe(security: ServerSecurity) -> str:
+    transport = "mutual TLS" if security.tls_client_ca else "TLS" if security.tls else "plaintext"
+    return f"{transport}, {'token required' if security.token else 'no token'}"
 
 
 def run_server(config: RunConfig, options: ServerOptions) -> dict:

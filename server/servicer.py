@@ -14,11 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from gapaware.common.codec import CodecError, TensorAssembler, chunk_messages, encode
+from gapaware.common.codec import CodecError, TensorAssembler, chunk_messages, encode, itemsize
 from gapaware.common.layout import ParamLayout
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
-from gapaware.server.errors import BadPush, LayoutMismatch, RequestRefused, StaleSnapshot, UnknownWorker
+from gapaware.server.errors import (
+    BadPush, InvalidLayout, LayoutMismatch, PushInFlight, RequestRefused, StaleSnapshot, UnknownWorker,
+)
 from gapaware.common.results import PushResult
 from gapaware.server.state import ParameterServerState
 
@@ -28,6 +30,8 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     StaleSnapshot: grpc.StatusCode.FAILED_PRECONDITION,
     BadPush: grpc.StatusCode.INVALID_ARGUMENT,
     CodecError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidLayout: grpc.StatusCode.INVALID_ARGUMENT,
+    PushInFlight: grpc.StatusCode.ABORTED,
 }
 
 
@@ -45,6 +49,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._last_eval = last_eval
         self._lease_seconds = lease_seconds
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gapaware-update")
+        self._pushes_in_flight: set[int] = set()  # worker ids; touched only on the event loop
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable, *args, **kwargs):
         """Runs ``fn`` in the pool; a refusal aborts the RPC with its status code."""
@@ -56,7 +61,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
         layout = ParamLayout.from_proto(request.layout) if request.layout.params else None
         record = await self._call(context, self._state.join, request.hostname or context.peer(),
-                                  request.device, layout)
+                                  request.device, layout, fingerprint=request.layout.fingerprint)
         return pb.JoinReply(
             worker_id=record.worker_id,
             run_config_json=self._state.config.to_json(),
@@ -67,6 +72,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         )
 
     async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[pb.PullFrame]:
+        await _check_dtype(context, request.dtype or pb.FLOAT32, "pull")
         version, theta = await self._call(context, self._state.pull, request.worker_id)
         async for frame in self._send_parameters(context, version, theta, request.dtype or pb.FLOAT32):
             yield frame
@@ -95,6 +101,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return status_reply(self._state, self._last_eval())
 
     async def _receive_and_apply(self, request_iterator, context, header_holder: list | None = None) -> PushResult:
+        """Checks the header, then receives the gradient and applies it.
+
+        Everything the header alone can refuse (unknown worker, base version, a second push of
+        the same worker in flight, the reply's dtype) is refused before a byte of the tensor is
+        buffered; the buffer of a refused stream is dropped with it.
+        """
         try:
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
@@ -102,21 +114,34 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if first.WhichOneof("frame") != "header":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push must start with a header, not a chunk")
         header = first.header
+        if header.worker_id in self._pushes_in_flight:
+            await context.abort(grpc.StatusCode.ABORTED, str(PushInFlight(header.worker_id)))
+        self._pushes_in_flight.add(header.worker_id)
         try:
-            assembler = TensorAssembler(header.tensor, expected_numel=self._state.layout.numel)
+            await self._call(context, self._state.check_push, header.worker_id, header.base_version)
+            if header_holder is not None:
+                await _check_dtype(context, header.pull_dtype or pb.FLOAT32, "reply")
+            grad = await self._receive_tensor(header.tensor, request_iterator, context)
+            result = await self._call(
+                context, self._state.push, header.worker_id, grad,
+                base_version=header.base_version, samples=header.samples, loss=header.loss,
+            )
+        finally:
+            self._pushes_in_flight.discard(header.worker_id)
+        if header_holder is not None:
+            header_holder.append(header)
+        return result
+
+    async def _receive_tensor(self, header: pb.TensorHeader, request_iterator, context):
+        try:
+            assembler = TensorAssembler(header, expected_numel=self._state.layout.numel)
             async for frame in request_iterator:
                 if frame.WhichOneof("frame") != "chunk":
                     raise CodecError("a second header arrived inside a push; expected only chunks")
                 assembler.add(frame.chunk)
-            grad = assembler.finish()
+            return assembler.finish()
         except CodecError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
-        if header_holder is not None:
-            header_holder.append(header)
-        return await self._call(
-            context, self._state.push, header.worker_id, grad,
-            base_version=header.base_version, samples=header.samples, loss=header.loss,
-        )
 
     async def _send_parameters(self, context, version: int, theta, dtype: int,
                                push: pb.PushReply | None = None) -> AsyncIterator[pb.PullFrame]:
@@ -128,6 +153,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                                                 finished=self._state.finished, push=push))
         for chunk in chunk_messages(encoded):
             yield pb.PullFrame(chunk=chunk)
+
+
+async def _check_dtype(context, dtype: int, what: str) -> None:
+    """Refuses an unknown transport dtype before anything happens on its account."""
+    try:
+        itemsize(dtype)
+    except CodecError as error:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what} dtype: {error}")
 
 
 def _push_reply(result: PushResult) -> pb.PushReply:
@@ -152,4 +185,5 @@ def status_reply(state: ParameterServerState, last_eval: dict) -> pb.StatusReply
         last_accuracy=last_eval.get("accuracy", math.nan), last_loss=last_eval.get("loss", math.nan),
         mean_staleness=totals["run_mean_staleness"], mean_gap=totals["run_mean_gap"],
         uptime_seconds=now - state.started, max_updates=state.total_updates,
+        nonfinite_pushes=state.nonfinite_pushes,
     )

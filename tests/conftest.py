@@ -1,5 +1,6 @@
 import pytest
 
+from tests.inprocess import InProcessServer
 from tests.processes import ServerProcess
 
 
@@ -16,3 +17,18 @@ def servers(tmp_path):
     yield start
     for server in started:
         server.kill()
+
+
+@pytest.fixture
+def inprocess_servers():
+    """Starts in-process servers (:class:`InProcessServer`) on demand and stops them at the end of the test."""
+    started: list[InProcessServer] = []
+
+    def start(state, options=None) -> InProcessServer:
+        server = InProcessServer(state, options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()

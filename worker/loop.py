@@ -6,13 +6,14 @@ push returns the parameters the update produced).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from gapaware.common.config import RunConfig
 from gapaware.common.data import batches
 from gapaware.common.layout import ParamLayout, flat_gradients, load_flat_parameters
+from gapaware.common.security import ClientSecurity
 from gapaware.common.tasks import load_task
 from gapaware.worker.client import WorkerClient
 
@@ -28,6 +29,7 @@ class WorkerOptions:
     data_dir: str | None = None
     threads: int = 1                  # torch intra-op threads for this process
     transport_dtype: str = "float32"
+    security: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class WorkerSummary:
 
 def run_worker(options: WorkerOptions) -> WorkerSummary:
     torch.set_num_threads(options.threads)
-    with WorkerClient(options.server, transport_dtype=options.transport_dtype) as client:
+    with WorkerClient(options.server, transport_dtype=options.transport_dtype,
+                      **options.security.client_kwargs()) as client:
         config = RunConfig.from_json(client.status().run_config_json)
         task = load_task(options.task or config.task, seed=config.seed,
                          data_dir=options.data_dir or config.data_dir)
