@@ -18,6 +18,7 @@ from gapaware.common.security import ServerSecurity
 from gapaware.common.tasks import load_task
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.auth import TokenAuthInterceptor
+from gapaware.server.decoding import StrictDecodingInterceptor
 from gapaware.server.evaluator import Evaluator, MetricsLog
 from gapaware.server.servicer import ParameterServerServicer
 from gapaware.server.state import ParameterServerState
@@ -69,9 +70,10 @@ def build_grpc_server(state: ParameterServerState, options: ServerOptions,
     """
     security = options.security
     security.check_listen(options.host)
+    authentication = [TokenAuthInterceptor(security.token)] if security.token else []
     server = grpc.aio.server(
         options=GRPC_OPTIONS, maximum_concurrent_rpcs=options.max_concurrent_rpcs,
-        interceptors=[TokenAuthInterceptor(security.token)] if security.token else [],
+        interceptors=[*authentication, StrictDecodingInterceptor()],  # nothing is parsed before the token is checked
     )
     pb_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(state, last_eval=last_eval), server)
     address = listen_address(options.host, options.port)

@@ -288,28 +288,33 @@ def test_worker_pushing_twice_at_once(harness):
 def test_more_concurrent_calls_than_allowed(harness):
     h = harness(options=ServerOptions(max_concurrent_rpcs=3))
     release = threading.Event()
+    others = [WorkerClient(h.server.address, timeout=20) for _ in range(3)]
+    headers = [push_frames(client.join().worker_id, client.pull()[0], gradient())[0] for client in others]
 
-    def held():  # a push stream that stays open, sending nothing, until released
+    def held(header):  # a push that sends its header, then nothing until released, then ends
+        yield header
         release.wait(timeout=20)
-        yield from ()
 
     try:
         with h.unchanged():
-            holders = [h.stub.Push.future(held(), timeout=30) for _ in range(3)]
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                try:
-                    h.stub.Status(pb.StatusRequest(), timeout=20)
-                except grpc.RpcError as error:
-                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+            started = time.monotonic()
+            holders = [h.stub.Push.future(held(header), timeout=30) for header in headers]
+            ids = {header.header.worker_id for header in headers}
+            deadline = started + 20
+            while time.monotonic() < deadline:  # until the server checked all three headers
+                if all(w.last_seen > started for w in h.state.live_workers() if w.worker_id in ids):
                     break
-            else:
-                pytest.fail("a fourth call was served while three were in progress")
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as refused:
+                h.stub.Status(pb.StatusRequest(), timeout=20)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
             release.set()
             for holder in holders:
-                assert holder.exception().code() == INVALID and "empty push" in holder.exception().details()
+                assert holder.exception().code() == INVALID and "stream ended" in holder.exception().details()
     finally:
         release.set()
+        for client in others:
+            client.close()
     h.assert_worker_can_still_push()
 
 
@@ -375,3 +380,21 @@ def test_refused_pushes_leave_the_next_updates_as_if_they_never_came(inprocess_s
     clean, tried = run(bad=False), run(bad=True)
     clean.assert_same(tried)
     assert clean.version == 3 and clean.policy_state, "momentum or Gap statistics should be in play"
+
+
+def test_bytes_that_do_not_parse(harness):
+    h = harness()
+    garbage = b"\xff\xff\xff"
+    with grpc.insecure_channel(h.server.address) as channel:
+        def method(kind: str, name: str):
+            return getattr(channel, kind)(f"/gapaware.v1.ParameterServer/{name}")
+
+        for call in (lambda: method("stream_unary", "Push")(iter([garbage]), timeout=20),
+                     lambda: method("stream_unary", "Push")(iter([h.frames()[0].SerializeToString(), garbage]),
+                                                            timeout=20),
+                     lambda: list(method("stream_stream", "PushPull")(iter([garbage]), timeout=20)),
+                     lambda: list(method("unary_stream", "Pull")(garbage, timeout=20)),
+                     lambda: method("unary_unary", "Join")(garbage, timeout=20),
+                     lambda: method("unary_unary", "Status")(garbage, timeout=20)):
+            h.refused(call, INVALID, "does not parse")
+    assert len(h.state.live_workers()) == 2
