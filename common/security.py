@@ -116,17 +116,20 @@ class ServerSecurity:
 
     def check_listen(self, host: str) -> None:
         """Refuses to listen on a non-loopback ``host`` with neither TLS nor a token, unless insecure."""
-        if is_loopback(host) or self.insecure:
-            return
-        if not (self.tls or self.token):
+        if not (is_loopback(host) or self.insecure or self.tls or self.token):
             raise SecurityConfigError(
                 f"refusing to listen on {host} without TLS or a token: anyone who can reach this port "
                 "could join and push gradients into the model. Set GAPAWARE_TOKEN or --token-file, add "
                 "--tls-cert/--tls-key, or pass --insecure if the network is private and trusted."
             )
-        if not self.tls:
-            log.warning("listening on %s with a token but without TLS: the token travels in clear text; "
-                        "add --tls-cert/--tls-key unless the network is trusted", host)
+
+    def describe(self, host: str) -> str:
+        """How clients are admitted, for the server's first log line, with a warning where it is weak."""
+        transport = "mutual TLS" if self.tls_client_ca else "TLS" if self.tls else "plaintext"
+        text = f"{transport}, {'token required' if self.token else 'no token'}"
+        if self.token and not self.tls and not is_loopback(host):
+            text += "; WARNING: the token travels in clear text, add --tls-cert/--tls-key unless the network is trusted"
+        return text
 
     def credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials for the listening port, or None for plaintext."""

@@ -93,7 +93,7 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
     server, port = build_grpc_server(state, options, last_eval=lambda: evaluator.last)
     await server.start()
     log.info("listening on %s (%s): task %s, policy %s, %d parameters, %d updates",
-             listen_address(options.host, port), _describe(options.security), config.task, config.policy,
+             listen_address(options.host, port), options.security.describe(options.host), config.task, config.policy,
              state.layout.numel, state.total_updates)
     if options.ready_file is not None:
         options.ready_file.write_text(json.dumps({"port": port}))
@@ -116,11 +116,6 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
     finally:
         await server.stop(grace=1.0)
         metrics.close()
-
-
-def _describe(security: ServerSecurity) -> str:
-    transport = "mutual TLS" if security.tls_client_ca else "TLS" if security.tls else "plaintext"
-    return f"{transport}, {'token required' if security.token else 'no token'}"
 
 
 def run_server(config: RunConfig, options: ServerOptions) -> dict:

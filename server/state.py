@@ -87,15 +87,15 @@ class ParameterServerState:
         if fingerprint and layout is not None and fingerprint != layout.fingerprint:
             raise InvalidLayout(f"the layout's fingerprint {fingerprint[:16]}... is not that of the {len(layout.names)} "
                                 "parameters it lists: the message is corrupt or was built by other code")
-        if fingerprint and fingerprint != self.layout.fingerprint:
-            raise LayoutMismatch(f"the worker's model does not match the server's (task {self.config.task!r}): "
-                                 f"layout fingerprint {fingerprint[:16]}..., the server's is "
-                                 f"{self.layout.fingerprint[:16]}...")
         if layout is not None:
             mismatch = self.layout.describe_mismatch(layout)
             if mismatch:
                 raise LayoutMismatch(f"the worker's model does not match the server's (task "
                                      f"{self.config.task!r}): {mismatch}")
+        elif fingerprint and fingerprint != self.layout.fingerprint:
+            raise LayoutMismatch(f"the worker's model does not match the server's (task {self.config.task!r}): "
+                                 f"layout fingerprint {fingerprint[:16]}..., the server's is "
+                                 f"{self.layout.fingerprint[:16]}...")
         with self._lock:
             return self.members.add(hostname, device)
 

@@ -183,6 +183,10 @@ def test_listening_beyond_loopback_needs_tls_a_token_or_insecure(pki):
     ServerSecurity(token=TOKEN).check_listen("0.0.0.0")
     ServerSecurity(tls_cert=pki.server.cert, tls_key=pki.server.key).check_listen("0.0.0.0")
     ServerSecurity(insecure=True).check_listen("0.0.0.0")
+    assert "travels in clear text" in ServerSecurity(token=TOKEN).describe("0.0.0.0")
+    assert ServerSecurity(token=TOKEN).describe("127.0.0.1") == "plaintext, token required"
+    assert ServerSecurity(tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca,
+                          token=TOKEN).describe("0.0.0.0") == "mutual TLS, token required"
 
 
 @pytest.fixture
