@@ -4,6 +4,12 @@ from tests.inprocess import InProcessServer
 from tests.processes import ServerProcess
 
 
+@pytest.fixture(autouse=True)
+def _no_token_from_the_shell(monkeypatch):
+    """A GAPAWARE_TOKEN in the developer's shell would make every server the tests start require it."""
+    monkeypatch.delenv("GAPAWARE_TOKEN", raising=False)
+
+
 @pytest.fixture
 def servers(tmp_path):
     """Starts servers on demand and kills any still running at the end of the test."""

@@ -236,3 +236,10 @@ def test_train_runs_over_mutual_tls_with_a_token(pki, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr + (out / "server.log").read_text()
     assert "after 20 updates" in done.stdout
     assert "mutual TLS, token required" in (out / "server.log").read_text()
+
+
+def test_client_warns_when_its_token_would_cross_a_network_in_clear_text(caplog):
+    ClientSecurity(token=TOKEN).open_channel("127.0.0.1:7070", []).close()
+    assert not caplog.records
+    ClientSecurity(token=TOKEN).open_channel("10.0.0.5:7070", []).close()  # channels connect lazily: no traffic
+    assert "travels in clear text" in caplog.text and TOKEN not in caplog.text
