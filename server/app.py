@@ -44,6 +44,7 @@ class ServerOptions:
     security: ServerSecurity = field(default_factory=ServerSecurity)
     max_concurrent_rpcs: int = 1024     # beyond it a call gets RESOURCE_EXHAUSTED
     nonfinite: str = "reject"           # a push with NaN or Inf: "reject" or "skip"
+    chunk_timeout: float = 60.0         # seconds a push may stall between chunks before it is ended
 
 
 def listen_address(host: str, port: int) -> str:
@@ -75,7 +76,8 @@ def build_grpc_server(state: ParameterServerState, options: ServerOptions,
         options=GRPC_OPTIONS, maximum_concurrent_rpcs=options.max_concurrent_rpcs,
         interceptors=[*authentication, StrictDecodingInterceptor()],  # nothing is parsed before the token is checked
     )
-    pb_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(state, last_eval=last_eval), server)
+    pb_grpc.add_ParameterServerServicer_to_server(
+        ParameterServerServicer(state, last_eval=last_eval, chunk_timeout=options.chunk_timeout), server)
     address = listen_address(options.host, options.port)
     credentials = security.credentials()
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)

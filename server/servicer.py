@@ -44,8 +44,9 @@ def status_code_for(error: Exception) -> grpc.StatusCode:
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def __init__(self, state: ParameterServerState, *, last_eval: Callable[[], dict] = dict,
-                 lease_seconds: float = 0.0) -> None:
+                 lease_seconds: float = 0.0, chunk_timeout: float = 60.0) -> None:
         self._state = state
+        self._chunk_timeout = chunk_timeout
         self._last_eval = last_eval
         self._lease_seconds = lease_seconds
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gapaware-update")
@@ -133,9 +134,19 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return result
 
     async def _receive_tensor(self, header: pb.TensorHeader, request_iterator, context):
+        """The pushed tensor. A stream that stalls between chunks is ended, so a worker whose
+        connection died silently mid-push does not keep its push "in progress" forever."""
+        frames = aiter(request_iterator)
         try:
             assembler = TensorAssembler(header, expected_numel=self._state.layout.numel)
-            async for frame in request_iterator:
+            while True:
+                try:
+                    frame = await asyncio.wait_for(anext(frames), self._chunk_timeout)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"push stalled: no chunk for {self._chunk_timeout:g}s; nothing was applied")
                 if frame.WhichOneof("frame") != "chunk":
                     raise CodecError("a second header arrived inside a push; expected only chunks")
                 assembler.add(frame.chunk)

@@ -398,3 +398,18 @@ def test_bytes_that_do_not_parse(harness):
                      lambda: method("unary_unary", "Status")(garbage, timeout=20)):
             h.refused(call, INVALID, "does not parse")
     assert len(h.state.live_workers()) == 2
+
+
+def test_push_that_stalls_between_chunks(harness):
+    h = harness(options=ServerOptions(chunk_timeout=0.3))
+    release = threading.Event()
+
+    def stalled(frames):
+        yield from frames[:2]
+        release.wait(timeout=20)
+
+    try:
+        h.refused(lambda: h.stub.Push(stalled(h.frames()), timeout=20), grpc.StatusCode.DEADLINE_EXCEEDED,
+                  "push stalled: no chunk for 0.3s")
+    finally:
+        release.set()
