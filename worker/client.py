@@ -61,7 +61,7 @@ class WorkerClient:
         self._chunk_bytes = chunk_bytes
         self._timeout = timeout
         security = ClientSecurity(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
-        self._channel = security.open_channel(address, CHANNEL_OPTIONS)
+        self._channel: grpc.Channel = security.open_channel(address, CHANNEL_OPTIONS)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         self._info: JoinInfo | None = None
         self._seq = 0
