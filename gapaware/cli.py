@@ -11,6 +11,10 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from gapaware.cli_security import (
+    client_security_from_options, client_security_options, local_security_options, server_security_from_options,
+    server_security_options,
+)
 from gapaware.common.config import SCHEDULES, RunConfig
 
 POLICY_NAMES = ("asgd", "staleness-aware", "gap-aware", "dana", "dana-ga")
@@ -140,9 +144,15 @@ def main() -> None:
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Continue the run from the newest valid checkpoint in this directory (a new run when it "
                    "holds none). Its run config is used; run flags given explicitly override it.")
+@server_security_options
+@click.option("--nonfinite", type=click.Choice(["reject", "skip"]), default="reject", show_default=True,
+              help="A gradient with NaN or Inf: refuse the push, or acknowledge and drop it. Counted in status.")
+@click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Calls served at once; more get RESOURCE_EXHAUSTED.")
 @log_level_option
 def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, lease_seconds, checkpoint_dir,
-           checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, log_level, **values) -> None:
+           checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, max_concurrent_rpcs, log_level,
+           **values) -> None:
     """Run the parameter server until the run ends."""
     from gapaware.server.app import ServerOptions, run_server
     from gapaware.server.checkpointer import CheckpointOptions
@@ -150,13 +160,18 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
     from gapaware.server.resume import ResumeError
 
     explicit = explicit_config_flags()
+    _setup_logging(log_level)
+    security = server_security_from_options(values)
+    try:
+        security.check_listen(host)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
     config = config_from_options(values)
     if tensorboard_dir is not None:
         try:
             tensorboard_writer_class()
         except RuntimeError as error:
             raise click.UsageError(str(error)) from None
-    _setup_logging(log_level)
     checkpoint_dir = checkpoint_dir or resume
     checkpoints = None if checkpoint_dir is None else CheckpointOptions(
         checkpoint_dir, every_updates=checkpoint_every, every_seconds=checkpoint_seconds, keep=keep_checkpoints)
@@ -164,7 +179,9 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
         run_server(config, ServerOptions(host=host, port=port, metrics_file=metrics_file, ready_file=ready_file,
                                          linger_seconds=linger, metrics_port=metrics_port,
                                          tensorboard_dir=tensorboard_dir, lease_seconds=lease_seconds,
-                                         checkpoints=checkpoints, resume=resume, explicit_flags=explicit))
+                                         checkpoints=checkpoints, resume=resume, explicit_flags=explicit,
+                                         security=security, nonfinite=nonfinite,
+                                         max_concurrent_rpcs=max_concurrent_rpcs))
     except ResumeError as error:
         raise click.ClickException(str(error)) from None
 
@@ -189,9 +206,10 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
               show_default=True, help="Longest wait between retries.")
 @click.option("--retry-give-up-after", type=click.FloatRange(min=0), default=600.0, show_default=True,
               help="Give up (exit 1) after retrying one call for this many seconds.")
+@client_security_options
 @log_level_option
 def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, procs, rpc_timeout,
-           retry_initial_backoff, retry_max_backoff, retry_give_up_after, log_level) -> None:
+           retry_initial_backoff, retry_max_backoff, retry_give_up_after, log_level, **values) -> None:
     """Join a server and train until the run ends (SIGTERM/SIGINT: leave and exit 0)."""
     from gapaware.worker.loop import WorkerOptions, run_worker
     from gapaware.worker.procs import run_worker_processes
@@ -210,7 +228,7 @@ def worker(address, device, batch_size, task, data_dir, threads, transport_dtype
         raise click.UsageError(str(error)) from None
     run_worker(WorkerOptions(server=address, device=_device_for(device, 0), batch_size=batch_size, task=task,
                              data_dir=data_dir, threads=threads, transport_dtype=transport_dtype,
-                             rpc_timeout=rpc_timeout, retry=retry))
+                             rpc_timeout=rpc_timeout, retry=retry, security=client_security_from_options(values)))
 
 
 def _device_for(device: str, index: int) -> str:
@@ -236,14 +254,20 @@ def _flags_of(ctx: click.Context, skip: str) -> list[str]:
 @click.option("--workers", type=int, default=4, show_default=True, help="Worker processes to start.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Directory for metrics and logs (default: runs/<time>).")
-def train(workers, out, **values) -> None:
+@local_security_options
+def train(workers, out, tls_cert, tls_key, tls_client_ca, tls_ca, token_file, **values) -> None:
     """Start a server and WORKERS worker processes on this machine and train."""
-    from gapaware.local_run import run_local
+    from gapaware.local_run import LocalSecurity, run_local
 
     config = config_from_options(values)
     if workers < 1:
         raise click.UsageError(f"Invalid worker count: {workers}")
-    final = run_local(config, workers, out)
+    try:
+        security = LocalSecurity(tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, tls_ca=tls_ca,
+                                 token_file=token_file)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    final = run_local(config, workers, out, security)
     if not final or not math.isfinite(final.get("accuracy") or math.nan):
         sys.exit(1)
 
@@ -251,11 +275,12 @@ def train(workers, out, **values) -> None:
 @main.command()
 @click.option("--server", "address", default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(address, as_json) -> None:
+@client_security_options
+def status(address, as_json, **values) -> None:
     """Show the server's version, policy and live workers."""
     from gapaware.worker.status_view import print_status
 
-    print_status(address, as_json)
+    print_status(address, as_json, client_security_from_options(values))
 
 
 @main.command()

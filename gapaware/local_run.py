@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -18,9 +19,55 @@ from tqdm import tqdm
 
 from gapaware.cli import config_to_flags
 from gapaware.common.config import RunConfig
+from gapaware.common.security import ClientSecurity, SecurityConfigError, ServerSecurity, load_token
 from gapaware.worker.client import WorkerClient
 
 STARTUP_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class LocalSecurity:
+    """The security of a local run, handed to the server and the workers as their own flags.
+
+    The token travels by ``token_file`` or the inherited ``GAPAWARE_TOKEN``, never as an
+    argument. Under mutual TLS the workers present the server's certificate as theirs (one
+    machine, one identity), so it must allow client authentication too.
+    """
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    tls_ca: Path | None = None
+    token_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_ca is None):
+            raise SecurityConfigError("a local run with TLS needs the server's --tls-cert/--tls-key and the "
+                                      "--tls-ca its workers trust")
+        ServerSecurity(self.tls_cert, self.tls_key, self.tls_client_ca)  # refuses incomplete TLS files
+
+    def server_flags(self) -> list[str]:
+        return _flags(tls_cert=self.tls_cert, tls_key=self.tls_key, tls_client_ca=self.tls_client_ca,
+                      token_file=self.token_file)
+
+    def worker_flags(self) -> list[str]:
+        mutual = self.tls_client_ca is not None
+        return _flags(tls_ca=self.tls_ca, tls_cert=self.tls_cert if mutual else None,
+                      tls_key=self.tls_key if mutual else None, token_file=self.token_file)
+
+    def client(self) -> ClientSecurity:
+        """The security of this process's own client (the progress bar)."""
+        mutual = self.tls_client_ca is not None
+        return ClientSecurity(tls_ca=self.tls_ca, tls_cert=self.tls_cert if mutual else None,
+                              tls_key=self.tls_key if mutual else None, token=load_token(self.token_file))
+
+
+def _flags(**paths: Path | None) -> list[str]:
+    flags = []
+    for name, path in paths.items():
+        if path is not None:
+            flags += ["--" + name.replace("_", "-"), str(path)]
+    return flags
 
 
 def _gapaware(*args: str) -> list[str]:
@@ -47,7 +94,8 @@ def _final_record(metrics_file: Path) -> dict | None:
     return finals[-1] if finals else None
 
 
-def run_local(config: RunConfig, workers: int, out: Path | None) -> dict | None:
+def run_local(config: RunConfig, workers: int, out: Path | None,
+              security: LocalSecurity = LocalSecurity()) -> dict | None:
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     metrics_file, ready_file, server_log = out / "metrics.jsonl", out / "server.ready", out / "server.log"
@@ -57,7 +105,8 @@ def run_local(config: RunConfig, workers: int, out: Path | None) -> dict | None:
     with server_log.open("w") as log:
         server = subprocess.Popen(
             _gapaware("server", *config_to_flags(config), "--host", "127.0.0.1", "--port", "0",
-                      "--ready-file", str(ready_file), "--metrics-file", str(metrics_file), "--linger", "5"),
+                      "--ready-file", str(ready_file), "--metrics-file", str(metrics_file), "--linger", "5",
+                      *security.server_flags()),
             stdout=log, stderr=subprocess.STDOUT,
         )
     procs: list[subprocess.Popen] = []
@@ -66,9 +115,9 @@ def run_local(config: RunConfig, workers: int, out: Path | None) -> dict | None:
         address = f"127.0.0.1:{port}"
         for i in range(workers):
             with (out / f"worker-{i}.log").open("w") as log:
-                procs.append(subprocess.Popen(_gapaware("worker", "--server", address),
+                procs.append(subprocess.Popen(_gapaware("worker", "--server", address, *security.worker_flags()),
                                               stdout=log, stderr=subprocess.STDOUT))
-        _show_progress(address, server)
+        _show_progress(address, server, security.client())
         server.wait()
         for proc in procs:
             proc.wait(timeout=30)
@@ -91,8 +140,8 @@ def run_local(config: RunConfig, workers: int, out: Path | None) -> dict | None:
     return final
 
 
-def _show_progress(address: str, server: subprocess.Popen) -> None:
-    with WorkerClient(address, timeout=5.0) as client, tqdm(unit="upd", dynamic_ncols=True) as bar:
+def _show_progress(address: str, server: subprocess.Popen, security: ClientSecurity) -> None:
+    with WorkerClient(address, timeout=5.0, **security.client_kwargs()) as client, tqdm(unit="upd", dynamic_ncols=True) as bar:
         while server.poll() is None:
             try:
                 status = client.status()

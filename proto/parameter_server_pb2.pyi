@@ -193,7 +193,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ..., staleness: _Optional[int] = ..., pushes: _Optional[int] = ..., last_seen_seconds: _Optional[float] = ..., mean_gap: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "policy", "updates", "samples", "epoch", "workers", "finished", "run_config_json", "last_accuracy", "last_loss", "mean_staleness", "mean_gap", "uptime_seconds", "max_updates", "held_snapshots")
+    __slots__ = ("version", "policy", "updates", "samples", "epoch", "workers", "finished", "run_config_json", "last_accuracy", "last_loss", "mean_staleness", "mean_gap", "uptime_seconds", "max_updates", "held_snapshots", "nonfinite_pushes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class StatusReply(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATES_FIELD_NUMBER: _ClassVar[int]
     HELD_SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_PUSHES_FIELD_NUMBER: _ClassVar[int]
     version: int
     policy: str
     updates: int
@@ -224,4 +225,5 @@ class StatusReply(_message.Message):
     uptime_seconds: float
     max_updates: int
     held_snapshots: int
-    def __init__(self, version: _Optional[int] = ..., policy: _Optional[str] = ..., updates: _Optional[int] = ..., samples: _Optional[int] = ..., epoch: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., finished: _Optional[bool] = ..., run_config_json: _Optional[str] = ..., last_accuracy: _Optional[float] = ..., last_loss: _Optional[float] = ..., mean_staleness: _Optional[float] = ..., mean_gap: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., max_updates: _Optional[int] = ..., held_snapshots: _Optional[int] = ...) -> None: ...
+    nonfinite_pushes: int
+    def __init__(self, version: _Optional[int] = ..., policy: _Optional[str] = ..., updates: _Optional[int] = ..., samples: _Optional[int] = ..., epoch: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., finished: _Optional[bool] = ..., run_config_json: _Optional[str] = ..., last_accuracy: _Optional[float] = ..., last_loss: _Optional[float] = ..., mean_staleness: _Optional[float] = ..., mean_gap: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., max_updates: _Optional[int] = ..., held_snapshots: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ...) -> None: ...

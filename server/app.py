@@ -11,7 +11,8 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -20,10 +21,13 @@ from grpc_reflection.v1alpha import reflection
 
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters
+from gapaware.common.security import ServerSecurity
 from gapaware.common.tasks import load_task
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
+from gapaware.server.auth import TokenAuthInterceptor
 from gapaware.server.checkpointer import Checkpointer, CheckpointOptions
+from gapaware.server.decoding import StrictDecodingInterceptor
 from gapaware.server.evaluator import Evaluator, MetricsLog
 from gapaware.server.observability import RecordSinks, ServerMetrics, TensorBoardLog
 from gapaware.server.resume import (ResumeError, check_fresh_directory, find_resume_point, next_incarnation,
@@ -33,7 +37,10 @@ from gapaware.server.state import ParameterServerState
 
 log = logging.getLogger("gapaware.server")
 
-# Chunks are at most 4 MiB; leave room for the frame around them.
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+
+# Chunks are at most 4 MiB; leave room for the frame around them. A bigger message is refused
+# by gRPC itself with RESOURCE_EXHAUSTED before it reaches the servicer.
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
@@ -54,6 +61,10 @@ class ServerOptions:
     checkpoints: CheckpointOptions | None = None
     resume: Path | None = None                    # continue the run checkpointed there
     explicit_flags: frozenset[str] = frozenset()  # run-config fields given on the command line
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+    max_concurrent_rpcs: int = 1024     # beyond it a call gets RESOURCE_EXHAUSTED
+    nonfinite: str = "reject"           # a push with NaN or Inf: "reject" or "skip"
+    chunk_timeout: float = 60.0         # seconds a push may stall between chunks before it is ended
 
 
 def listen_address(host: str, port: int) -> str:
@@ -63,11 +74,12 @@ def listen_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def build_state(config: RunConfig):
+def build_state(config: RunConfig, *, nonfinite: str = "reject"):
     """The task (for layout and evaluation) and the server state with the seeded initial parameters."""
     task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)
     layout = ParamLayout.from_module(task.model)
-    state = ParameterServerState(config, layout, flat_parameters(task.model), train_size=len(task.train))
+    state = ParameterServerState(config, layout, flat_parameters(task.model), train_size=len(task.train),
+                                 nonfinite=nonfinite)
     return task, state
 
 
@@ -80,7 +92,7 @@ def prepare_state(config: RunConfig, options: ServerOptions):
         config = resolve_config(checkpoint.config, config, options.explicit_flags)
     elif options.checkpoints is not None:
         check_fresh_directory(options.checkpoints.directory)
-    task, state = build_state(config)
+    task, state = build_state(config, nonfinite=options.nonfinite)
     if checkpoint is not None:
         directories = [d for d in (options.resume, options.checkpoints and options.checkpoints.directory) if d]
         try:
@@ -103,36 +115,55 @@ async def reap_expired(state: ParameterServerState, lease_seconds: float) -> Non
                     record.worker_id, record.hostname, lease_seconds, record.pushes)
 
 
+def build_grpc_server(state: ParameterServerState, options: ServerOptions, *, last_eval: Callable[[], dict] = dict,
+                      metrics: ServerMetrics | None = None) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """The gRPC server for ``state``, with ``options``' security and limits, bound but not started:
+    the parameter service, the standard health service (SERVING once :func:`serve` starts) and
+    reflection. Call it inside the event loop that will run the server; returns the server, its
+    port and the health servicer.
+    """
+    security = options.security
+    security.check_listen(options.host)
+    authentication = [TokenAuthInterceptor(security.token)] if security.token else []
+    server = grpc.aio.server(
+        options=GRPC_OPTIONS, maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+        interceptors=[*authentication, StrictDecodingInterceptor()],  # nothing is parsed before the token is checked
+    )
+    pb_grpc.add_ParameterServerServicer_to_server(
+        ParameterServerServicer(state, last_eval=last_eval, lease_seconds=options.lease_seconds, metrics=metrics,
+                                chunk_timeout=options.chunk_timeout),
+        server,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = listen_address(options.host, options.port)
+    credentials = security.credentials()
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not listen on {address}")
+    return server, port, health_servicer
+
+
 async def serve(config: RunConfig, options: ServerOptions) -> dict:
     """Runs the server until the run ends (or SIGTERM/SIGINT), then returns the final record."""
+    options.security.check_listen(options.host)  # before the slow part: loading the task
     task, state, checkpointer = prepare_state(config, options)
     config = state.config
     metrics = ServerMetrics(state)
     sinks = RecordSinks([MetricsLog(options.metrics_file), metrics,
                          *([TensorBoardLog(options.tensorboard_dir)] if options.tensorboard_dir else [])])
     evaluator = Evaluator(state, task, sinks, device=options.eval_device)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_ParameterServerServicer_to_server(
-        ParameterServerServicer(state, last_eval=lambda: evaluator.last, lease_seconds=options.lease_seconds,
-                                metrics=metrics),
-        server,
-    )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_name = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
-    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = listen_address(options.host, options.port)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not listen on {address}")
+    server, port, health_servicer = build_grpc_server(state, options, last_eval=lambda: evaluator.last,
+                                                      metrics=metrics)
     if options.metrics_port:
         metrics.serve(options.host, options.metrics_port)
     await server.start()
-    for name in ("", service_name):
+    for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("listening on %s: task %s, policy %s, %d parameters, %d updates",
-             listen_address(options.host, port), config.task, config.policy, state.layout.numel,
-             state.total_updates)
+    log.info("listening on %s (%s): task %s, policy %s, %d parameters, %d updates",
+             listen_address(options.host, port), options.security.describe(options.host), config.task,
+             config.policy, state.layout.numel, state.total_updates)
     if options.ready_file is not None:
         options.ready_file.write_text(json.dumps({"port": port}))
 

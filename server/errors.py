@@ -26,3 +26,21 @@ class BadPush(RequestRefused):
 
 class StaleSnapshot(RequestRefused):
     """A push computed on parameters other than those the server last sent this worker."""
+
+
+class NonFiniteGradient(BadPush):
+    """A gradient with NaN or Inf elements, refused under ``--nonfinite reject``."""
+
+
+class InvalidLayout(RequestRefused):
+    """A layout message that contradicts itself: its fingerprint is not that of the parameters it lists."""
+
+
+class PushInFlight(RequestRefused):
+    """A worker started a second push while its first one is still being received or applied."""
+
+    def __init__(self, worker_id: int) -> None:
+        super().__init__(
+            f"worker {worker_id} already has a push in progress: wait for its reply before pushing again "
+            "(two processes may be sharing one worker id; give each its own WorkerClient and join)"
+        )

@@ -14,12 +14,15 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 
-from gapaware.common.codec import CodecError, TensorAssembler, chunk_messages, encode
+from gapaware.common.codec import CodecError, TensorAssembler, chunk_messages, encode, itemsize
 from gapaware.common.layout import ParamLayout
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
-from gapaware.server.errors import BadPush, LayoutMismatch, RequestRefused, StaleSnapshot, UnknownWorker
+from gapaware.server.errors import (
+    BadPush, InvalidLayout, LayoutMismatch, PushInFlight, RequestRefused, StaleSnapshot, UnknownWorker,
+)
 from gapaware.common.results import PushResult
 from gapaware.server.observability import ServerMetrics, rejection_reason
 from gapaware.server.state import ParameterServerState
@@ -30,6 +33,8 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     StaleSnapshot: grpc.StatusCode.FAILED_PRECONDITION,
     BadPush: grpc.StatusCode.INVALID_ARGUMENT,
     CodecError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidLayout: grpc.StatusCode.INVALID_ARGUMENT,
+    PushInFlight: grpc.StatusCode.ABORTED,
 }
 
 
@@ -42,24 +47,31 @@ def status_code_for(error: Exception) -> grpc.StatusCode:
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def __init__(self, state: ParameterServerState, *, last_eval: Callable[[], dict] = dict,
-                 lease_seconds: float = 0.0, metrics: ServerMetrics | None = None) -> None:
+                 lease_seconds: float = 0.0, metrics: ServerMetrics | None = None,
+                 chunk_timeout: float = 60.0) -> None:
         self._state = state
+        self._chunk_timeout = chunk_timeout
         self._last_eval = last_eval
         self._lease_seconds = lease_seconds
         self._metrics = metrics or ServerMetrics(state)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gapaware-update")
+        self._pushes_in_flight: set[int] = set()  # worker ids; touched only on the event loop
 
-    async def _call(self, context: grpc.aio.ServicerContext, fn: Callable, *args, **kwargs):
-        """Runs ``fn`` in the pool; a refusal aborts the RPC with its status code."""
+    async def _call(self, context: grpc.aio.ServicerContext, fn: Callable, *args,
+                    on_refusal: Callable[[str], None] | None = None, **kwargs):
+        """Runs ``fn`` in the pool; a refusal aborts the RPC with its status code (and is reported
+        to ``on_refusal`` by reason first, for the metrics)."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
         except (RequestRefused, CodecError) as error:
+            if on_refusal is not None:
+                on_refusal(rejection_reason(error))
             await context.abort(status_code_for(error), str(error))
 
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
         layout = ParamLayout.from_proto(request.layout) if request.layout.params else None
         record = await self._call(context, self._state.join, request.hostname or context.peer(),
-                                  request.device, layout)
+                                  request.device, layout, fingerprint=request.layout.fingerprint)
         return pb.JoinReply(
             worker_id=record.worker_id,
             run_config_json=self._state.config.to_json(),
@@ -70,6 +82,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         )
 
     async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[pb.PullFrame]:
+        await _check_dtype(context, request.dtype or pb.FLOAT32, "pull")
         version, theta = await self._call(context, self._state.pull, request.worker_id)
         async for frame in self._send_parameters(context, version, theta, request.dtype or pb.FLOAT32):
             yield frame
@@ -98,6 +111,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return status_reply(self._state, self._last_eval())
 
     async def _receive_and_apply(self, request_iterator, context, header_holder: list | None = None) -> PushResult:
+        """Checks the header, then receives the gradient and applies it.
+
+        Everything the header alone can refuse (unknown worker, base version, a second push of
+        the same worker in flight, the reply's dtype) is refused before a byte of the tensor is
+        buffered; the buffer of a refused stream is dropped with it.
+        """
         try:
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
@@ -108,29 +127,52 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             self._metrics.push_rejected("malformed")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push must start with a header, not a chunk")
         header = first.header
+        if header.worker_id in self._pushes_in_flight:
+            self._metrics.push_rejected("push_in_flight")
+            await context.abort(grpc.StatusCode.ABORTED, str(PushInFlight(header.worker_id)))
+        self._pushes_in_flight.add(header.worker_id)
+        try:
+            await self._call(context, self._state.check_push, header.worker_id, header.base_version, header.seq,
+                             on_refusal=self._metrics.push_rejected)
+            if header_holder is not None:
+                await _check_dtype(context, header.pull_dtype or pb.FLOAT32, "reply")
+            grad, received = await self._receive_tensor(header.tensor, request_iterator, context)
+            result = await self._call(
+                context, self._state.push, header.worker_id, grad,
+                base_version=header.base_version, samples=header.samples, loss=header.loss, seq=header.seq,
+                on_refusal=functools.partial(self._metrics.push_rejected, received_bytes=received),
+            )
+        finally:
+            self._pushes_in_flight.discard(header.worker_id)
+        self._metrics.push_answered(result, time.perf_counter() - started, received)
+        if header_holder is not None:
+            header_holder.append(header)
+        return result
+
+    async def _receive_tensor(self, header: pb.TensorHeader, request_iterator, context) -> tuple[torch.Tensor, int]:
+        """The pushed tensor and the bytes received. A stream that stalls between chunks is ended, so
+        a worker whose connection died silently mid-push does not keep its push "in progress" forever."""
+        frames = aiter(request_iterator)
         received = 0
         try:
-            assembler = TensorAssembler(header.tensor, expected_numel=self._state.layout.numel)
-            async for frame in request_iterator:
+            assembler = TensorAssembler(header, expected_numel=self._state.layout.numel)
+            while True:
+                try:
+                    frame = await asyncio.wait_for(anext(frames), self._chunk_timeout)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    self._metrics.push_rejected("stalled", received)
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"push stalled: no chunk for {self._chunk_timeout:g}s; nothing was applied")
                 if frame.WhichOneof("frame") != "chunk":
                     raise CodecError("a second header arrived inside a push; expected only chunks")
                 received += len(frame.chunk.data)
                 assembler.add(frame.chunk)
-            grad = assembler.finish()
+            return assembler.finish(), received
         except CodecError as error:
             self._metrics.push_rejected(rejection_reason(error), received)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
-        if header_holder is not None:
-            header_holder.append(header)
-        push = functools.partial(self._state.push, header.worker_id, grad, base_version=header.base_version,
-                                 samples=header.samples, loss=header.loss, seq=header.seq)
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(self._pool, push)
-        except RequestRefused as error:
-            self._metrics.push_rejected(rejection_reason(error), received)
-            await context.abort(status_code_for(error), str(error))
-        self._metrics.push_answered(result, time.perf_counter() - started, received)
-        return result
 
     async def _send_parameters(self, context, version: int, theta, dtype: int,
                                push: pb.PushReply | None = None) -> AsyncIterator[pb.PullFrame]:
@@ -143,6 +185,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         for chunk in chunk_messages(encoded):
             self._metrics.sent(len(chunk.data))
             yield pb.PullFrame(chunk=chunk)
+
+
+async def _check_dtype(context, dtype: int, what: str) -> None:
+    """Refuses an unknown transport dtype before anything happens on its account."""
+    try:
+        itemsize(dtype)
+    except CodecError as error:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what} dtype: {error}")
 
 
 def _push_reply(result: PushResult) -> pb.PushReply:
@@ -168,4 +218,5 @@ def status_reply(state: ParameterServerState, last_eval: dict) -> pb.StatusReply
         mean_staleness=totals["run_mean_staleness"], mean_gap=totals["run_mean_gap"],
         uptime_seconds=now - state.started, max_updates=state.total_updates,
         held_snapshots=state.held_snapshots(),
+        nonfinite_pushes=state.nonfinite_pushes,
     )

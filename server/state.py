@@ -20,7 +20,7 @@ from gapaware.common.config import RunConfig, learning_rate
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
 from gapaware.server.checkpoint import Checkpoint
-from gapaware.server.errors import BadPush, LayoutMismatch, StaleSnapshot
+from gapaware.server.errors import BadPush, InvalidLayout, LayoutMismatch, NonFiniteGradient, StaleSnapshot
 from gapaware.server.membership import Membership, WorkerRecord, first_worker_id
 from gapaware.server.policies import POLICIES, Policy, make_policy
 
@@ -59,10 +59,19 @@ def policy_for(config: RunConfig, numel: int) -> Policy:
     return make_policy(config.policy, numel, **hyper)
 
 
+NONFINITE_ACTIONS = ("reject", "skip")
+"""What a push with NaN or Inf elements gets: refused with INVALID_ARGUMENT, or accepted and dropped."""
+
+
 class ParameterServerState:
-    def __init__(self, config: RunConfig, layout: ParamLayout, theta: torch.Tensor, train_size: int) -> None:
+    def __init__(self, config: RunConfig, layout: ParamLayout, theta: torch.Tensor, train_size: int, *,
+                 nonfinite: str = "reject") -> None:
         if theta.dim() != 1 or theta.numel() != layout.numel or theta.dtype != torch.float32:
             raise ValueError(f"theta must be a flat float32 tensor of {layout.numel} elements")
+        if nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"Invalid non-finite action: {nonfinite!r} (choose from {', '.join(NONFINITE_ACTIONS)})")
+        self.nonfinite = nonfinite
+        self.nonfinite_pushes = 0
         self.config = config
         self.layout = layout
         self.theta = theta
@@ -82,12 +91,21 @@ class ParameterServerState:
         self._changed = threading.Condition(self._lock)
 
     # -- membership -------------------------------------------------------------------------
-    def join(self, hostname: str, device: str, layout: ParamLayout | None) -> WorkerRecord:
+    def join(self, hostname: str, device: str, layout: ParamLayout | None, *, fingerprint: str = "") -> WorkerRecord:
+        """Registers a worker. ``layout`` and its claimed ``fingerprint`` (either may be absent) must
+        agree with each other and with the server's layout."""
+        if fingerprint and layout is not None and fingerprint != layout.fingerprint:
+            raise InvalidLayout(f"the layout's fingerprint {fingerprint[:16]}... is not that of the {len(layout.names)} "
+                                "parameters it lists: the message is corrupt or was built by other code")
         if layout is not None:
             mismatch = self.layout.describe_mismatch(layout)
             if mismatch:
                 raise LayoutMismatch(f"the worker's model does not match the server's (task "
                                      f"{self.config.task!r}): {mismatch}")
+        elif fingerprint and fingerprint != self.layout.fingerprint:
+            raise LayoutMismatch(f"the worker's model does not match the server's (task {self.config.task!r}): "
+                                 f"layout fingerprint {fingerprint[:16]}..., the server's is "
+                                 f"{self.layout.fingerprint[:16]}...")
         with self._lock:
             record = self.members.add(hostname, device)
         log.info("worker %d joined from %s (%s)", record.worker_id, hostname, device)
@@ -135,6 +153,24 @@ class ParameterServerState:
                 self._snapshots[worker_id] = view
             return self.version, view
 
+    def check_push(self, worker_id: int, base_version: int, seq: int = 0) -> None:
+        """Refuses, before any of its gradient is received, a push that :meth:`push` would refuse
+        whatever the gradient: unknown worker, base version from the future, stale snapshot. A
+        retry of the push answered last (same ``seq``) passes: :meth:`push` answers it again."""
+        with self._lock:
+            record = self.members.get(worker_id)
+            if not (seq and seq == record.last_seq and record.last_result is not None):
+                self._check_push(record, base_version)
+
+    def _check_push(self, record: WorkerRecord, base_version: int) -> None:
+        if base_version > self.version:
+            raise BadPush(f"base version {base_version} is ahead of the server's version {self.version}: "
+                          "the gradient was computed on parameters this server never sent")
+        if record.pulled_version != base_version:
+            sent = "nothing since its last push" if record.pulled_version is None else f"version {record.pulled_version}"
+            raise StaleSnapshot(f"gradient computed on version {base_version} but worker {record.worker_id} was "
+                                f"last sent {sent}: pull, then push a gradient computed on what was pulled")
+
     def push(self, worker_id: int, grad: torch.Tensor, *, base_version: int, samples: int = 0,
              loss: float = math.nan, seq: int = 0) -> PushResult:
         """Applies ``grad``, computed by ``worker_id`` on ``base_version``, with the run's policy.
@@ -142,9 +178,13 @@ class ParameterServerState:
         ``seq`` (from 1, increasing per worker; 0 turns the check off) makes the push exactly-once:
         a copy of the last push answered (a retry whose reply was lost) gets that push's answer
         again with ``applied=False`` and changes nothing; an older one is refused.
+
+        A gradient with NaN or Inf elements changes nothing: it is refused (``nonfinite="reject"``)
+        or acknowledged with ``applied=False`` (``"skip"``), and counted in :attr:`nonfinite_pushes`.
         """
         if grad.shape != self.theta.shape:
             raise BadPush(f"gradient has {grad.numel()} elements, the model has {self.theta.numel()}")
+        finite = bool(torch.isfinite(grad).all())
         with self._lock:
             record = self.members.get(worker_id)
             if seq and seq == record.last_seq and record.last_result is not None:
@@ -152,23 +192,27 @@ class ParameterServerState:
             if seq and seq < record.last_seq:
                 raise BadPush(f"push {seq} of worker {worker_id} is older than its push {record.last_seq} "
                               "already answered: nothing applied")
-            result = self._apply(record, grad, base_version=base_version, samples=samples, loss=loss)
+            result = self._apply(record, grad, base_version=base_version, samples=samples, loss=loss,
+                                 finite=finite)
             if seq:
                 record.last_seq, record.last_result = seq, result
             return result
 
     def _apply(self, record: WorkerRecord, grad: torch.Tensor, *, base_version: int, samples: int,
-               loss: float) -> PushResult:
+               loss: float, finite: bool) -> PushResult:
         """The push of a new ``seq``, under the lock."""
         worker_id = record.worker_id
-        if base_version > self.version:
-            raise BadPush(f"base version {base_version} is ahead of the server's version {self.version}")
-        if record.pulled_version != base_version:
-            sent = "nothing since its last push" if record.pulled_version is None else f"version {record.pulled_version}"
-            raise StaleSnapshot(f"gradient computed on version {base_version} but worker {worker_id} was "
-                                f"last sent {sent}: pull, then push a gradient computed on what was pulled")
+        self._check_push(record, base_version)
         if self.finished:
             return PushResult(self.version, self.version - base_version, 1.0, True, False)
+        if not finite:
+            self.nonfinite_pushes += 1
+            if self.nonfinite == "reject":
+                bad = int((~torch.isfinite(grad)).sum())
+                raise NonFiniteGradient(
+                    f"gradient has {bad} NaN or Inf elements (of {grad.numel()}): nothing was applied; "
+                    "lower the learning rate or clip gradients, or start the server with --nonfinite skip")
+            return PushResult(self.version, self.version - base_version, 1.0, False, False)
         staleness = self.version - base_version
         gap = self.policy.apply(
             self.theta, grad, lr=self.lr(), staleness=staleness,

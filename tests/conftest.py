@@ -1,6 +1,13 @@
 import pytest
 
+from tests.inprocess import InProcessServer
 from tests.processes import ServerProcess
+
+
+@pytest.fixture(autouse=True)
+def _no_token_from_the_shell(monkeypatch):
+    """A GAPAWARE_TOKEN in the developer's shell would make every server the tests start require it."""
+    monkeypatch.delenv("GAPAWARE_TOKEN", raising=False)
 
 
 @pytest.fixture
@@ -16,3 +23,18 @@ def servers(tmp_path):
     yield start
     for server in started:
         server.kill()
+
+
+@pytest.fixture
+def inprocess_servers():
+    """Starts in-process servers (:class:`InProcessServer`) on demand and stops them at the end of the test."""
+    started: list[InProcessServer] = []
+
+    def start(state, options=None) -> InProcessServer:
+        server = InProcessServer(state, options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()

@@ -10,6 +10,7 @@ import math
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -18,6 +19,7 @@ from gapaware.common.codec import DEFAULT_CHUNK_BYTES, CodecError, TensorAssembl
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
+from gapaware.common.security import ClientSecurity
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 
@@ -48,15 +50,23 @@ class WorkerClient:
     ``transport_dtype`` ("float32", "bfloat16" or "float16") is how gradients are sent
     and parameters requested; tensors handed to and returned by this class are always
     flat float32 CPU tensors.
+
+    Security (see :mod:`gapaware.common.security`): ``tls_ca`` (a PEM file) turns on TLS and
+    names the CA that signed the server's certificate; ``tls_cert``/``tls_key`` are this
+    client's certificate for a server that requires mutual TLS; ``token`` is the shared
+    secret (``load_token()`` reads it from ``GAPAWARE_TOKEN`` or a file).
     """
 
     def __init__(self, address: str, *, transport_dtype: str = "float32",
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: float = 120.0) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: float = 120.0,
+                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, token: str | None = None) -> None:
         self.address = address
         self._dtype = dtype_from_name(transport_dtype)
         self._chunk_bytes = chunk_bytes
         self._timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        security = ClientSecurity(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
+        self._channel: grpc.Channel = security.open_channel(address, CHANNEL_OPTIONS)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         self._info: JoinInfo | None = None
         self._seq = 0

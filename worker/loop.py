@@ -28,6 +28,7 @@ import torch
 from gapaware.common.config import RunConfig
 from gapaware.common.data import batches
 from gapaware.common.layout import ParamLayout, flat_gradients, load_flat_parameters
+from gapaware.common.security import ClientSecurity
 from gapaware.common.tasks import load_task
 from gapaware.worker.client import WorkerClient
 from gapaware.worker.heartbeat import Heartbeat
@@ -51,6 +52,7 @@ class WorkerOptions:
     transport_dtype: str = "float32"
     rpc_timeout: float = 60.0         # seconds one call may take before it is retried
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    security: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ def run_worker(options: WorkerOptions) -> WorkerSummary:
     torch.set_num_threads(options.threads)
     with stop_on_signals(threading.Event()) as stop, \
             WorkerClient(options.server, transport_dtype=options.transport_dtype,
-                         timeout=options.rpc_timeout) as client:
+                         timeout=options.rpc_timeout, **options.security.client_kwargs()) as client:
         retry = functools.partial(call_with_retries, policy=options.retry, stop=stop)
         try:
             return _train(client, options, retry, stop)

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from gapaware.common.security import ClientSecurity
 from gapaware.worker.client import WorkerClient
 
 COLUMNS = (("worker", 6), ("host", -20), ("device", -8), ("staleness", 9), ("pushes", 8), ("last gap", 8),
@@ -51,7 +52,8 @@ def format_status(address: str, reply) -> str:
         f"{'finished' if reply.finished else 'running'} for {reply.uptime_seconds:.0f}s",
         f"progress: update {reply.version} of {reply.max_updates}, epoch {reply.epoch:.2f}, {reply.samples} examples",
         f"last test accuracy: {accuracy}",
-        f"pushes so far: mean staleness {reply.mean_staleness:.2f}, mean gap {reply.mean_gap:.3f}",
+        f"pushes so far: mean staleness {reply.mean_staleness:.2f}, mean gap {reply.mean_gap:.3f}"
+        + (f", {reply.nonfinite_pushes} with NaN/Inf gradients" if reply.nonfinite_pushes else ""),
         f"{len(reply.workers)} live worker{'' if len(reply.workers) == 1 else 's'}, "
         f"{reply.held_snapshots} parameter snapshot{'' if reply.held_snapshots == 1 else 's'} held",
     ]
@@ -62,9 +64,9 @@ def format_status(address: str, reply) -> str:
     return "\n".join(lines)
 
 
-def print_status(address: str, as_json: bool) -> None:
+def print_status(address: str, as_json: bool, security: ClientSecurity = ClientSecurity()) -> None:
     try:
-        with WorkerClient(address, timeout=10.0) as client:
+        with WorkerClient(address, timeout=10.0, **security.client_kwargs()) as client:
             reply = client.status()
     except grpc.RpcError as error:
         raise click.ClickException(f"no status from {address}: {error.code().name}: {error.details()}") from None

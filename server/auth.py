@@ -1,0 +1,64 @@
+"""Token authentication: every call must carry ``authorization: Bearer <token>``.
+
+A server interceptor, so no servicer method can forget the check. The comparison is
+constant-time (:func:`hmac.compare_digest`), so the time a refusal takes says nothing
+about how much of a guess was right. A refused call gets ``UNAUTHENTICATED`` without its
+request being decoded or its stream read, so an unauthenticated peer cannot make the server
+assemble a tensor.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+
+import grpc
+
+from gapaware.common.security import TOKEN_ENV, TOKEN_METADATA_KEY, bearer
+
+log = logging.getLogger("gapaware.server.auth")
+
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+"""Services answered without a token: health says only SERVING or NOT_SERVING, and Kubernetes
+probes and load balancers cannot send one."""
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("TokenAuthInterceptor needs a non-empty token")
+        self._expected = bearer(token).encode()
+
+    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        if handler_call_details.method.startswith(OPEN_SERVICES):
+            return await continuation(handler_call_details)
+        given = [value for key, value in handler_call_details.invocation_metadata or ()
+                 if key == TOKEN_METADATA_KEY]
+        if len(given) == 1 and hmac.compare_digest(_as_bytes(given[0]), self._expected):
+            return await continuation(handler_call_details)
+        reason = ("wrong token: the client's GAPAWARE_TOKEN or --token-file differs from the server's"
+                  if given else
+                  f"this server requires a token: set {TOKEN_ENV} or give --token-file on the client")
+        return _refusal(await continuation(handler_call_details), handler_call_details.method, reason)
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, method: str, reason: str) -> grpc.RpcMethodHandler | None:
+    """A handler of the same kind as ``handler`` that aborts with ``UNAUTHENTICATED``."""
+    if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED, which reveals nothing
+        return None
+
+    async def refuse(request, context: grpc.aio.ServicerContext):
+        log.warning("refused %s from %s: %s", method, context.peer(), reason)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
