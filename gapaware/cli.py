@@ -242,4 +242,4 @@ def simulate(task, data_dir, workers, policies, seeds, epochs, batch_size, lr, m
                                       eval_points=eval_points, device=device)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    run_simulation(settings, policies=policies, workers=workers, seeds=range(seeds), jobs=jobs, out=out)
+    run_simulation(settings, policies=policies, workers=workers, seeds=seeds, jobs=jobs, out=out)

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import platform
 import shlex
-import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -16,14 +15,28 @@ from gapaware.simulator.runner import SYNCHRONOUS, RunResult, SimulationSettings
 from gapaware.simulator.sweep import available_cores, grid, run_sweep
 
 
-def run_simulation(settings: SimulationSettings, *, policies: Iterable[str], workers: Iterable[int],
-                   seeds: Iterable[int], jobs: int = 0, out: Path | None = None) -> list[RunResult]:
-    """Run every policy × N × seed, write the report into ``out`` and print the accuracy table.
+def command_line(settings: SimulationSettings, *, policies: Sequence[str], workers: Sequence[int], seeds: int) -> str:
+    """The ``gapaware simulate`` command that reproduces a sweep, every setting spelled out."""
+    words = ["gapaware", "simulate", "--task", settings.task]
+    if settings.data_dir is not None:
+        words += ["--data-dir", settings.data_dir]
+    words += ["--workers", ",".join(map(str, workers)), "--policies", ",".join(policies), "--seeds", str(seeds),
+              "--epochs", f"{settings.epochs:g}", "--batch-size", str(settings.batch_size), "--lr", f"{settings.lr:g}",
+              "--momentum", f"{settings.momentum:g}", "--weight-decay", f"{settings.weight_decay:g}",
+              "--gamma-shape", f"{settings.gamma_shape:g}", *(["--heterogeneous"] if settings.heterogeneous else []),
+              "--eval-points", str(settings.eval_points), "--device", settings.device]
+    return shlex.join(words)
+
+
+def run_simulation(settings: SimulationSettings, *, policies: Sequence[str], workers: Sequence[int],
+                   seeds: int, jobs: int = 0, out: Path | None = None) -> list[RunResult]:
+    """Run every policy × N × seed (seeds 0 … ``seeds``−1), write the report into ``out`` and print the
+    accuracy table.
 
     Bad inputs (a task that does not load, a policy that cannot run with these settings) fail
     before the first run with a message saying what to change. ``jobs`` 0: one per CPU core.
     """
-    specs = grid(policies, workers, seeds)
+    specs = grid(policies, workers, range(seeds))
     try:
         configs = [run_config(settings, spec) for spec in specs]
     except ValueError as error:
@@ -41,9 +54,7 @@ def run_simulation(settings: SimulationSettings, *, policies: Iterable[str], wor
     elapsed = time.monotonic() - started
     updates = {(r.policy == SYNCHRONOUS, r.workers if r.policy == SYNCHRONOUS else 0): r.updates for r in results}
     preamble = "\n".join([
-        f"Command: `{shlex.join(['gapaware', *sys.argv[1:]])}`",
-        "",
-        f"Settings: `{settings}`",
+        f"Command: `{command_line(settings, policies=policies, workers=workers, seeds=seeds)}`",
         "",
         "Updates per run (every run processes the same number of examples): "
         + "; ".join(f"SSGD at N={n}: {count}" if synchronous else f"asynchronous: {count}"
