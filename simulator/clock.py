@@ -60,6 +60,3 @@ class CompletionQueue:
     def pop(self) -> tuple[float, int]:
         """``(finish_time, worker)`` of the batch that completes first."""
         return heapq.heappop(self._heap)
-
-    def __len__(self) -> int:
-        return len(self._heap)

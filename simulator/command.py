@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import click
+import torch
 
 from gapaware.common.tasks import TaskError, load_task
 from gapaware.simulator.report import accuracy_table, write_report
@@ -38,9 +39,14 @@ def run_simulation(settings: SimulationSettings, *, policies: Sequence[str], wor
     """
     specs = grid(policies, workers, range(seeds))
     try:
-        configs = [run_config(settings, spec) for spec in specs]
+        for spec in specs:
+            run_config(settings, spec)  # the server's checks, e.g. nag-asgd needs momentum
     except ValueError as error:
         raise click.UsageError(str(error)) from None
+    try:
+        torch.empty(0, device=settings.device)
+    except (RuntimeError, AssertionError) as error:
+        raise click.UsageError(f"cannot compute on device {settings.device!r}: {error}") from None
     try:
         task = load_task(settings.task, seed=0, data_dir=settings.data_dir)
     except TaskError as error:
@@ -52,13 +58,13 @@ def run_simulation(settings: SimulationSettings, *, policies: Sequence[str], wor
     started = time.monotonic()
     results = run_sweep(settings, specs, jobs=jobs)
     elapsed = time.monotonic() - started
-    updates = {(r.policy == SYNCHRONOUS, r.workers if r.policy == SYNCHRONOUS else 0): r.updates for r in results}
+    asynchronous = [r.updates for r in results if r.policy != SYNCHRONOUS][:1]
+    updates = [f"asynchronous: {count}" for count in asynchronous] + \
+        [f"SSGD at N={r.workers}: {r.updates}" for r in results if r.policy == SYNCHRONOUS and r.seed == 0]
     preamble = "\n".join([
         f"Command: `{command_line(settings, policies=policies, workers=workers, seeds=seeds)}`",
         "",
-        "Updates per run (every run processes the same number of examples): "
-        + "; ".join(f"SSGD at N={n}: {count}" if synchronous else f"asynchronous: {count}"
-                    for (synchronous, n), count in sorted(updates.items())) + ".",
+        f"Updates per run (every run processes the same number of examples): {'; '.join(updates)}.",
         "",
         f"Machine: {platform.platform()}, Python {platform.python_version()}, {available_cores()} cores; "
         f"{len(specs)} runs took {elapsed:.0f} s of wall-clock, {jobs} at a time.",

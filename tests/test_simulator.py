@@ -199,7 +199,8 @@ def test_simulate_writes_csv_table_and_plot(tmp_path):
         assert len(list(csv.DictReader(f))) == 12 * 3
     table = (out / "results.md").read_text()
     assert "| policy | N=1 | N=4 |" in table and "| gap-aware | 4 | 2 |" in table
-    assert "Command: `gapaware simulate --task digits-mlp" in table
+    assert "Command: `gapaware simulate --task digits-mlp --workers 1,4 --policies gap-aware,nag-asgd,ssgd" in table
+    assert "asynchronous: 23; SSGD at N=1: 23; SSGD at N=4: 6." in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| nag-asgd |" in result.output
 
@@ -223,6 +224,7 @@ def test_simulate_cifar10_without_the_files_says_what_to_download(tmp_path, monk
     (["--gamma-shape", "-1"], "Invalid gamma shape"),
     (["--lr", "-0.1"], "Invalid learning rate"),
     (["--task", "nowhere:factory"], "cannot import module 'nowhere'"),
+    (["--device", "gpu"], "cannot compute on device 'gpu'"),
 ])
 def test_simulate_refuses_bad_input_before_running(tmp_path, flags, message):
     result = CliRunner().invoke(main, ["simulate", "--out", str(tmp_path / "o"), *flags])
