@@ -1,4 +1,4 @@
-"""The ``gapaware`` command line: server, worker, train (a local run) and status."""
+"""The ``gapaware`` command line: server, worker, train (a local run), status and simulate."""
 from __future__ import annotations
 
 import functools
