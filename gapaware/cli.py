@@ -1,4 +1,4 @@
-"""The ``gapaware`` command line: server, worker, train (a local run) and status."""
+"""The ``gapaware`` command line: server, worker, train (a local run), status and simulate."""
 from __future__ import annotations
 
 import functools
@@ -311,6 +311,83 @@ def plot(metrics_file, out) -> None:
     except PlotError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"wrote {out}")
+
+
+SIMULATED_POLICY_NAMES = ("asgd", "nag-asgd", "staleness-aware", "gap-aware", "dana", "dana-ga", "ssgd")
+
+
+def _positive_ints(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated whole numbers such as 1,8,32, got {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"expected numbers >= 1, got {value!r}")
+    return tuple(dict.fromkeys(numbers))
+
+
+def _simulated_policies(ctx, param, value: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    unknown = [name for name in names if name not in SIMULATED_POLICY_NAMES]
+    if not names or unknown:
+        raise click.BadParameter(f"unknown policy {', '.join(unknown) or value!r}; choose from "
+                                 f"{', '.join(SIMULATED_POLICY_NAMES)}")
+    return names
+
+
+@main.command()
+@click.option("--task", default="digits-cnn", show_default=True,
+              help="Built-in task (digits-mlp, digits-cnn, synthetic, cifar10-resnet20) or "
+                   "'package.module:factory' returning a gapaware.Task. Imports and runs that code.")
+@click.option("--data-dir", default=None, help="Directory with data sets for tasks that read files.")
+@click.option("--workers", default="1,8,32,64", show_default=True, callback=_positive_ints,
+              help="Comma-separated numbers of virtual workers N to simulate.")
+@click.option("--policies", default=",".join(SIMULATED_POLICY_NAMES), show_default=True,
+              callback=_simulated_policies,
+              help="Comma-separated policies: the server's, nag-asgd (asgd with Nesterov momentum) and ssgd "
+                   "(synchronous SGD, the reference).")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs per policy and N, with seeds 0, 1, ... (initial parameters, batch order, worker times).")
+@click.option("--epochs", type=float, default=40.0, show_default=True,
+              help="Passes over the training set per run, the same for every N and policy.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Examples per worker batch.")
+@click.option("--lr", type=float, default=0.05, show_default=True,
+              help="Peak learning rate, the same for every N; step decay x0.1 at 50% and 75% of the updates.")
+@click.option("--momentum", type=float, default=0.9, show_default=True,
+              help="Momentum of every policy (0 disables; nag-asgd needs > 0).")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="Coupled L2 weight decay.")
+@click.option("--gamma-shape", type=float, default=4.0, show_default=True,
+              help="Shape k of the gamma distribution of a worker's time per batch (mean 1, coefficient "
+                   "of variation 1/sqrt(k)).")
+@click.option("--heterogeneous", is_flag=True,
+              help="Draw each worker's own mean time per batch too (gamma, mean 1, same shape): some "
+                   "machines stay slower, as in a non-dedicated cloud.")
+@click.option("--eval-points", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Test-set evaluations per run, evenly spaced; the last one is the final accuracy.")
+@click.option("--jobs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Runs at once, one process and one thread each (0: one per CPU core).")
+@click.option("--device", default="cpu", show_default=True, help="Where gradients are computed: cpu or cuda:N.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Directory for results.csv, curves.csv, results.md and results.png "
+                   "(default: runs/simulate-<time>).")
+def simulate(task, data_dir, workers, policies, seeds, epochs, batch_size, lr, momentum, weight_decay,
+             gamma_shape, heterogeneous, eval_points, jobs, device, out) -> None:
+    """Simulate N asynchronous workers on this machine and compare staleness policies.
+
+    Each virtual worker's time per batch is gamma-distributed; gradients are applied in order of
+    completion with the server's own policy code, so the mean staleness is about N-1.
+    """
+    from gapaware.simulator.command import run_simulation
+    from gapaware.simulator.runner import SimulationSettings
+
+    try:
+        settings = SimulationSettings(task=task, data_dir=data_dir, lr=lr, momentum=momentum,
+                                      weight_decay=weight_decay, batch_size=batch_size, epochs=epochs,
+                                      gamma_shape=gamma_shape, heterogeneous=heterogeneous,
+                                      eval_points=eval_points, device=device)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    run_simulation(settings, policies=policies, workers=workers, seeds=seeds, jobs=jobs, out=out)
 
 
 ENVVAR_PREFIX = "GAPAWARE_"
