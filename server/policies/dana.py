@@ -22,13 +22,11 @@ Choices beyond ALGORITHMS.md:
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from .base import Policy, take_tensor
-from .gap_aware import GapStatistics
+from .gap_aware import GapPenalty
 from .sgd import weight_decayed
 
 
@@ -136,7 +134,7 @@ class DanaZero(Policy):
         self.buffers = buffers
 
 
-class DanaGapAware(DanaZero):
+class DanaGapAware(GapPenalty, DanaZero):
     """DANA-GA: DANA-Zero whose direction is divided by the Gap against the look-ahead ``θ̂``.
 
     Args: ``momentum``, ``nesterov`` (ignored), ``weight_decay`` as in :class:`Policy`;
@@ -144,30 +142,3 @@ class DanaGapAware(DanaZero):
     """
 
     name = "dana-ga"
-    needs_snapshot = True
-
-    def __init__(self, numel: int, *, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0, beta: float = 0.999, eps: float = 1e-8) -> None:
-        super().__init__(numel, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        self.statistics = GapStatistics(numel, beta=beta, eps=eps)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {**super().hyperparameters(), **self.statistics.hyperparameters()}
-
-    def _apply(self, theta: Tensor, grad: Tensor, stale_theta: Tensor | None, *,
-               lr: float, staleness: int, worker_id: int) -> float:
-        self.statistics.begin_update(lr)
-        return super()._apply(theta, grad, stale_theta, lr=lr, staleness=staleness, worker_id=worker_id)
-
-    def _direction(self, part: slice, theta: Tensor, grad: Tensor, stale_theta: Tensor | None,
-                   buffer: Tensor | None, scratch: tuple[Tensor, Tensor]) -> tuple[Tensor, float]:
-        s = grad if buffer is None else buffer
-        return self.statistics.direction(part, theta, grad, stale_theta, s, weight_decay=self.weight_decay,
-                                         scratch=scratch)
-
-    def _state(self) -> dict[str, Tensor]:
-        return {**super()._state(), **self.statistics.state()}
-
-    def _load_state(self, state: dict[str, Tensor]) -> None:
-        super()._load_state(state)
-        self.statistics.load_state(state)

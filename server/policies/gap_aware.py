@@ -119,14 +119,14 @@ class GapStatistics:
         self.lr_max = float(take_tensor(state, "ga.lr_max", torch.zeros((), dtype=torch.float64)))
 
 
-class GapAware(ASGD):
-    """GA: the master keeps one momentum buffer and GA's statistics; the server keeps θ⁽ⁱ⁾.
+class GapPenalty:
+    """Mixin that divides a policy's direction by the Gap: GA on ASGD, DANA-GA on DANA-Zero.
 
-    Args: ``momentum``, ``nesterov``, ``weight_decay`` as in :class:`Policy`; ``beta`` and ``eps``
-    as in :class:`GapStatistics`.
+    It owns :class:`GapStatistics`, counts each update into them, and feeds ``s`` (the
+    momentum buffer the base policy hands to ``_direction`` before this update, or ``g``
+    without momentum) to their running average.
     """
 
-    name = "gap-aware"
     needs_snapshot = True
 
     def __init__(self, numel: int, *, momentum: float = 0.0, nesterov: bool = False,
@@ -143,8 +143,8 @@ class GapAware(ASGD):
         return super()._apply(theta, grad, stale_theta, lr=lr, staleness=staleness, worker_id=worker_id)
 
     def _direction(self, part: slice, theta: Tensor, grad: Tensor, stale_theta: Tensor | None,
-                   momentum_buffer: Tensor | None, scratch: tuple[Tensor, Tensor]) -> tuple[Tensor, float]:
-        s = grad if momentum_buffer is None else momentum_buffer
+                   buffer: Tensor | None, scratch: tuple[Tensor, Tensor]) -> tuple[Tensor, float]:
+        s = grad if buffer is None else buffer
         return self.statistics.direction(part, theta, grad, stale_theta, s, weight_decay=self.weight_decay,
                                          scratch=scratch)
 
@@ -154,3 +154,13 @@ class GapAware(ASGD):
     def _load_state(self, state: dict[str, Tensor]) -> None:
         super()._load_state(state)
         self.statistics.load_state(state)
+
+
+class GapAware(GapPenalty, ASGD):
+    """GA: the master keeps one momentum buffer and GA's statistics; the server keeps θ⁽ⁱ⁾.
+
+    Args: ``momentum``, ``nesterov``, ``weight_decay`` as in :class:`Policy`; ``beta`` and ``eps``
+    as in :class:`GapStatistics`.
+    """
+
+    name = "gap-aware"
