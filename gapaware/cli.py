@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from gapaware.common.config import SCHEDULES, RunConfig
+from gapaware.common.config import SCHEDULES, SNAPSHOT_DTYPES, RunConfig
 
 POLICY_NAMES = ("asgd", "staleness-aware", "gap-aware", "dana", "dana-ga")
 
@@ -53,6 +53,9 @@ def run_config_options(fn):
                      help="Evaluate on the held-out split every this many updates."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial parameters."),
         click.option("--data-dir", default=None, help="Directory with data sets for tasks that read files."),
+        click.option("--snapshot-dtype", type=click.Choice(SNAPSHOT_DTYPES), default="float32", show_default=True,
+                     help="How the server keeps each worker's pulled parameters for the Gap (gap-aware, dana-ga): "
+                          "bfloat16 halves that memory."),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), fn)
 
@@ -60,7 +63,8 @@ def run_config_options(fn):
 def config_from_options(values: dict) -> RunConfig:
     """Pops the run-config flags out of ``values`` and builds the config; bad values become usage errors."""
     fields = ("task", "policy", "lr", "momentum", "nesterov", "weight_decay", "warmup_updates", "schedule",
-              "decay_at", "decay_factor", "ga_beta", "ga_eps", "batch_size", "eval_every", "seed", "data_dir")
+              "decay_at", "decay_factor", "ga_beta", "ga_eps", "batch_size", "eval_every", "seed", "data_dir",
+              "snapshot_dtype")
     kwargs = {name: values.pop(name) for name in fields}
     max_updates, epochs = values.pop("max_updates"), values.pop("epochs")
     if max_updates is None and epochs is None:
@@ -111,15 +115,19 @@ def main() -> None:
               help="Write {\"port\": N} here once the server accepts connections.")
 @click.option("--linger", type=float, default=10.0, show_default=True,
               help="Seconds to wait for workers to leave after the run ends.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="Torch threads for the updates (memory-bound: more rarely help, and hurt on a busy machine).")
 @log_level_option
-def server(host, port, metrics_file, ready_file, linger, log_level, **values) -> None:
+def server(host, port, metrics_file, ready_file, linger, threads, log_level, **values) -> None:
     """Run the parameter server until the run ends."""
     from gapaware.server.app import ServerOptions, run_server
 
     config = config_from_options(values)
+    if threads < 1:
+        raise click.UsageError(f"Invalid thread count: {threads}")
     _setup_logging(log_level)
     run_server(config, ServerOptions(host=host, port=port, metrics_file=metrics_file, ready_file=ready_file,
-                                     linger_seconds=linger))
+                                     linger_seconds=linger, threads=threads))
 
 
 @main.command()

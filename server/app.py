@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import torch
 
+from gapaware.common.allocator import keep_freed_memory
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters
 from gapaware.common.tasks import load_task
-from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.evaluator import Evaluator, MetricsLog
-from gapaware.server.servicer import ParameterServerServicer
+from gapaware.server.servicer import ParameterServerServicer, add_to_server
 from gapaware.server.state import ParameterServerState
 
 log = logging.getLogger("gapaware.server")
@@ -36,6 +37,7 @@ class ServerOptions:
     ready_file: Path | None = None
     linger_seconds: float = 10.0
     eval_device: str = "cpu"
+    threads: int = 1                  # torch intra-op threads
 
 
 def listen_address(host: str, port: int) -> str:
@@ -55,13 +57,13 @@ def build_state(config: RunConfig):
 
 async def serve(config: RunConfig, options: ServerOptions) -> dict:
     """Runs the server until the run ends (or SIGTERM/SIGINT), then returns the final record."""
+    torch.set_num_threads(options.threads)
+    keep_freed_memory()
     task, state = build_state(config)
     metrics = MetricsLog(options.metrics_file)
     evaluator = Evaluator(state, task, metrics, device=options.eval_device)
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_ParameterServerServicer_to_server(
-        ParameterServerServicer(state, last_eval=lambda: evaluator.last), server
-    )
+    add_to_server(ParameterServerServicer(state, last_eval=lambda: evaluator.last), server)
     address = listen_address(options.host, options.port)
     port = server.add_insecure_port(address)
     if port == 0:

@@ -14,13 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from gapaware.common.codec import CodecError, TensorAssembler, chunk_messages, encode
+from gapaware.common.codec import CodecError, TensorAssembler, encode
 from gapaware.common.layout import ParamLayout
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.errors import BadPush, LayoutMismatch, RequestRefused, StaleSnapshot, UnknownWorker
 from gapaware.common.results import PushResult
+from gapaware.common.wire import ChunkView, chunk_frames, frame_parser, serialize_frame
 from gapaware.server.state import ParameterServerState
+
+SERVICE_NAME = "gapaware.v1.ParameterServer"
 
 STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     UnknownWorker: grpc.StatusCode.NOT_FOUND,
@@ -99,15 +102,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty push: a push starts with a header")
-        if first.WhichOneof("frame") != "header":
+        if not isinstance(first, pb.PushHeader):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push must start with a header, not a chunk")
-        header = first.header
+        header = first
         try:
             assembler = TensorAssembler(header.tensor, expected_numel=self._state.layout.numel)
             async for frame in request_iterator:
-                if frame.WhichOneof("frame") != "chunk":
-                    raise CodecError("a second header arrived inside a push; expected only chunks")
-                assembler.add(frame.chunk)
+                if not isinstance(frame, ChunkView):
+                    raise CodecError("a frame other than a chunk arrived inside a push; expected only chunks")
+                assembler.add(frame)
             grad = assembler.finish()
         except CodecError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
@@ -126,8 +129,32 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         yield pb.PullFrame(header=pb.PullHeader(version=version, tensor=encoded.header,
                                                 finished=self._state.finished, push=push))
-        for chunk in chunk_messages(encoded):
-            yield pb.PullFrame(chunk=chunk)
+        for frame in chunk_frames(encoded):
+            yield frame
+
+
+def add_to_server(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:
+    """Registers ``servicer`` like the generated ``add_ParameterServerServicer_to_server``, except
+    that tensor frames are (de)serialized by :mod:`gapaware.common.wire`: chunks skip message
+    objects, with the same bytes on the wire."""
+    parse_push = frame_parser(pb.PushFrame)
+    unary = {
+        "Join": (pb.JoinRequest, pb.JoinReply), "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatReply),
+        "Leave": (pb.LeaveRequest, pb.LeaveReply), "Status": (pb.StatusRequest, pb.StatusReply),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=request.FromString,
+                                                  response_serializer=reply.SerializeToString)
+        for name, (request, reply) in unary.items()
+    }
+    handlers["Pull"] = grpc.unary_stream_rpc_method_handler(
+        servicer.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=serialize_frame)
+    handlers["Push"] = grpc.stream_unary_rpc_method_handler(
+        servicer.Push, request_deserializer=parse_push, response_serializer=pb.PushReply.SerializeToString)
+    handlers["PushPull"] = grpc.stream_stream_rpc_method_handler(
+        servicer.PushPull, request_deserializer=parse_push, response_serializer=serialize_frame)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _push_reply(result: PushResult) -> pb.PushReply:

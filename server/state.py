@@ -66,6 +66,7 @@ class ParameterServerState:
         self.members = Membership()
         self.started = time.monotonic()
         self._snapshots: dict[int, torch.Tensor] = {}
+        self._snapshot_dtype = getattr(torch, config.snapshot_dtype)
         self._window = Window()
         self._totals = Window()
         self._lock = threading.Lock()
@@ -102,14 +103,16 @@ class ParameterServerState:
     def pull(self, worker_id: int) -> tuple[int, torch.Tensor]:
         """What ``worker_id`` is sent: the version and a tensor nobody modifies afterwards.
 
-        For policies that measure a Gap the same tensor is kept as the worker's θ⁽ⁱ⁾.
+        For policies that measure a Gap the same tensor is kept as the worker's θ⁽ⁱ⁾, or a
+        bfloat16 copy of it with ``snapshot_dtype="bfloat16"`` (half the memory; the Gap is then
+        measured against θ⁽ⁱ⁾ rounded to bfloat16, as ALGORITHMS.md allows).
         """
         with self._lock:
             record = self.members.get(worker_id)
             view = self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id)
             record.pulled_version = self.version
             if self.policy.needs_snapshot:
-                self._snapshots[worker_id] = view
+                self._snapshots[worker_id] = view.to(self._snapshot_dtype)
             return self.version, view
 
     def push(self, worker_id: int, grad: torch.Tensor, *, base_version: int, samples: int = 0,

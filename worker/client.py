@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from gapaware.common.codec import DEFAULT_CHUNK_BYTES, CodecError, TensorAssembler, chunk_messages, dtype_from_name, encode
+from gapaware.common.codec import DEFAULT_CHUNK_BYTES, CodecError, TensorAssembler, dtype_from_name, encode
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
 from gapaware.proto import parameter_server_pb2 as pb
+from gapaware.common.wire import ChunkView, chunk_frames, frame_parser, serialize_frame
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 
 CHANNEL_OPTIONS = [
@@ -53,6 +54,18 @@ class WorkerClient:
         self._timeout = timeout
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
+        # The tensor-carrying methods skip protobuf message objects for chunks (gapaware.common.wire).
+        method = "/gapaware.v1.ParameterServer/"
+        parse_pull = frame_parser(pb.PullFrame)
+        self._pull_frames = self._channel.unary_stream(
+            method + "Pull", request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=parse_pull, _registered_method=True)
+        self._push_stream = self._channel.stream_unary(
+            method + "Push", request_serializer=serialize_frame,
+            response_deserializer=pb.PushReply.FromString, _registered_method=True)
+        self._push_pull_frames = self._channel.stream_stream(
+            method + "PushPull", request_serializer=serialize_frame, response_deserializer=parse_pull,
+            _registered_method=True)
         self._info: JoinInfo | None = None
         self._seq = 0
 
@@ -101,7 +114,7 @@ class WorkerClient:
     # -- parameters and gradients ---------------------------------------------------------
     def pull(self) -> tuple[int, torch.Tensor]:
         """The server's current version and parameters (flat float32)."""
-        frames = self._stub.Pull(pb.PullRequest(worker_id=self.info.worker_id, dtype=self._dtype),
+        frames = self._pull_frames(pb.PullRequest(worker_id=self.info.worker_id, dtype=self._dtype),
                                  timeout=self._timeout)
         header, theta = self._receive(frames)
         return header.version, theta
@@ -109,19 +122,19 @@ class WorkerClient:
     def push(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
              loss: float = math.nan) -> PushResult:
         """Sends a gradient computed on the parameters of ``base_version``."""
-        reply = self._stub.Push(self._push_frames(grad, base_version, samples, loss), timeout=self._timeout)
+        reply = self._push_stream(self._push_frames(grad, base_version, samples, loss), timeout=self._timeout)
         return _result(reply)
 
     def push_pull(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
                   loss: float = math.nan) -> tuple[PushResult, int, torch.Tensor]:
         """Push, then receive the parameters after the update: one round trip a step."""
-        frames = self._stub.PushPull(self._push_frames(grad, base_version, samples, loss),
+        frames = self._push_pull_frames(self._push_frames(grad, base_version, samples, loss),
                                      timeout=self._timeout)
         header, theta = self._receive(frames)
         return _result(header.push), header.version, theta
 
     def _push_frames(self, grad: torch.Tensor, base_version: int, samples: int,
-                     loss: float) -> Iterator[pb.PushFrame]:
+                     loss: float) -> Iterator[pb.PushFrame | bytes]:
         if grad.dim() != 1 or grad.numel() != self.info.layout.numel:
             raise ValueError(f"gradient must be flat with {self.info.layout.numel} elements, "
                              f"got shape {tuple(grad.shape)}")
@@ -131,18 +144,19 @@ class WorkerClient:
             worker_id=self.info.worker_id, base_version=base_version, seq=self._seq, samples=samples,
             loss=loss, tensor=encoded.header, pull_dtype=self._dtype,
         ))
-        for chunk in chunk_messages(encoded):
-            yield pb.PushFrame(chunk=chunk)
+        yield from chunk_frames(encoded)
 
     def _receive(self, frames) -> tuple[pb.PullHeader, torch.Tensor]:
         frames = iter(frames)
-        first = next(frames, None)
-        if first is None or first.WhichOneof("frame") != "header":
+        header = next(frames, None)
+        if not isinstance(header, pb.PullHeader):
             raise CodecError("the server's reply did not start with a header")
-        assembler = TensorAssembler(first.header.tensor, expected_numel=self.info.layout.numel)
+        assembler = TensorAssembler(header.tensor, expected_numel=self.info.layout.numel)
         for frame in frames:
-            assembler.add(frame.chunk)
-        return first.header, assembler.finish()
+            if not isinstance(frame, ChunkView):
+                raise CodecError("the server's reply held a frame other than a chunk after its header")
+            assembler.add(frame)
+        return header, assembler.finish()
 
 
 def _result(reply: pb.PushReply) -> PushResult:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gapaware.common.allocator import keep_freed_memory
 from gapaware.common.config import RunConfig
 from gapaware.common.data import batches
 from gapaware.common.layout import ParamLayout, flat_gradients, load_flat_parameters
@@ -39,6 +40,7 @@ class WorkerSummary:
 
 def run_worker(options: WorkerOptions) -> WorkerSummary:
     torch.set_num_threads(options.threads)
+    keep_freed_memory()
     with WorkerClient(options.server, transport_dtype=options.transport_dtype) as client:
         config = RunConfig.from_json(client.status().run_config_json)
         task = load_task(options.task or config.task, seed=config.seed,
