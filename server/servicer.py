@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 
-from gapaware.common.codec import CodecError, TensorAssembler, encode
+from gapaware.common.codec import CodecError, EncodedTensor, TensorAssembler, encode, itemsize
 from gapaware.common.layout import ParamLayout
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
@@ -70,20 +71,18 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         )
 
     async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[pb.PullFrame]:
-        version, theta = await self._call(context, self._state.pull, request.worker_id)
-        async for frame in self._send_parameters(context, version, theta, request.dtype or pb.FLOAT32):
+        version, encoded = await self._call(context, self._pull_encoded, request.worker_id, request.dtype)
+        async for frame in self._send_parameters(version, encoded):
             yield frame
 
     async def Push(self, request_iterator, context) -> pb.PushReply:
-        result = await self._receive_and_apply(request_iterator, context)
-        return _push_reply(result)
+        header, grad = await self._receive_push(request_iterator, context)
+        return _push_reply(await self._call(context, self._apply_push, header, grad))
 
     async def PushPull(self, request_iterator, context) -> AsyncIterator[pb.PullFrame]:
-        header_holder: list[pb.PushHeader] = []
-        result = await self._receive_and_apply(request_iterator, context, header_holder)
-        version, theta = await self._call(context, self._state.pull, header_holder[0].worker_id)
-        dtype = header_holder[0].pull_dtype or pb.FLOAT32
-        async for frame in self._send_parameters(context, version, theta, dtype, push=_push_reply(result)):
+        header, grad = await self._receive_push(request_iterator, context)
+        result, version, encoded = await self._call(context, self._push_then_pull, header, grad)
+        async for frame in self._send_parameters(version, encoded, push=_push_reply(result)):
             yield frame
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
@@ -97,36 +96,42 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
         return status_reply(self._state, self._last_eval())
 
-    async def _receive_and_apply(self, request_iterator, context, header_holder: list | None = None) -> PushResult:
+    async def _receive_push(self, request_iterator, context) -> tuple[pb.PushHeader, torch.Tensor]:
+        """The push's header and its checked gradient; a malformed stream aborts the RPC."""
         try:
-            first = await anext(aiter(request_iterator))
+            header = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty push: a push starts with a header")
-        if not isinstance(first, pb.PushHeader):
+        if not isinstance(header, pb.PushHeader):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push must start with a header, not a chunk")
-        header = first
         try:
             assembler = TensorAssembler(header.tensor, expected_numel=self._state.layout.numel)
             async for frame in request_iterator:
                 if not isinstance(frame, ChunkView):
                     raise CodecError("a frame other than a chunk arrived inside a push; expected only chunks")
                 assembler.add(frame)
-            grad = assembler.finish()
+            return header, assembler.finish()
         except CodecError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
-        if header_holder is not None:
-            header_holder.append(header)
-        return await self._call(
-            context, self._state.push, header.worker_id, grad,
-            base_version=header.base_version, samples=header.samples, loss=header.loss,
-        )
 
-    async def _send_parameters(self, context, version: int, theta, dtype: int,
-                               push: pb.PushReply | None = None) -> AsyncIterator[pb.PullFrame]:
-        try:
-            encoded = encode(theta, dtype)
-        except (CodecError, ValueError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    # The three below run in the pool: the update and the encoding (a copy and a checksum of the
+    # whole model) stay off the event loop, in one thread hop per call.
+    def _apply_push(self, header: pb.PushHeader, grad: torch.Tensor) -> PushResult:
+        return self._state.push(header.worker_id, grad, base_version=header.base_version,
+                                samples=header.samples, loss=header.loss)
+
+    def _pull_encoded(self, worker_id: int, dtype: int) -> tuple[int, EncodedTensor]:
+        dtype = dtype or pb.FLOAT32
+        itemsize(dtype)  # an unknown dtype is refused before the worker's snapshot changes
+        version, theta = self._state.pull(worker_id)
+        return version, encode(theta, dtype)
+
+    def _push_then_pull(self, header: pb.PushHeader, grad: torch.Tensor) -> tuple[PushResult, int, EncodedTensor]:
+        result = self._apply_push(header, grad)
+        return (result, *self._pull_encoded(header.worker_id, header.pull_dtype))
+
+    async def _send_parameters(self, version: int, encoded: EncodedTensor,
+                               push: pb.PushReply | None = None) -> AsyncIterator[pb.PullFrame | bytes]:
         yield pb.PullFrame(header=pb.PullHeader(version=version, tensor=encoded.header,
                                                 finished=self._state.finished, push=push))
         for frame in chunk_frames(encoded):
