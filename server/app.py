@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import torch
 
-from gapaware.common.allocator import keep_freed_memory
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters
 from gapaware.common.tasks import load_task
@@ -58,7 +57,6 @@ def build_state(config: RunConfig):
 async def serve(config: RunConfig, options: ServerOptions) -> dict:
     """Runs the server until the run ends (or SIGTERM/SIGINT), then returns the final record."""
     torch.set_num_threads(options.threads)
-    keep_freed_memory()
     task, state = build_state(config)
     metrics = MetricsLog(options.metrics_file)
     evaluator = Evaluator(state, task, metrics, device=options.eval_device)

@@ -25,6 +25,10 @@ from gapaware.common.wire import ChunkView, chunk_frames, frame_parser, serializ
 from gapaware.server.state import ParameterServerState
 
 SERVICE_NAME = "gapaware.v1.ParameterServer"
+GRADIENTS_IN_MEMORY = 2
+"""Pushes received and applied at once: one is applied while the next arrives. Each holds a
+model-sized buffer from its header on, so a burst of N workers pushing together would otherwise
+hold N more copies of the model; the others wait, their bytes held back by gRPC flow control."""
 
 STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     UnknownWorker: grpc.StatusCode.NOT_FOUND,
@@ -49,6 +53,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._last_eval = last_eval
         self._lease_seconds = lease_seconds
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gapaware-update")
+        self._gradient_slots = asyncio.Semaphore(GRADIENTS_IN_MEMORY)
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable, *args, **kwargs):
         """Runs ``fn`` in the pool; a refusal aborts the RPC with its status code."""
@@ -76,12 +81,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             yield frame
 
     async def Push(self, request_iterator, context) -> pb.PushReply:
-        header, grad = await self._receive_push(request_iterator, context)
-        return _push_reply(await self._call(context, self._apply_push, header, grad))
+        async with self._gradient_slots:
+            header, grad = await self._receive_push(request_iterator, context)
+            return _push_reply(await self._call(context, self._apply_push, header, grad))
 
     async def PushPull(self, request_iterator, context) -> AsyncIterator[pb.PullFrame]:
-        header, grad = await self._receive_push(request_iterator, context)
-        result, version, encoded = await self._call(context, self._push_then_pull, header, grad)
+        async with self._gradient_slots:
+            header, grad = await self._receive_push(request_iterator, context)
+            result, version, encoded = await self._call(context, self._push_then_pull, header, grad)
+            del grad
         async for frame in self._send_parameters(version, encoded, push=_push_reply(result)):
             yield frame
 

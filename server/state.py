@@ -175,6 +175,11 @@ class ParameterServerState:
             self.finished = True
             self._changed.notify_all()
 
+    def snapshot_bytes(self) -> int:
+        """Memory held by the workers' θ⁽ⁱ⁾ (policies with a Gap only)."""
+        with self._lock:
+            return sum(snapshot.nbytes for snapshot in self._snapshots.values())
+
     def live_workers(self) -> list[WorkerRecord]:
         with self._lock:
             return list(self.members)
