@@ -77,7 +77,10 @@ def _rpc_process(rank: int, world_size: int, port: int, transport: str, numel: i
         grad = torch.full((numel,), 1e-6)
         _measure(lambda: rpc_ps.remote_method(rpc_ps.ParameterServer.push_pull, server, grad),
                  barrier, seconds, results)
-    rpc_ps.rpc.shutdown()
+    try:
+        rpc_ps.rpc.shutdown()
+    except RuntimeError as error:  # the rate is reported already; a torn-down store can fail the last barrier
+        print(f"rpc rank {rank}: shutdown failed after the measurement: {type(error).__name__}", flush=True)
 
 
 def _free_port() -> int:
