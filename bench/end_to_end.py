@@ -28,7 +28,7 @@ from gapaware import WorkerClient
 from gapaware.common.allocator import keep_freed_memory
 
 SIZES = quick_or([64 * 1024], [MIB, 25 * MIB, 100 * MIB])
-WORKERS = quick_or([1, 2], [1, 4, 16])
+WORKERS = quick_or([2], [1, 4, 16])
 SECONDS = quick_or(1.0, 3.0)
 REPEATS = quick_or(1, 2)
 WARMUP_ROUND_TRIPS = 2

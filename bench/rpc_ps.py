@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import torch
 import torch.distributed.rpc as rpc
 
 from gapaware.server.policies import sgd_step
+
+# torch 2.13's RPC init warns about its own use of a Gloo process group, once per process.
+warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
 
 PS_NAME = "parameter_server"
 RPC_TIMEOUT = 120.0

@@ -6,10 +6,13 @@ memory-copy bound measured in the same run, and the GA/ASGD time ratio.
 The bound of a policy is the bytes its update must read and write (the float32 tensors below,
 each touched once) divided by the copy bandwidth of this machine (``dst.copy_(src)`` on
 tensors of the same size: one read and one write per element). Targets (issue 7): every
-policy ≥ 0.5× its bound; GA at most 2× ASGD. Momentum 0.9, no weight decay, torch's default
-thread count, as the server runs them.
+policy ≥ 0.5× its bound; GA at most 2× ASGD. Momentum 0.9, no weight decay, one torch thread
+for the updates and the copy alike, as the server runs them (``--threads 1``; set
+``BENCH_THREADS`` to try more).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -52,6 +55,7 @@ def update_seconds(name: str) -> float:
 
 
 def main() -> None:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     print(f"server update benchmark: {machine_line()}, torch threads {torch.get_num_threads()}")
     bandwidth = copy_bandwidth()
     seconds = {name: update_seconds(name) for name in TRAFFIC}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from gapaware.common.allocator import enable_huge_pages
 from gapaware.common.config import SCHEDULES, SNAPSHOT_DTYPES, RunConfig
 
 POLICY_NAMES = ("asgd", "staleness-aware", "gap-aware", "dana", "dana-ga")
@@ -120,6 +121,7 @@ def main() -> None:
 @log_level_option
 def server(host, port, metrics_file, ready_file, linger, threads, log_level, **values) -> None:
     """Run the parameter server until the run ends."""
+    enable_huge_pages()
     from gapaware.server.app import ServerOptions, run_server
 
     config = config_from_options(values)
@@ -142,6 +144,7 @@ def server(host, port, metrics_file, ready_file, linger, threads, log_level, **v
 @log_level_option
 def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, log_level) -> None:
     """Join a server and train until the run ends."""
+    enable_huge_pages()
     from gapaware.worker.loop import WorkerOptions, run_worker
 
     _setup_logging(log_level)
