@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 SCHEDULES = ("constant", "step", "cosine")
+SNAPSHOT_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class RunConfig:
     epochs: float = 0.0
     eval_every: int = 100
     data_dir: str | None = None
+    snapshot_dtype: str = "float32"   # how the server stores each worker's θ⁽ⁱ⁾ (GA, DANA-GA)
 
     def __post_init__(self) -> None:
         checks = [
@@ -49,6 +51,8 @@ class RunConfig:
             (self.epochs >= 0, f"Invalid epochs: {self.epochs}"),
             (self.max_updates > 0 or self.epochs > 0, "Give --max-updates or --epochs: the run needs an end"),
             (self.eval_every >= 1, f"Invalid eval interval: {self.eval_every}"),
+            (self.snapshot_dtype in SNAPSHOT_DTYPES,
+             f"Invalid snapshot dtype: {self.snapshot_dtype!r} (choose from {', '.join(SNAPSHOT_DTYPES)})"),
         ]
         for ok, message in checks:
             if not ok:

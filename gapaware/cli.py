@@ -15,7 +15,8 @@ from gapaware.cli_security import (
     client_security_from_options, client_security_options, local_security_options, server_security_from_options,
     server_security_options,
 )
-from gapaware.common.config import SCHEDULES, RunConfig
+from gapaware.common.allocator import enable_huge_pages
+from gapaware.common.config import SCHEDULES, SNAPSHOT_DTYPES, RunConfig
 
 POLICY_NAMES = ("asgd", "staleness-aware", "gap-aware", "dana", "dana-ga")
 
@@ -58,12 +59,16 @@ def run_config_options(fn):
                      help="Evaluate on the held-out split every this many updates."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial parameters."),
         click.option("--data-dir", default=None, help="Directory with data sets for tasks that read files."),
+        click.option("--snapshot-dtype", type=click.Choice(SNAPSHOT_DTYPES), default="float32", show_default=True,
+                     help="How the server keeps each worker's pulled parameters for the Gap (gap-aware, dana-ga): "
+                          "bfloat16 halves that memory."),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), fn)
 
 
 CONFIG_FIELDS = ("task", "policy", "lr", "momentum", "nesterov", "weight_decay", "warmup_updates", "schedule",
-                 "decay_at", "decay_factor", "ga_beta", "ga_eps", "batch_size", "eval_every", "seed", "data_dir")
+                 "decay_at", "decay_factor", "ga_beta", "ga_eps", "batch_size", "eval_every", "seed", "data_dir",
+                 "snapshot_dtype")
 
 
 def explicit_config_flags() -> frozenset[str]:
@@ -149,11 +154,14 @@ def main() -> None:
               help="A gradient with NaN or Inf: refuse the push, or acknowledge and drop it. Counted in status.")
 @click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Calls served at once; more get RESOURCE_EXHAUSTED.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Torch threads for the updates (memory-bound: more rarely help, and hurt on a busy machine).")
 @log_level_option
 def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, lease_seconds, checkpoint_dir,
-           checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, max_concurrent_rpcs, log_level,
-           **values) -> None:
+           checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, max_concurrent_rpcs, threads,
+           log_level, **values) -> None:
     """Run the parameter server until the run ends."""
+    enable_huge_pages()
     from gapaware.server.app import ServerOptions, run_server
     from gapaware.server.checkpointer import CheckpointOptions
     from gapaware.server.observability import tensorboard_writer_class
@@ -181,7 +189,7 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
                                          tensorboard_dir=tensorboard_dir, lease_seconds=lease_seconds,
                                          checkpoints=checkpoints, resume=resume, explicit_flags=explicit,
                                          security=security, nonfinite=nonfinite,
-                                         max_concurrent_rpcs=max_concurrent_rpcs))
+                                         max_concurrent_rpcs=max_concurrent_rpcs, threads=threads))
     except ResumeError as error:
         raise click.ClickException(str(error)) from None
 
@@ -211,6 +219,7 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
 def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, procs, rpc_timeout,
            retry_initial_backoff, retry_max_backoff, retry_give_up_after, log_level, **values) -> None:
     """Join a server and train until the run ends (SIGTERM/SIGINT: leave and exit 0)."""
+    enable_huge_pages()
     from gapaware.worker.loop import WorkerOptions, run_worker
     from gapaware.worker.procs import run_worker_processes
     from gapaware.worker.retry import RetryPolicy

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,8 +24,6 @@ from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters
 from gapaware.common.security import ServerSecurity
 from gapaware.common.tasks import load_task
-from gapaware.proto import parameter_server_pb2 as pb
-from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.auth import TokenAuthInterceptor
 from gapaware.server.checkpointer import Checkpointer, CheckpointOptions
 from gapaware.server.decoding import StrictDecodingInterceptor
@@ -32,12 +31,11 @@ from gapaware.server.evaluator import Evaluator, MetricsLog
 from gapaware.server.observability import RecordSinks, ServerMetrics, TensorBoardLog
 from gapaware.server.resume import (ResumeError, check_fresh_directory, find_resume_point, next_incarnation,
                                     resolve_config)
-from gapaware.server.servicer import ParameterServerServicer
+from gapaware.server.servicer import SERVICE_NAME, ParameterServerServicer, add_to_server
 from gapaware.server.state import ParameterServerState
 
 log = logging.getLogger("gapaware.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 
 # Chunks are at most 4 MiB; leave room for the frame around them. A bigger message is refused
 # by gRPC itself with RESOURCE_EXHAUSTED before it reaches the servicer.
@@ -65,6 +63,7 @@ class ServerOptions:
     max_concurrent_rpcs: int = 1024     # beyond it a call gets RESOURCE_EXHAUSTED
     nonfinite: str = "reject"           # a push with NaN or Inf: "reject" or "skip"
     chunk_timeout: float = 60.0         # seconds a push may stall between chunks before it is ended
+    threads: int = 1                    # torch intra-op threads
 
 
 def listen_address(host: str, port: int) -> str:
@@ -129,11 +128,8 @@ def build_grpc_server(state: ParameterServerState, options: ServerOptions, *, la
         options=GRPC_OPTIONS, maximum_concurrent_rpcs=options.max_concurrent_rpcs,
         interceptors=[*authentication, StrictDecodingInterceptor()],  # nothing is parsed before the token is checked
     )
-    pb_grpc.add_ParameterServerServicer_to_server(
-        ParameterServerServicer(state, last_eval=last_eval, lease_seconds=options.lease_seconds, metrics=metrics,
-                                chunk_timeout=options.chunk_timeout),
-        server,
-    )
+    add_to_server(ParameterServerServicer(state, last_eval=last_eval, lease_seconds=options.lease_seconds,
+                                          metrics=metrics, chunk_timeout=options.chunk_timeout), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -148,6 +144,7 @@ def build_grpc_server(state: ParameterServerState, options: ServerOptions, *, la
 async def serve(config: RunConfig, options: ServerOptions) -> dict:
     """Runs the server until the run ends (or SIGTERM/SIGINT), then returns the final record."""
     options.security.check_listen(options.host)  # before the slow part: loading the task
+    torch.set_num_threads(options.threads)
     task, state, checkpointer = prepare_state(config, options)
     config = state.config
     metrics = ServerMetrics(state)

@@ -2,7 +2,9 @@
 
 No training logic lives here. Every refusal becomes one precise status code with the
 domain error's message; the slow, lock-holding calls run in a thread pool so the event
-loop keeps receiving other workers' gradients meanwhile.
+loop keeps receiving other workers' gradients meanwhile. Tensor chunks are (de)serialized
+by :mod:`gapaware.common.wire` (see :func:`add_to_server`): the same bytes on the wire as
+protobuf's, without a message object per chunk.
 """
 from __future__ import annotations
 
@@ -16,16 +18,23 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
-from gapaware.common.codec import CodecError, TensorAssembler, chunk_messages, encode, itemsize
+from gapaware.common.codec import CodecError, EncodedTensor, TensorAssembler, encode, itemsize
 from gapaware.common.layout import ParamLayout
+from gapaware.common.results import PushResult
+from gapaware.common.wire import ChunkView, chunk_frames, frame_parser, serialize_frame
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.errors import (
     BadPush, InvalidLayout, LayoutMismatch, PushInFlight, RequestRefused, StaleSnapshot, UnknownWorker,
 )
-from gapaware.common.results import PushResult
 from gapaware.server.observability import ServerMetrics, rejection_reason
 from gapaware.server.state import ParameterServerState
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+GRADIENTS_IN_MEMORY = 2
+"""Pushes received and applied at once: one is applied while the next arrives. Each holds a
+model-sized buffer from its header on, so a burst of N workers pushing together would otherwise
+hold N more copies of the model; the others wait, their bytes held back by gRPC flow control."""
 
 STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     UnknownWorker: grpc.StatusCode.NOT_FOUND,
@@ -56,6 +65,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._metrics = metrics or ServerMetrics(state)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gapaware-update")
         self._pushes_in_flight: set[int] = set()  # worker ids; touched only on the event loop
+        self._gradient_slots = asyncio.Semaphore(GRADIENTS_IN_MEMORY)
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable, *args,
                     on_refusal: Callable[[str], None] | None = None, **kwargs):
@@ -81,22 +91,21 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             lease_seconds=self._lease_seconds,
         )
 
-    async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[pb.PullFrame]:
+    async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[pb.PullFrame | bytes]:
         await _check_dtype(context, request.dtype or pb.FLOAT32, "pull")
-        version, theta = await self._call(context, self._state.pull, request.worker_id)
-        async for frame in self._send_parameters(context, version, theta, request.dtype or pb.FLOAT32):
+        version, encoded = await self._call(context, self._pull_encoded, request.worker_id,
+                                            request.dtype or pb.FLOAT32)
+        async for frame in self._send_parameters(version, encoded):
             yield frame
 
     async def Push(self, request_iterator, context) -> pb.PushReply:
-        result = await self._receive_and_apply(request_iterator, context)
+        (result,) = await self._receive_and_apply(request_iterator, context, self._apply_push)
         return _push_reply(result)
 
-    async def PushPull(self, request_iterator, context) -> AsyncIterator[pb.PullFrame]:
-        header_holder: list[pb.PushHeader] = []
-        result = await self._receive_and_apply(request_iterator, context, header_holder)
-        version, theta = await self._call(context, self._state.pull, header_holder[0].worker_id)
-        dtype = header_holder[0].pull_dtype or pb.FLOAT32
-        async for frame in self._send_parameters(context, version, theta, dtype, push=_push_reply(result)):
+    async def PushPull(self, request_iterator, context) -> AsyncIterator[pb.PullFrame | bytes]:
+        result, version, encoded = await self._receive_and_apply(request_iterator, context,
+                                                                 self._push_then_pull, reply=True)
+        async for frame in self._send_parameters(version, encoded, push=_push_reply(result)):
             yield frame
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
@@ -110,23 +119,23 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
         return status_reply(self._state, self._last_eval())
 
-    async def _receive_and_apply(self, request_iterator, context, header_holder: list | None = None) -> PushResult:
-        """Checks the header, then receives the gradient and applies it.
+    async def _receive_and_apply(self, request_iterator, context, apply: Callable, reply: bool = False):
+        """Checks the header, receives the gradient, then runs ``apply(header, grad)`` in the pool
+        and returns what it returned: a tuple whose first element is the push's result.
 
         Everything the header alone can refuse (unknown worker, base version, a second push of
         the same worker in flight, the reply's dtype) is refused before a byte of the tensor is
         buffered; the buffer of a refused stream is dropped with it.
         """
         try:
-            first = await anext(aiter(request_iterator))
+            header = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             self._metrics.push_rejected("malformed")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty push: a push starts with a header")
         started = time.perf_counter()
-        if first.WhichOneof("frame") != "header":
+        if not isinstance(header, pb.PushHeader):
             self._metrics.push_rejected("malformed")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push must start with a header, not a chunk")
-        header = first.header
         if header.worker_id in self._pushes_in_flight:
             self._metrics.push_rejected("push_in_flight")
             await context.abort(grpc.StatusCode.ABORTED, str(PushInFlight(header.worker_id)))
@@ -134,20 +143,18 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         try:
             await self._call(context, self._state.check_push, header.worker_id, header.base_version, header.seq,
                              on_refusal=self._metrics.push_rejected)
-            if header_holder is not None:
+            if reply:
                 await _check_dtype(context, header.pull_dtype or pb.FLOAT32, "reply")
-            grad, received = await self._receive_tensor(header.tensor, request_iterator, context)
-            result = await self._call(
-                context, self._state.push, header.worker_id, grad,
-                base_version=header.base_version, samples=header.samples, loss=header.loss, seq=header.seq,
-                on_refusal=functools.partial(self._metrics.push_rejected, received_bytes=received),
-            )
+            async with self._gradient_slots:  # from here on the push holds a model-sized buffer
+                grad, received = await self._receive_tensor(header.tensor, request_iterator, context)
+                outcome = await self._call(
+                    context, apply, header, grad,
+                    on_refusal=functools.partial(self._metrics.push_rejected, received_bytes=received))
+                del grad
         finally:
             self._pushes_in_flight.discard(header.worker_id)
-        self._metrics.push_answered(result, time.perf_counter() - started, received)
-        if header_holder is not None:
-            header_holder.append(header)
-        return result
+        self._metrics.push_answered(outcome[0], time.perf_counter() - started, received)
+        return outcome
 
     async def _receive_tensor(self, header: pb.TensorHeader, request_iterator, context) -> tuple[torch.Tensor, int]:
         """The pushed tensor and the bytes received. A stream that stalls between chunks is ended, so
@@ -165,26 +172,61 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     self._metrics.push_rejected("stalled", received)
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"push stalled: no chunk for {self._chunk_timeout:g}s; nothing was applied")
-                if frame.WhichOneof("frame") != "chunk":
-                    raise CodecError("a second header arrived inside a push; expected only chunks")
-                received += len(frame.chunk.data)
-                assembler.add(frame.chunk)
+                if not isinstance(frame, ChunkView):
+                    what = "a second header" if isinstance(frame, pb.PushHeader) else "a frame with neither"
+                    raise CodecError(f"{what} arrived inside a push; expected only chunks")
+                received += len(frame.data)
+                assembler.add(frame)
             return assembler.finish(), received
         except CodecError as error:
             self._metrics.push_rejected(rejection_reason(error), received)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
 
-    async def _send_parameters(self, context, version: int, theta, dtype: int,
-                               push: pb.PushReply | None = None) -> AsyncIterator[pb.PullFrame]:
-        try:
-            encoded = encode(theta, dtype)
-        except (CodecError, ValueError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    # The three below run in the pool: the update and the encoding (a copy and a checksum of the
+    # whole model) stay off the event loop, in one thread hop per call.
+    def _apply_push(self, header: pb.PushHeader, grad: torch.Tensor) -> tuple[PushResult]:
+        return (self._state.push(header.worker_id, grad, base_version=header.base_version, samples=header.samples,
+                                 loss=header.loss, seq=header.seq),)
+
+    def _pull_encoded(self, worker_id: int, dtype: int) -> tuple[int, EncodedTensor]:
+        version, theta = self._state.pull(worker_id)
+        return version, encode(theta, dtype)
+
+    def _push_then_pull(self, header: pb.PushHeader, grad: torch.Tensor) -> tuple[PushResult, int, EncodedTensor]:
+        (result,) = self._apply_push(header, grad)
+        return (result, *self._pull_encoded(header.worker_id, header.pull_dtype or pb.FLOAT32))
+
+    async def _send_parameters(self, version: int, encoded: EncodedTensor,
+                               push: pb.PushReply | None = None) -> AsyncIterator[pb.PullFrame | bytes]:
         yield pb.PullFrame(header=pb.PullHeader(version=version, tensor=encoded.header,
                                                 finished=self._state.finished, push=push))
-        for chunk in chunk_messages(encoded):
-            self._metrics.sent(len(chunk.data))
-            yield pb.PullFrame(chunk=chunk)
+        for chunk, frame in zip(encoded.chunks, chunk_frames(encoded)):
+            self._metrics.sent(len(chunk))
+            yield frame
+
+
+def add_to_server(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:
+    """Registers ``servicer`` like the generated ``add_ParameterServerServicer_to_server``, except
+    that tensor frames are (de)serialized by :mod:`gapaware.common.wire`: chunks skip message
+    objects, with the same bytes on the wire. A method added to the .proto needs an entry here."""
+    parse_push = frame_parser(pb.PushFrame)
+    unary = {
+        "Join": (pb.JoinRequest, pb.JoinReply), "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatReply),
+        "Leave": (pb.LeaveRequest, pb.LeaveReply), "Status": (pb.StatusRequest, pb.StatusReply),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=request.FromString,
+                                                  response_serializer=reply.SerializeToString)
+        for name, (request, reply) in unary.items()
+    }
+    handlers["Pull"] = grpc.unary_stream_rpc_method_handler(
+        servicer.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=serialize_frame)
+    handlers["Push"] = grpc.stream_unary_rpc_method_handler(
+        servicer.Push, request_deserializer=parse_push, response_serializer=pb.PushReply.SerializeToString)
+    handlers["PushPull"] = grpc.stream_stream_rpc_method_handler(
+        servicer.PushPull, request_deserializer=parse_push, response_serializer=serialize_frame)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 async def _check_dtype(context, dtype: int, what: str) -> None:

@@ -85,6 +85,7 @@ class ParameterServerState:
         self.members = Membership()
         self.started = time.monotonic()
         self._snapshots: dict[int, torch.Tensor] = {}
+        self._snapshot_dtype = getattr(torch, config.snapshot_dtype)
         self._window = Window()
         self._totals = Window()
         self._lock = threading.Lock()
@@ -143,14 +144,16 @@ class ParameterServerState:
     def pull(self, worker_id: int) -> tuple[int, torch.Tensor]:
         """What ``worker_id`` is sent: the version and a tensor nobody modifies afterwards.
 
-        For policies that measure a Gap the same tensor is kept as the worker's θ⁽ⁱ⁾.
+        For policies that measure a Gap the same tensor is kept as the worker's θ⁽ⁱ⁾, or a
+        bfloat16 copy of it with ``snapshot_dtype="bfloat16"`` (half the memory; the Gap is then
+        measured against θ⁽ⁱ⁾ rounded to bfloat16, as ALGORITHMS.md allows).
         """
         with self._lock:
             record = self.members.get(worker_id)
             view = self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id)
             record.pulled_version = self.version
             if self.policy.needs_snapshot:
-                self._snapshots[worker_id] = view
+                self._snapshots[worker_id] = view.to(self._snapshot_dtype)
             return self.version, view
 
     def check_push(self, worker_id: int, base_version: int, seq: int = 0) -> None:
@@ -257,6 +260,11 @@ class ParameterServerState:
         with self._lock:
             self.finished = True
             self._changed.notify_all()
+
+    def snapshot_bytes(self) -> int:
+        """Memory held by the workers' θ⁽ⁱ⁾ (policies with a Gap only)."""
+        with self._lock:
+            return sum(snapshot.nbytes for snapshot in self._snapshots.values())
 
     def live_workers(self) -> list[WorkerRecord]:
         with self._lock:

@@ -15,12 +15,13 @@ from pathlib import Path
 import grpc
 import torch
 
-from gapaware.common.codec import DEFAULT_CHUNK_BYTES, CodecError, TensorAssembler, chunk_messages, dtype_from_name, encode
+from gapaware.common.codec import DEFAULT_CHUNK_BYTES, CodecError, TensorAssembler, dtype_from_name, encode
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
 from gapaware.common.security import ClientSecurity
 from gapaware.proto import parameter_server_pb2 as pb
+from gapaware.common.wire import ChunkView, chunk_frames, frame_parser, serialize_frame
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 
 CHANNEL_OPTIONS = [
@@ -68,6 +69,18 @@ class WorkerClient:
         security = ClientSecurity(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
         self._channel: grpc.Channel = security.open_channel(address, CHANNEL_OPTIONS)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
+        # The tensor-carrying methods skip protobuf message objects for chunks (gapaware.common.wire).
+        method = "/gapaware.v1.ParameterServer/"
+        parse_pull = frame_parser(pb.PullFrame)
+        self._pull_frames = self._channel.unary_stream(
+            method + "Pull", request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=parse_pull, _registered_method=True)
+        self._push_stream = self._channel.stream_unary(
+            method + "Push", request_serializer=serialize_frame,
+            response_deserializer=pb.PushReply.FromString, _registered_method=True)
+        self._push_pull_frames = self._channel.stream_stream(
+            method + "PushPull", request_serializer=serialize_frame, response_deserializer=parse_pull,
+            _registered_method=True)
         self._info: JoinInfo | None = None
         self._seq = 0
 
@@ -116,7 +129,7 @@ class WorkerClient:
     # -- parameters and gradients ---------------------------------------------------------
     def pull(self) -> tuple[int, torch.Tensor]:
         """The server's current version and parameters (flat float32)."""
-        frames = self._stub.Pull(pb.PullRequest(worker_id=self.info.worker_id, dtype=self._dtype),
+        frames = self._pull_frames(pb.PullRequest(worker_id=self.info.worker_id, dtype=self._dtype),
                                  timeout=self._timeout)
         header, theta = self._receive(frames)
         return header.version, theta
@@ -134,20 +147,20 @@ class WorkerClient:
         with the same ``seq`` is applied at most once (the copy is answered with ``applied=False``).
         None takes :meth:`next_seq`.
         """
-        reply = self._stub.Push(self._push_frames(grad, base_version, samples, loss, seq), timeout=self._timeout)
+        reply = self._push_stream(self._push_frames(grad, base_version, samples, loss, seq), timeout=self._timeout)
         return _result(reply)
 
     def push_pull(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
                   loss: float = math.nan, seq: int | None = None) -> tuple[PushResult, int, torch.Tensor]:
         """Push, then receive the parameters after the update: one round trip a step. ``seq`` as in
         :meth:`push`; a retried copy still receives the current parameters."""
-        frames = self._stub.PushPull(self._push_frames(grad, base_version, samples, loss, seq),
+        frames = self._push_pull_frames(self._push_frames(grad, base_version, samples, loss, seq),
                                      timeout=self._timeout)
         header, theta = self._receive(frames)
         return _result(header.push), header.version, theta
 
     def _push_frames(self, grad: torch.Tensor, base_version: int, samples: int,
-                     loss: float, seq: int | None) -> Iterator[pb.PushFrame]:
+                     loss: float, seq: int | None) -> Iterator[pb.PushFrame | bytes]:
         if grad.dim() != 1 or grad.numel() != self.info.layout.numel:
             raise ValueError(f"gradient must be flat with {self.info.layout.numel} elements, "
                              f"got shape {tuple(grad.shape)}")
@@ -157,18 +170,19 @@ class WorkerClient:
             worker_id=self.info.worker_id, base_version=base_version, seq=seq, samples=samples,
             loss=loss, tensor=encoded.header, pull_dtype=self._dtype,
         ))
-        for chunk in chunk_messages(encoded):
-            yield pb.PushFrame(chunk=chunk)
+        yield from chunk_frames(encoded)
 
     def _receive(self, frames) -> tuple[pb.PullHeader, torch.Tensor]:
         frames = iter(frames)
-        first = next(frames, None)
-        if first is None or first.WhichOneof("frame") != "header":
+        header = next(frames, None)
+        if not isinstance(header, pb.PullHeader):
             raise CodecError("the server's reply did not start with a header")
-        assembler = TensorAssembler(first.header.tensor, expected_numel=self.info.layout.numel)
+        assembler = TensorAssembler(header.tensor, expected_numel=self.info.layout.numel)
         for frame in frames:
-            assembler.add(frame.chunk)
-        return first.header, assembler.finish()
+            if not isinstance(frame, ChunkView):
+                raise CodecError("the server's reply held a frame other than a chunk after its header")
+            assembler.add(frame)
+        return header, assembler.finish()
 
 
 def _result(reply: pb.PushReply) -> PushResult:

@@ -1,0 +1,73 @@
+"""Benchmark 2, server update: time per update of each policy on 25 M parameters, against a
+memory-copy bound measured in the same run, and the GA/ASGD time ratio.
+
+    python -m bench.server_update
+
+The bound of a policy is the bytes its update must read and write (the float32 tensors below,
+each touched once) divided by the copy bandwidth of this machine (``dst.copy_(src)`` on
+tensors of the same size: one read and one write per element). Targets (issue 7): every
+policy ≥ 0.5× its bound; GA at most 2× ASGD. Momentum 0.9, no weight decay, one torch thread
+for the updates and the copy alike, as the server runs them (``--threads 1``; set
+``BENCH_THREADS`` to try more).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from bench.harness import machine_line, median, print_table, quick_or, timed
+from gapaware.server.policies import make_policy
+
+NUMEL = quick_or(1 << 18, 25_000_000)
+REPEATS = quick_or(3, 15)
+WORKERS = 4
+# Tensors of NUMEL float32 each update must (read, write): ASGD reads g, buf, θ and writes
+# buf, θ; GA adds v (read and write) and θ⁽ⁱ⁾; DANA reads g, vⁱ, Σv, θ and writes vⁱ, Σv, θ;
+# DANA-GA adds v and θ̂ as GA does.
+TRAFFIC = {"asgd": (3, 2), "staleness-aware": (3, 2), "gap-aware": (5, 3), "dana": (4, 3), "dana-ga": (6, 4)}
+
+
+def copy_bandwidth() -> float:
+    """Bytes a second that ``copy_`` reads plus writes on tensors of NUMEL float32."""
+    src, dst = torch.randn(NUMEL), torch.empty(NUMEL)
+    dst.copy_(src)
+    seconds = median(timed(lambda: dst.copy_(src), REPEATS))
+    return 2 * NUMEL * 4 / seconds
+
+
+def update_seconds(name: str) -> float:
+    """Median seconds of one push applied by policy ``name`` (workers taking turns)."""
+    policy = make_policy(name, NUMEL, momentum=0.9)
+    theta = torch.randn(NUMEL)
+    grads = [torch.randn(NUMEL) * 1e-3 for _ in range(WORKERS)]
+    snapshots = [theta.clone() for _ in range(WORKERS)] if policy.needs_snapshot else [None] * WORKERS
+    turn = iter(range(1_000_000))
+
+    def push() -> None:
+        worker = next(turn) % WORKERS
+        policy.apply(theta, grads[worker], lr=0.05, staleness=WORKERS - 1, stale_theta=snapshots[worker],
+                     worker_id=worker)
+
+    for _ in range(WORKERS):
+        push()
+    return median(timed(push, REPEATS))
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    print(f"server update benchmark: {machine_line()}, torch threads {torch.get_num_threads()}")
+    bandwidth = copy_bandwidth()
+    seconds = {name: update_seconds(name) for name in TRAFFIC}
+    rows = []
+    for name, (reads, writes) in TRAFFIC.items():
+        bound = (reads + writes) * NUMEL * 4 / bandwidth
+        rows.append([name, seconds[name] * 1e3, bound * 1e3, bound / seconds[name],
+                     seconds[name] / seconds["asgd"]])
+    print_table(f"{NUMEL / 1e6:g} M parameters, median of {REPEATS}; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+                f"(read + write); targets: bound ratio ≥ 0.5, GA ÷ ASGD ≤ 2",
+                ["policy", "ms/update", "copy-bound ms", "bound ratio", "÷ ASGD"], rows)
+
+
+if __name__ == "__main__":
+    main()

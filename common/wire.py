@@ -1,0 +1,122 @@
+"""Tensor chunks written straight in protobuf's wire format, and read back without copies.
+
+``PushFrame`` and ``PullFrame`` (proto/parameter_server.proto) are a oneof of ``header = 1``
+and ``chunk = 2``, and a ``Chunk`` is ``index = 1`` (varint) and ``data = 2`` (bytes). Building
+a message object per chunk costs two extra copies of its megabyte of data (into the message,
+then into the serialized string). :func:`chunk_frame` writes the same bytes a protobuf library
+would (tag, varint length, raw data: one copy), and :func:`frame_parser` reads a received frame
+into a :class:`ChunkView` whose ``data`` is a view of the received bytes. Headers, and any
+frame the fast path does not recognise, go through the generated protobuf classes, so a peer
+that builds ordinary messages interoperates in both directions: the contract is the ``.proto``.
+
+gRPC methods use these through custom (de)serializers: :data:`serialize_frame` on the sending
+side (``bytes`` pass through, messages are serialized) and a :func:`frame_parser` on the
+receiving side.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from gapaware.common.codec import EncodedTensor
+
+_CHUNK_TAG = 0x12    # field 2, length-delimited (the frame's chunk, and the chunk's data)
+_INDEX_TAG = 0x08    # field 1, varint
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkView:
+    """A received chunk: its index and a view of its bytes inside the received frame."""
+
+    index: int
+    data: memoryview
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def chunk_frame(index: int, data: memoryview) -> bytes:
+    """The serialized ``PushFrame``/``PullFrame`` holding ``Chunk(index, data)``: one copy of ``data``.
+
+    Byte for byte what protobuf writes (index 0, proto3's default, is left out as protobuf does).
+    """
+    chunk_prefix = (bytes((_INDEX_TAG,)) + _varint(index) if index else b"") + bytes((_CHUNK_TAG,)) + _varint(len(data))
+    return b"".join((bytes((_CHUNK_TAG,)), _varint(len(chunk_prefix) + len(data)), chunk_prefix, data))
+
+
+def chunk_frames(encoded: EncodedTensor) -> Iterator[bytes]:
+    """The serialized chunk frames of ``encoded``, in order."""
+    for index, data in enumerate(encoded.chunks):
+        yield chunk_frame(index, data)
+
+
+def serialize_frame(frame: bytes | Message) -> bytes:
+    """gRPC serializer for frames: chunks from :func:`chunk_frame` as they are, messages serialized."""
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; raises IndexError when truncated."""
+    value = shift = 0
+    while True:
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
+def _fast_chunk(view: memoryview) -> ChunkView | None:
+    """The chunk of a frame made of exactly one ``chunk`` field with only known fields, else None."""
+    try:
+        if view[0] != _CHUNK_TAG:
+            return None
+        length, pos = _read_varint(view, 1)
+        if pos + length != len(view):
+            return None
+        index, data = 0, view[pos:pos]
+        while pos < len(view):
+            tag, pos = _read_varint(view, pos)
+            if tag == _INDEX_TAG:
+                index, pos = _read_varint(view, pos)
+            elif tag == _CHUNK_TAG:
+                size, pos = _read_varint(view, pos)
+                if pos + size > len(view):
+                    return None
+                data, pos = view[pos:pos + size], pos + size
+            else:
+                return None
+        return ChunkView(index, data)
+    except IndexError:
+        return None
+
+
+def frame_parser(frame_type: type[Message]) -> Callable[[bytes], Message | ChunkView | None]:
+    """gRPC deserializer for ``frame_type`` (``PushFrame`` or ``PullFrame``).
+
+    Returns a :class:`ChunkView` for a chunk, the header message for a header, and None for a
+    frame that holds neither (the receiver refuses it).
+    """
+
+    def parse(raw: bytes) -> Message | ChunkView | None:
+        fast = _fast_chunk(memoryview(raw))
+        if fast is not None:
+            return fast
+        frame = frame_type.FromString(raw)
+        kind = frame.WhichOneof("frame")
+        if kind == "chunk":
+            return ChunkView(frame.chunk.index, memoryview(frame.chunk.data))
+        return frame.header if kind == "header" else None
+
+    return parse

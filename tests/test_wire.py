@@ -1,0 +1,83 @@
+"""The wire fast path: the same bytes protobuf writes, views on receipt, and a plain protobuf peer
+that interoperates with the real server."""
+import grpc
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gapaware import WorkerClient
+from gapaware.common.codec import TensorAssembler, chunk_messages, encode
+from gapaware.common.wire import ChunkView, chunk_frame, frame_parser, serialize_frame
+from gapaware.proto import parameter_server_pb2 as pb
+from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
+
+
+@pytest.mark.parametrize("frame_type", [pb.PushFrame, pb.PullFrame])
+@pytest.mark.parametrize("index", [0, 1, 127, 128, 300_000])
+@pytest.mark.parametrize("length", [1, 127, 128, 16_384, 1 << 20])
+def test_chunk_frame_is_byte_identical_to_protobuf(frame_type, index, length):
+    data = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    ours = chunk_frame(index, memoryview(data))
+    assert ours == frame_type(chunk=pb.Chunk(index=index, data=data)).SerializeToString()
+    parsed = frame_parser(frame_type)(ours)
+    assert isinstance(parsed, ChunkView) and parsed.index == index and parsed.data == data
+    assert parsed.data.obj is ours, "the received chunk must be a view, not a copy"
+
+
+@settings(max_examples=200, deadline=None)
+@given(index=st.integers(0, 2**32 - 1), data=st.binary(min_size=0, max_size=3000))
+def test_protobuf_chunk_frames_parse_to_the_same_chunk(index, data):
+    raw = pb.PullFrame(chunk=pb.Chunk(index=index, data=data)).SerializeToString()
+    parsed = frame_parser(pb.PullFrame)(raw)
+    assert (parsed.index, bytes(parsed.data)) == (index, data)
+
+
+def test_headers_unknown_fields_and_empty_frames_take_the_protobuf_path():
+    header = pb.PushHeader(worker_id=7, base_version=3, tensor=pb.TensorHeader(dtype=pb.FLOAT32, numel=5))
+    assert frame_parser(pb.PushFrame)(serialize_frame(pb.PushFrame(header=header))) == header
+    # A chunk with a field this version does not know (field 3, varint 1): parsed, not refused.
+    inner = b"\x08\x05\x12\x03abc\x18\x01"
+    parsed = frame_parser(pb.PushFrame)(b"\x12" + bytes([len(inner)]) + inner)
+    assert (parsed.index, bytes(parsed.data)) == (5, b"abc")
+    assert frame_parser(pb.PushFrame)(b"") is None
+
+
+def _plain_stub_pull(stub, worker_id, numel, dtype=pb.FLOAT32):
+    frames = list(stub.Pull(pb.PullRequest(worker_id=worker_id, dtype=dtype), timeout=30))
+    assembler = TensorAssembler(frames[0].header.tensor, expected_numel=numel)
+    for frame in frames[1:]:
+        assembler.add(frame.chunk)
+    return frames[0].header.version, assembler.finish()
+
+
+def _plain_push_frames(worker_id, base_version, grad):
+    encoded = encode(grad, chunk_bytes=4096)
+    yield pb.PushFrame(header=pb.PushHeader(worker_id=worker_id, base_version=base_version, tensor=encoded.header))
+    for chunk in chunk_messages(encoded):
+        yield pb.PushFrame(chunk=chunk)
+
+
+def test_a_plain_protobuf_peer_interoperates_with_the_server_and_a_fast_client(servers):
+    server = servers("--task", "digits-mlp", "--policy", "asgd", "--momentum", "0", "--lr", "0.5",
+                     "--schedule", "constant", "--max-updates", "100")
+    with grpc.insecure_channel(server.address) as channel, WorkerClient(server.address, timeout=30) as fast:
+        plain = pb_grpc.ParameterServerStub(channel)
+        join = plain.Join(pb.JoinRequest(hostname="plain-protobuf"), timeout=30)
+        numel = sum(int(torch.Size(p.shape).numel()) for p in join.layout.params)
+        fast.join()
+        version, theta = _plain_stub_pull(plain, join.worker_id, numel)
+        fast_version, fast_theta = fast.pull()
+        assert version == fast_version == 0 and torch.equal(theta, fast_theta)
+
+        grad = torch.linspace(-1, 1, numel)
+        reply = plain.Push(_plain_push_frames(join.worker_id, version, grad), timeout=30)
+        assert (reply.version, reply.applied) == (1, True)
+        expected = theta - 0.5 * grad
+        assert fast.push(torch.zeros(numel), fast_version).applied  # a zero step: θ stays as the plain push left it
+        version, after = _plain_stub_pull(plain, join.worker_id, numel)
+        assert version == 2 and torch.equal(after, expected), "the plain peer's gradient was applied exactly"
+
+        frames = list(plain.PushPull(_plain_push_frames(join.worker_id, version, torch.zeros(numel)), timeout=30))
+        assert frames[0].header.push.applied and frames[0].header.version == 3
+        assert sum(len(f.chunk.data) for f in frames[1:]) == numel * 4
