@@ -150,8 +150,9 @@ def main() -> None:
               help="Continue the run from the newest valid checkpoint in this directory (a new run when it "
                    "holds none). Its run config is used; run flags given explicitly override it.")
 @server_security_options
-@click.option("--nonfinite", type=click.Choice(["reject", "skip"]), default="reject", show_default=True,
-              help="A gradient with NaN or Inf: refuse the push, or acknowledge and drop it. Counted in status.")
+@click.option("--nonfinite", type=click.Choice(["reject", "skip", "apply"]), default="reject", show_default=True,
+              help="A gradient with NaN or Inf: refuse the push, acknowledge and drop it, or apply it "
+                   "(the parameters diverge). Counted in status.")
 @click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Calls served at once; more get RESOURCE_EXHAUSTED.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,

@@ -59,7 +59,9 @@ def policy_for(config: RunConfig, numel: int) -> Policy:
     return make_policy(config.policy, numel, **hyper)
 
 
-NONFINITE_ACTIONS = ("reject", "skip")
+NONFINITE_ACTIONS = ("reject", "skip", "apply")
+"""What a push with NaN or Inf gets: refused, acknowledged and dropped, or applied as it is (the
+parameters then diverge, as plain arithmetic would: the simulator uses this to report divergence)."""
 """What a push with NaN or Inf elements gets: refused with INVALID_ARGUMENT, or accepted and dropped."""
 
 
@@ -215,7 +217,8 @@ class ParameterServerState:
                 raise NonFiniteGradient(
                     f"gradient has {bad} NaN or Inf elements (of {grad.numel()}): nothing was applied; "
                     "lower the learning rate or clip gradients, or start the server with --nonfinite skip")
-            return PushResult(self.version, self.version - base_version, 1.0, False, False)
+            if self.nonfinite == "skip":
+                return PushResult(self.version, self.version - base_version, 1.0, False, False)
         staleness = self.version - base_version
         gap = self.policy.apply(
             self.theta, grad, lr=self.lr(), staleness=staleness,

@@ -258,6 +258,18 @@ def test_non_finite_gradient_is_skipped_and_counted_under_skip(harness):
     h.assert_worker_can_still_push()
 
 
+def test_non_finite_gradient_is_applied_and_counted_under_apply(harness):
+    """The simulator's mode: the arithmetic runs on the NaN, so the parameters diverge visibly."""
+    h = harness(nonfinite="apply")
+    grad = gradient()
+    grad[7] = float("nan")
+    result = h.worker.push(grad, base_version=h.version)
+    assert (result.applied, result.version) == (True, h.version + 1)
+    assert h.worker.status().nonfinite_pushes == 1
+    _, theta = h.worker.pull()
+    assert torch.isnan(theta[7]) and torch.isfinite(theta[8])
+
+
 def test_worker_pushing_twice_at_once(harness):
     h = harness()
     release = threading.Event()
