@@ -156,6 +156,7 @@ def test_network_cut_longer_than_the_lease_then_the_run_recovers(tmp_path):
     with veth_pair() as net:
         server = ServerProcess(tmp_path, "--task", "digits-mlp", "--max-updates", "1500", "--eval-every", "50",
                                "--lease-seconds", "2", "--host", SERVER_ADDRESS,
+                               "--insecure",  # a private veth link this test made, nothing else on it
                                prefix=net.exec_in(net.server_ns))
         address = f"{SERVER_ADDRESS}:{server.port}"
         workers = [start_worker(address, tmp_path, i, *FAST_RETRY, "--rpc-timeout", "3",
