@@ -141,18 +141,27 @@ def run_local(config: RunConfig, workers: int, out: Path | None,
 
 
 def _show_progress(address: str, server: subprocess.Popen, security: ClientSecurity) -> None:
-    with WorkerClient(address, timeout=5.0, **security.client_kwargs()) as client, tqdm(unit="upd", dynamic_ncols=True) as bar:
-        while server.poll() is None:
-            try:
-                status = client.status()
-            except grpc.RpcError:
-                break
-            bar.total = status.max_updates
-            bar.n = status.version
-            bar.set_postfix(acc=f"{status.last_accuracy:.3f}", workers=len(status.workers),
-                            staleness=f"{status.mean_staleness:.1f}", gap=f"{status.mean_gap:.2f}",
-                            refresh=False)
-            bar.refresh()
-            if status.finished:
-                break
-            time.sleep(0.5)
+    with WorkerClient(address, timeout=5.0, **security.client_kwargs()) as client:
+        try:
+            status = client.status()
+        except grpc.RpcError:
+            return
+        with tqdm(total=status.max_updates, unit="upd", dynamic_ncols=True) as bar:
+            _follow(client, server, bar, status)
+
+
+def _follow(client: WorkerClient, server: subprocess.Popen, bar: tqdm, status) -> None:
+    """Updates ``bar`` from the server's Status every half second until the run ends."""
+    while True:
+        bar.n = status.version
+        bar.set_postfix(acc=f"{status.last_accuracy:.3f}", workers=len(status.workers),
+                        staleness=f"{status.mean_staleness:.1f}", gap=f"{status.mean_gap:.2f}",
+                        refresh=False)
+        bar.refresh()
+        if status.finished or server.poll() is not None:
+            return
+        time.sleep(0.5)
+        try:
+            status = client.status()
+        except grpc.RpcError:
+            return
