@@ -62,7 +62,18 @@ def policy_for(config: RunConfig, numel: int) -> Policy:
 NONFINITE_ACTIONS = ("reject", "skip", "apply")
 """What a push with NaN or Inf gets: refused, acknowledged and dropped, or applied as it is (the
 parameters then diverge, as plain arithmetic would: the simulator uses this to report divergence)."""
-"""What a push with NaN or Inf elements gets: refused with INVALID_ARGUMENT, or accepted and dropped."""
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or ±Inf.
+
+    A NaN or an infinity makes the sum NaN or infinite, so a finite sum proves every element
+    finite in one streaming pass with no temporary. ``torch.isfinite(t).all()`` builds several
+    tensors of the input's size: on 25 M elements 133 ms against 5.5 ms for the sum, most of it
+    the kernel zeroing fresh pages. Only a non-finite sum (a bad gradient, or finite elements
+    whose float32 sum overflows) pays for the exact element-wise test.
+    """
+    return math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all())
 
 
 class ParameterServerState:
@@ -189,7 +200,7 @@ class ParameterServerState:
         """
         if grad.shape != self.theta.shape:
             raise BadPush(f"gradient has {grad.numel()} elements, the model has {self.theta.numel()}")
-        finite = bool(torch.isfinite(grad).all())
+        finite = all_finite(grad)
         with self._lock:
             record = self.members.get(worker_id)
             if seq and seq == record.last_seq and record.last_result is not None:

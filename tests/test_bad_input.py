@@ -22,6 +22,7 @@ from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.app import ServerOptions
 from gapaware.server.policies import POLICIES
+from gapaware.server.state import all_finite
 from gapaware.worker.client import CHANNEL_OPTIONS
 from tests.inprocess import StateSnapshot, small_state
 
@@ -245,6 +246,19 @@ def test_non_finite_gradient_is_rejected_and_counted(harness, value):
     grad[[5, 2999]] = value
     h.push_refused(h.frames(grad), INVALID, "gradient has 2 NaN or Inf elements (of 3000)")
     assert h.worker.status().nonfinite_pushes == 1
+
+
+@pytest.mark.parametrize("values, finite", [
+    ([1.0, -2.0, 3.0], True),
+    ([3e38, 3e38, -1.0], True),                  # the float32 sum overflows, the elements are finite
+    ([1.0, float("nan"), 2.0], False),
+    ([float("inf"), 1.0], False),
+    ([float("-inf"), 1.0], False),
+    ([float("inf"), float("-inf")], False),      # the sum is NaN, not an infinity
+])
+def test_all_finite_agrees_with_the_elementwise_test(values, finite):
+    tensor = torch.tensor(values)
+    assert all_finite(tensor) is finite is bool(torch.isfinite(tensor).all())
 
 
 def test_non_finite_gradient_is_skipped_and_counted_under_skip(harness):
