@@ -77,10 +77,17 @@ def load_flat_parameters(model: nn.Module, flat: torch.Tensor) -> None:
         vector_to_parameters(flat.to(device, non_blocking=True), model.parameters())
 
 
-def flat_gradients(model: nn.Module) -> torch.Tensor:
-    """The model's gradients as one flat float32 CPU tensor; zeros where a parameter has none."""
+def flat_gradients(model: nn.Module, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's gradients as one flat float32 CPU tensor; zeros where a parameter has none.
+
+    ``out``, a flat float32 CPU tensor of the model's size, receives them when the gradients are
+    float32 CPU tensors (reused every step, it saves a model-sized allocation); otherwise a new
+    tensor is returned.
+    """
     parts = [
         (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
         for p in model.parameters()
     ]
+    if out is not None and all(part.device.type == "cpu" and part.dtype == torch.float32 for part in parts):
+        return torch.cat(parts, out=out).detach()
     return torch.cat(parts).detach().to("cpu", torch.float32)

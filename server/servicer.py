@@ -66,6 +66,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gapaware-update")
         self._pushes_in_flight: set[int] = set()  # worker ids; touched only on the event loop
         self._gradient_slots = asyncio.Semaphore(GRADIENTS_IN_MEMORY)
+        # Received gradients are written into these, reused push after push: a fresh model-sized
+        # tensor per push costs a page fault and the kernel's zeroing on each of its pages.
+        self._spare_gradients: list[torch.Tensor] = []
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable, *args,
                     on_refusal: Callable[[str], None] | None = None, **kwargs):
@@ -93,9 +96,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[pb.PullFrame | bytes]:
         await _check_dtype(context, request.dtype or pb.FLOAT32, "pull")
-        version, encoded = await self._call(context, self._pull_encoded, request.worker_id,
-                                            request.dtype or pb.FLOAT32)
-        async for frame in self._send_parameters(version, encoded):
+        version, encoded, lent = await self._call(context, self._pull_encoded, request.worker_id,
+                                                  request.dtype or pb.FLOAT32)
+        async for frame in self._send_parameters(version, encoded, lent):
             yield frame
 
     async def Push(self, request_iterator, context) -> pb.PushReply:
@@ -103,9 +106,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return _push_reply(result)
 
     async def PushPull(self, request_iterator, context) -> AsyncIterator[pb.PullFrame | bytes]:
-        result, version, encoded = await self._receive_and_apply(request_iterator, context,
-                                                                 self._push_then_pull, reply=True)
-        async for frame in self._send_parameters(version, encoded, push=_push_reply(result)):
+        result, version, encoded, lent = await self._receive_and_apply(request_iterator, context,
+                                                                       self._push_then_pull, reply=True)
+        async for frame in self._send_parameters(version, encoded, lent, push=_push_reply(result)):
             yield frame
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
@@ -146,23 +149,29 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             if reply:
                 await _check_dtype(context, header.pull_dtype or pb.FLOAT32, "reply")
             async with self._gradient_slots:  # from here on the push holds a model-sized buffer
-                grad, received = await self._receive_tensor(header.tensor, request_iterator, context)
+                buffer = self._spare_gradients.pop() if self._spare_gradients else torch.empty(self._state.layout.numel)
+                grad, received = await self._receive_tensor(header.tensor, request_iterator, context, buffer)
+                # Until the pool thread is done with it, the buffer must not go back: a cancelled call
+                # leaves the update running, and a refused one is rare enough to allocate anew.
                 outcome = await self._call(
                     context, apply, header, grad,
                     on_refusal=functools.partial(self._metrics.push_rejected, received_bytes=received))
+                self._spare_gradients.append(buffer)
                 del grad
         finally:
             self._pushes_in_flight.discard(header.worker_id)
         self._metrics.push_answered(outcome[0], time.perf_counter() - started, received)
         return outcome
 
-    async def _receive_tensor(self, header: pb.TensorHeader, request_iterator, context) -> tuple[torch.Tensor, int]:
-        """The pushed tensor and the bytes received. A stream that stalls between chunks is ended, so
-        a worker whose connection died silently mid-push does not keep its push "in progress" forever."""
+    async def _receive_tensor(self, header: pb.TensorHeader, request_iterator, context,
+                              out: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The pushed tensor (in ``out``) and the bytes received. A stream that stalls between chunks is
+        ended, so a worker whose connection died silently mid-push does not keep its push "in progress"
+        forever."""
         frames = aiter(request_iterator)
         received = 0
         try:
-            assembler = TensorAssembler(header, expected_numel=self._state.layout.numel)
+            assembler = TensorAssembler(header, expected_numel=self._state.layout.numel, out=out)
             while True:
                 try:
                     frame = await asyncio.wait_for(anext(frames), self._chunk_timeout)
@@ -188,21 +197,34 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return (self._state.push(header.worker_id, grad, base_version=header.base_version, samples=header.samples,
                                  loss=header.loss, seq=header.seq),)
 
-    def _pull_encoded(self, worker_id: int, dtype: int) -> tuple[int, EncodedTensor]:
-        version, theta = self._state.pull(worker_id)
-        return version, encode(theta, dtype)
+    def _pull_encoded(self, worker_id: int, dtype: int) -> tuple[int, EncodedTensor, torch.Tensor | None]:
+        """The version, the encoded parameters, and the lent tensor their chunks are views of (None
+        when they are views of a cast copy: the lent tensor is then given back at once)."""
+        version, theta = self._state.pull(worker_id, lend=True)
+        encoded = encode(theta, dtype)
+        if dtype != pb.FLOAT32:
+            self._state.give_back(theta)
+            return version, encoded, None
+        return version, encoded, theta
 
-    def _push_then_pull(self, header: pb.PushHeader, grad: torch.Tensor) -> tuple[PushResult, int, EncodedTensor]:
+    def _push_then_pull(self, header: pb.PushHeader,
+                        grad: torch.Tensor) -> tuple[PushResult, int, EncodedTensor, torch.Tensor | None]:
         (result,) = self._apply_push(header, grad)
         return (result, *self._pull_encoded(header.worker_id, header.pull_dtype or pb.FLOAT32))
 
-    async def _send_parameters(self, version: int, encoded: EncodedTensor,
+    async def _send_parameters(self, version: int, encoded: EncodedTensor, lent: torch.Tensor | None,
                                push: pb.PushReply | None = None) -> AsyncIterator[pb.PullFrame | bytes]:
-        yield pb.PullFrame(header=pb.PullHeader(version=version, tensor=encoded.header,
-                                                finished=self._state.finished, push=push))
-        for chunk, frame in zip(encoded.chunks, chunk_frames(encoded)):
-            self._metrics.sent(len(chunk))
-            yield frame
+        """The reply's frames; the chunks are copied into frames as gRPC takes them. Once the last
+        is taken (or the call ends) the ``lent`` tensor the chunks view is given back."""
+        try:
+            yield pb.PullFrame(header=pb.PullHeader(version=version, tensor=encoded.header,
+                                                    finished=self._state.finished, push=push))
+            for chunk, frame in zip(encoded.chunks, chunk_frames(encoded)):
+                self._metrics.sent(len(chunk))
+                yield frame
+        finally:
+            if lent is not None:
+                self._state.give_back(lent)
 
 
 def add_to_server(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:

@@ -23,6 +23,7 @@ from gapaware.server.checkpoint import Checkpoint
 from gapaware.server.errors import BadPush, InvalidLayout, LayoutMismatch, NonFiniteGradient, StaleSnapshot
 from gapaware.server.membership import Membership, WorkerRecord, first_worker_id
 from gapaware.server.policies import POLICIES, Policy, make_policy
+from gapaware.server.sent import SentParameters
 
 log = logging.getLogger("gapaware.server")
 
@@ -97,7 +98,7 @@ class ParameterServerState:
         self.incarnation = 0
         self.members = Membership()
         self.started = time.monotonic()
-        self._snapshots: dict[int, torch.Tensor] = {}
+        self._sent = SentParameters(layout.numel)
         self._snapshot_dtype = getattr(torch, config.snapshot_dtype)
         self._window = Window()
         self._totals = Window()
@@ -142,7 +143,7 @@ class ParameterServerState:
             return [self.members.remove(worker_id) for worker_id in expired]
 
     def _forget(self, worker_id: int) -> None:
-        self._snapshots.pop(worker_id, None)
+        self._sent.forget(worker_id)
         self.policy.forget_worker(worker_id)
 
     def heartbeat(self, worker_id: int) -> bool:
@@ -154,20 +155,32 @@ class ParameterServerState:
     def lr(self) -> float:
         return learning_rate(self.config, self.version, self.total_updates)
 
-    def pull(self, worker_id: int) -> tuple[int, torch.Tensor]:
+    def pull(self, worker_id: int, *, lend: bool = False) -> tuple[int, torch.Tensor]:
         """What ``worker_id`` is sent: the version and a tensor nobody modifies afterwards.
 
         For policies that measure a Gap the same tensor is kept as the worker's θ⁽ⁱ⁾, or a
         bfloat16 copy of it with ``snapshot_dtype="bfloat16"`` (half the memory; the Gap is then
         measured against θ⁽ⁱ⁾ rounded to bfloat16, as ALGORITHMS.md allows).
+
+        With ``lend=True`` the tensor is lent instead: the caller hands it back with
+        :meth:`give_back` once it has sent it, after which it may be reused for a later pull
+        (:mod:`gapaware.server.sent`); the pull may also be written into such a reused tensor.
         """
         with self._lock:
             record = self.members.get(worker_id)
-            view = self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id)
+            view = self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id,
+                                         out=self._sent.spare() if lend else None)
             record.pulled_version = self.version
+            if lend:
+                self._sent.lend(view)
             if self.policy.needs_snapshot:
-                self._snapshots[worker_id] = view.to(self._snapshot_dtype)
+                self._sent.keep(worker_id, view.to(self._snapshot_dtype))
             return self.version, view
+
+    def give_back(self, view: torch.Tensor) -> None:
+        """The caller of ``pull(lend=True)`` no longer reads ``view``. Takes no lock of the update
+        path, so the event loop can call it."""
+        self._sent.give_back(view)
 
     def check_push(self, worker_id: int, base_version: int, seq: int = 0) -> None:
         """Refuses, before any of its gradient is received, a push that :meth:`push` would refuse
@@ -231,10 +244,13 @@ class ParameterServerState:
             if self.nonfinite == "skip":
                 return PushResult(self.version, self.version - base_version, 1.0, False, False)
         staleness = self.version - base_version
-        gap = self.policy.apply(
-            self.theta, grad, lr=self.lr(), staleness=staleness,
-            stale_theta=self._snapshots.pop(worker_id, None), worker_id=worker_id,
-        )
+        stale_theta = self._sent.take(worker_id)
+        try:
+            gap = self.policy.apply(self.theta, grad, lr=self.lr(), staleness=staleness, stale_theta=stale_theta,
+                                    worker_id=worker_id)
+        finally:
+            if stale_theta is not None:
+                self._sent.release(stale_theta)
         record.pulled_version = None
         record.pushes += 1
         record.last_gap = gap
@@ -277,8 +293,7 @@ class ParameterServerState:
 
     def snapshot_bytes(self) -> int:
         """Memory held by the workers' θ⁽ⁱ⁾ (policies with a Gap only)."""
-        with self._lock:
-            return sum(snapshot.nbytes for snapshot in self._snapshots.values())
+        return self._sent.held_bytes()
 
     def live_workers(self) -> list[WorkerRecord]:
         with self._lock:
@@ -289,8 +304,7 @@ class ParameterServerState:
 
     def held_snapshots(self) -> int:
         """Parameter snapshots θ⁽ⁱ⁾ held for workers (at most one per live worker)."""
-        with self._lock:
-            return len(self._snapshots)
+        return self._sent.held()
 
     # -- crash safety -----------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:

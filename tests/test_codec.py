@@ -43,6 +43,37 @@ def test_half_precision_transport_halves_bytes_and_rounds_like_torch(dtype, torc
     assert torch.equal(back, tensor.to(torch_dtype).to(torch.float32))
 
 
+@pytest.mark.parametrize("dtype,torch_dtype", [(pb.BFLOAT16, torch.bfloat16), (pb.FLOAT16, torch.float16)])
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 7, 4096])
+def test_half_precision_chunks_may_split_an_element(dtype, torch_dtype, chunk_bytes):
+    """Chunk boundaries are not aligned to elements: odd-sized chunks end inside a 2-byte element."""
+    tensor = torch.randn(1001)
+    _, back = roundtrip(tensor, dtype, chunk_bytes)
+    assert torch.equal(back, tensor.to(torch_dtype).to(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [pb.FLOAT32, pb.BFLOAT16])
+def test_assembler_writes_into_the_given_tensor_every_time(dtype):
+    out = torch.full((5000,), float("nan"))
+    for seed in range(3):
+        tensor = torch.randn(5000, generator=torch.Generator().manual_seed(seed))
+        encoded = encode(tensor, dtype, 4096)
+        assembler = TensorAssembler(encoded.header, expected_numel=5000, out=out)
+        for chunk in chunk_messages(encoded):
+            assembler.add(chunk)
+        back = assembler.finish()
+        assert back is out
+        assert torch.equal(out, tensor.to(codec.TORCH_DTYPES[dtype]).to(torch.float32))
+
+
+@pytest.mark.parametrize("out", [torch.empty(4999), torch.empty(5000, dtype=torch.float64), torch.empty(10000)[::2],
+                                 torch.empty(50, 100)])
+def test_assembler_refuses_an_unfit_out_tensor(out):
+    header, _ = frames(torch.randn(5000))
+    with pytest.raises(ValueError, match="out must be a contiguous flat float32 CPU tensor of 5000 elements"):
+        TensorAssembler(header, expected_numel=5000, out=out)
+
+
 def frames(tensor, dtype=pb.FLOAT32, chunk_bytes=4096):
     encoded = encode(tensor, dtype, chunk_bytes)
     return encoded.header, list(chunk_messages(encoded))

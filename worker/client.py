@@ -127,11 +127,17 @@ class WorkerClient:
         self.close()
 
     # -- parameters and gradients ---------------------------------------------------------
-    def pull(self) -> tuple[int, torch.Tensor]:
-        """The server's current version and parameters (flat float32)."""
+    def pull(self, *, out: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+        """The server's current version and parameters (flat float32).
+
+        ``out``: a flat float32 tensor of the model's size to receive the parameters into, returned
+        as the parameters. A training loop that passes the same one every step saves a model-sized
+        allocation per step (fresh memory costs the kernel a page fault and zeroing per page). A
+        call that fails leaves it partly overwritten. None allocates a new tensor.
+        """
         frames = self._pull_frames(pb.PullRequest(worker_id=self.info.worker_id, dtype=self._dtype),
                                  timeout=self._timeout)
-        header, theta = self._receive(frames)
+        header, theta = self._receive(frames, out)
         return header.version, theta
 
     def next_seq(self) -> int:
@@ -151,12 +157,13 @@ class WorkerClient:
         return _result(reply)
 
     def push_pull(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
-                  loss: float = math.nan, seq: int | None = None) -> tuple[PushResult, int, torch.Tensor]:
+                  loss: float = math.nan, seq: int | None = None,
+                  out: torch.Tensor | None = None) -> tuple[PushResult, int, torch.Tensor]:
         """Push, then receive the parameters after the update: one round trip a step. ``seq`` as in
-        :meth:`push`; a retried copy still receives the current parameters."""
+        :meth:`push`; a retried copy still receives the current parameters; ``out`` as in :meth:`pull`."""
         frames = self._push_pull_frames(self._push_frames(grad, base_version, samples, loss, seq),
                                      timeout=self._timeout)
-        header, theta = self._receive(frames)
+        header, theta = self._receive(frames, out)
         return _result(header.push), header.version, theta
 
     def _push_frames(self, grad: torch.Tensor, base_version: int, samples: int,
@@ -172,12 +179,12 @@ class WorkerClient:
         ))
         yield from chunk_frames(encoded)
 
-    def _receive(self, frames) -> tuple[pb.PullHeader, torch.Tensor]:
+    def _receive(self, frames, out: torch.Tensor | None) -> tuple[pb.PullHeader, torch.Tensor]:
         frames = iter(frames)
         header = next(frames, None)
         if not isinstance(header, pb.PullHeader):
             raise CodecError("the server's reply did not start with a header")
-        assembler = TensorAssembler(header.tensor, expected_numel=self.info.layout.numel)
+        assembler = TensorAssembler(header.tensor, expected_numel=self.info.layout.numel, out=out)
         for frame in frames:
             if not isinstance(frame, ChunkView):
                 raise CodecError("the server's reply held a frame other than a chunk after its header")

@@ -113,11 +113,11 @@ class _Registration:
     def pushed(self) -> None:
         self._rejoins_since_push = 0
 
-    def pull(self) -> tuple[int, torch.Tensor]:
-        """The current parameters, joining again first as often as the server does not know us."""
+    def pull(self, out: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """The current parameters (in ``out``), joining again first as often as the server does not know us."""
         while True:
             try:
-                return self._retry(self._client.pull, what="pull")
+                return self._retry(lambda: self._client.pull(out=out), what="pull")
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.NOT_FOUND:
                     raise
@@ -151,8 +151,10 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
     data = batches(task.train, options.batch_size or config.batch_size,
                    seed=config.seed * 1_000_003 + info.worker_id)
     steps = applied = 0
+    # Received parameters and sent gradients live in two tensors reused every step (see pull's out).
+    received, gradient = torch.empty(info.layout.numel), torch.empty(info.layout.numel)
     with Heartbeat(client, interval=info.lease_seconds / 3) as heartbeat:
-        version, theta = registration.pull()
+        version, theta = registration.pull(received)
         finished = info.finished
         while not (finished or stop.is_set()):
             load_flat_parameters(model, theta)
@@ -162,17 +164,18 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
             loss.backward()
             if stop.is_set():
                 break
-            grad, seq = flat_gradients(model), client.next_seq()
+            grad, seq = flat_gradients(model, out=gradient), client.next_seq()
             try:
                 result, version, theta = retry(
-                    lambda: client.push_pull(grad, version, samples=len(targets), loss=loss.item(), seq=seq),
+                    lambda: client.push_pull(grad, version, samples=len(targets), loss=loss.item(), seq=seq,
+                                             out=received),
                     what=f"push {seq}")
             except grpc.RpcError as error:
                 if error.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                     raise
                 log.warning("push %d refused (%s: %s): dropping its gradient, pulling afresh", seq,
                             error.code().name, error.details())
-                version, theta = registration.pull()
+                version, theta = registration.pull(received)
                 continue
             registration.pushed()
             steps += 1

@@ -102,15 +102,18 @@ class Policy(abc.ABC):
         """:meth:`apply` after its arguments were checked."""
 
     @torch.no_grad()
-    def pull_view(self, theta: Tensor, *, lr: float, worker_id: int) -> Tensor:
-        """A new tensor holding what ``worker_id`` is sent when it pulls, at learning rate ``lr``."""
+    def pull_view(self, theta: Tensor, *, lr: float, worker_id: int, out: Tensor | None = None) -> Tensor:
+        """What ``worker_id`` is sent when it pulls, at learning rate ``lr``: written to ``out`` (a
+        tensor shaped like ``theta`` that nothing else reads) and returned, or a new tensor when None."""
         self._check_vector("theta", theta)
         _check_lr(lr)
-        return self._pull_view(theta, lr=lr, worker_id=worker_id)
+        if out is not None:
+            self._check_vector("out", out)
+        return self._pull_view(theta, lr=lr, worker_id=worker_id, out=out)
 
-    def _pull_view(self, theta: Tensor, *, lr: float, worker_id: int) -> Tensor:
+    def _pull_view(self, theta: Tensor, *, lr: float, worker_id: int, out: Tensor | None) -> Tensor:
         """:meth:`pull_view` after its arguments were checked: here a copy of ``theta``."""
-        return theta.clone()
+        return theta.clone() if out is None else out.copy_(theta)
 
     def forget_worker(self, worker_id: int) -> None:
         """Drop the per-worker state of a worker that left (none here)."""

@@ -45,9 +45,10 @@ def dana_step(theta: Tensor, direction: Tensor, buffer: Tensor | None, buffer_su
     theta.add_(buffer, alpha=-lr)
 
 
-def dana_look_ahead(theta: Tensor, buffer_sum: Tensor, *, lr: float, momentum: float) -> Tensor:
-    """``θ̂ = θ − η·μ·Σⱼ vʲ``, a new tensor."""
-    return torch.add(theta, buffer_sum, alpha=-lr * momentum)
+def dana_look_ahead(theta: Tensor, buffer_sum: Tensor, *, lr: float, momentum: float,
+                    out: Tensor | None = None) -> Tensor:
+    """``θ̂ = θ − η·μ·Σⱼ vʲ``, written to ``out`` (a new tensor when None)."""
+    return torch.add(theta, buffer_sum, alpha=-lr * momentum, out=out)
 
 
 class DanaZero(Policy):
@@ -86,10 +87,10 @@ class DanaZero(Policy):
         """
         return weight_decayed(grad, theta, self.weight_decay, out=scratch[0]), float(theta.numel())
 
-    def _pull_view(self, theta: Tensor, *, lr: float, worker_id: int) -> Tensor:
+    def _pull_view(self, theta: Tensor, *, lr: float, worker_id: int, out: Tensor | None) -> Tensor:
         if self.buffer_sum is None:
-            return theta.clone()
-        return dana_look_ahead(theta, self.buffer_sum, lr=lr, momentum=self.momentum)
+            return super()._pull_view(theta, lr=lr, worker_id=worker_id, out=out)
+        return dana_look_ahead(theta, self.buffer_sum, lr=lr, momentum=self.momentum, out=out)
 
     def forget_worker(self, worker_id: int) -> None:
         """Drop the worker's buffer and take it out of the running sum."""
