@@ -3,6 +3,7 @@ pushing a gradient and pulling the parameters, for gapaware and for the PyTorch-
 server of :mod:`bench.rpc_ps`, with TensorPipe forced onto TCP and with its defaults.
 
     python -m bench.end_to_end
+    BENCH_MIB=1,25 BENCH_WORKERS=4 python -m bench.end_to_end    # a subset: model MiB, worker counts
 
 Every system runs the same update (SGD with momentum 0.9 on one flat float32 vector, under one
 lock, torch on one thread), each worker is its own process doing nothing but the round trip,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
 import queue
 import socket
 import time
@@ -27,8 +29,10 @@ from bench.models import MIB
 from gapaware import WorkerClient
 from gapaware.common.allocator import keep_freed_memory
 
-SIZES = quick_or([64 * 1024], [MIB, 25 * MIB, 100 * MIB])
-WORKERS = quick_or([2], [1, 4, 16])
+SIZES = [int(mib) * MIB for mib in os.environ["BENCH_MIB"].split(",")] if os.environ.get("BENCH_MIB") \
+    else quick_or([64 * 1024], [MIB, 25 * MIB, 100 * MIB])
+WORKERS = [int(n) for n in os.environ["BENCH_WORKERS"].split(",")] if os.environ.get("BENCH_WORKERS") \
+    else quick_or([2], [1, 4, 16])
 SECONDS = quick_or(1.0, 3.0)
 REPEATS = quick_or(1, 2)
 WARMUP_ROUND_TRIPS = 2
@@ -62,7 +66,7 @@ def _gapaware_worker(address: str, transport_dtype: str, barrier, seconds: float
 
         def step() -> None:
             nonlocal version
-            _, version, _ = client.push_pull(grad, version)
+            _, version, _ = client.push_pull(grad, version, out=theta)  # one receive tensor, as the worker loop
 
         _measure(step, barrier, seconds, results)
         client.leave()

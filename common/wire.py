@@ -11,7 +11,8 @@ that builds ordinary messages interoperates in both directions: the contract is 
 
 gRPC methods use these through custom (de)serializers: :data:`serialize_frame` on the sending
 side (``bytes`` pass through, messages are serialized) and a :func:`frame_parser` on the
-receiving side.
+receiving side. ``WholePull``/``WholePush`` (a header and one chunk's bytes in one message) get
+the same treatment from :func:`whole_message` and :func:`whole_parser`.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from gapaware.common.codec import EncodedTensor
 
 _CHUNK_TAG = 0x12    # field 2, length-delimited (the frame's chunk, and the chunk's data)
 _INDEX_TAG = 0x08    # field 1, varint
+_HEADER_TAG = 0x0A   # field 1, length-delimited (a whole message's header)
+_DATA_TAG = 0x12     # field 2, length-delimited (a whole message's data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,5 +121,59 @@ def frame_parser(frame_type: type[Message]) -> Callable[[bytes], Message | Chunk
         if kind == "chunk":
             return ChunkView(frame.chunk.index, memoryview(frame.chunk.data))
         return frame.header if kind == "header" else None
+
+    return parse
+
+
+@dataclass(frozen=True, slots=True)
+class WholeTensor:
+    """A received ``WholePull``/``WholePush``: its header and a view of its data in the received bytes."""
+
+    header: Message
+    data: memoryview
+
+
+def whole_message(header: Message, data: memoryview) -> bytes:
+    """The serialized ``WholePull``/``WholePush`` of ``header`` and ``data``: one copy of ``data``,
+    byte for byte what protobuf writes."""
+    header_bytes = header.SerializeToString()
+    parts = [bytes((_HEADER_TAG,)), _varint(len(header_bytes)), header_bytes]
+    if len(data):
+        parts += [bytes((_DATA_TAG,)), _varint(len(data)), data]
+    return b"".join(parts)
+
+
+def _fast_whole(view: memoryview, header_type: type[Message]) -> WholeTensor | None:
+    """Header then data, each once, nothing else: the layout :func:`whole_message` writes."""
+    try:
+        if view[0] != _HEADER_TAG:
+            return None
+        length, pos = _read_varint(view, 1)
+        header = header_type.FromString(view[pos:pos + length])
+        pos += length
+        if pos == len(view):
+            return WholeTensor(header, view[pos:pos])
+        if view[pos] != _DATA_TAG:
+            return None
+        size, pos = _read_varint(view, pos + 1)
+        if pos + size != len(view):
+            return None
+        return WholeTensor(header, view[pos:])
+    except IndexError:
+        return None
+
+
+def whole_parser(message_type: type[Message], header_type: type[Message]) -> Callable[[bytes], WholeTensor]:
+    """gRPC deserializer for ``message_type`` (``WholePull`` with ``PullHeader``, or ``WholePush``
+    with ``PushHeader``). Any layout the fast path does not recognise goes through protobuf, which
+    raises ``DecodeError`` on bad bytes."""
+
+    def parse(raw: bytes) -> WholeTensor:
+        view = memoryview(raw)
+        fast = _fast_whole(view, header_type)
+        if fast is not None:
+            return fast
+        message = message_type.FromString(raw)
+        return WholeTensor(message.header, memoryview(message.data))
 
     return parse

@@ -54,6 +54,16 @@ class ParameterServerStub:
                 request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.PushFrame.SerializeToString,
                 response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.PullFrame.FromString,
                 _registered_method=True)
+        self.PullWhole = channel.unary_unary(
+                '/gapaware.v1.ParameterServer/PullWhole',
+                request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.PullRequest.SerializeToString,
+                response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.WholePull.FromString,
+                _registered_method=True)
+        self.PushPullWhole = channel.unary_unary(
+                '/gapaware.v1.ParameterServer/PushPullWhole',
+                request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.WholePush.SerializeToString,
+                response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.WholePull.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/gapaware.v1.ParameterServer/Heartbeat',
                 request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.HeartbeatRequest.SerializeToString,
@@ -102,6 +112,20 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullWhole(self, request, context):
+        """Pull for a model of at most 4 MiB in the transport dtype, in one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushPullWhole(self, request, context):
+        """PushPull for a model of at most 4 MiB in both transport dtypes, one message each way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Heartbeat(self, request, context):
         """Keeps a worker's lease alive while it computes.
         """
@@ -145,6 +169,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.PushPull,
                     request_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.PushFrame.FromString,
                     response_serializer=gapaware_dot_proto_dot_parameter__server__pb2.PullFrame.SerializeToString,
+            ),
+            'PullWhole': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullWhole,
+                    request_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.PullRequest.FromString,
+                    response_serializer=gapaware_dot_proto_dot_parameter__server__pb2.WholePull.SerializeToString,
+            ),
+            'PushPullWhole': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushPullWhole,
+                    request_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.WholePush.FromString,
+                    response_serializer=gapaware_dot_proto_dot_parameter__server__pb2.WholePull.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -270,6 +304,60 @@ class ParameterServer:
             '/gapaware.v1.ParameterServer/PushPull',
             gapaware_dot_proto_dot_parameter__server__pb2.PushFrame.SerializeToString,
             gapaware_dot_proto_dot_parameter__server__pb2.PullFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullWhole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gapaware.v1.ParameterServer/PullWhole',
+            gapaware_dot_proto_dot_parameter__server__pb2.PullRequest.SerializeToString,
+            gapaware_dot_proto_dot_parameter__server__pb2.WholePull.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPullWhole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gapaware.v1.ParameterServer/PushPullWhole',
+            gapaware_dot_proto_dot_parameter__server__pb2.WholePush.SerializeToString,
+            gapaware_dot_proto_dot_parameter__server__pb2.WholePull.FromString,
             options,
             channel_credentials,
             insecure,

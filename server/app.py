@@ -20,6 +20,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gapaware.common.allocator import keep_freed_memory
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters
 from gapaware.common.security import ServerSecurity
@@ -196,4 +197,5 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
 
 
 def run_server(config: RunConfig, options: ServerOptions) -> dict:
+    keep_freed_memory()
     return asyncio.run(serve(config, options))

@@ -18,10 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
-from gapaware.common.codec import CodecError, EncodedTensor, TensorAssembler, encode, itemsize
+from gapaware.common.codec import (
+    DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, CodecError, EncodedTensor, TensorAssembler, encode, itemsize,
+)
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
-from gapaware.common.wire import ChunkView, chunk_frames, frame_parser, serialize_frame
+from gapaware.common.wire import (
+    ChunkView, WholeTensor, chunk_frames, frame_parser, serialize_frame, whole_message, whole_parser,
+)
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.errors import (
@@ -111,6 +115,19 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         async for frame in self._send_parameters(version, encoded, lent, push=_push_reply(result)):
             yield frame
 
+    async def PullWhole(self, request: pb.PullRequest, context) -> bytes:
+        dtype = request.dtype or pb.FLOAT32
+        await self._check_one_message(context, dtype, "pull")
+        return await self._call(context, self._pull_whole, request.worker_id, dtype)
+
+    async def PushPullWhole(self, request: WholeTensor, context) -> bytes:
+        header = request.header
+        await self._check_one_message(context, header.pull_dtype or pb.FLOAT32, "reply")
+        _, reply = await self._apply_gradient(
+            header, context, self._push_then_pull_whole, precheck=False,
+            receive=functools.partial(self._receive_tensor, header.tensor, _one(ChunkView(0, request.data)), context))
+        return reply
+
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         finished = await self._call(context, self._state.heartbeat, request.worker_id)
         return pb.HeartbeatReply(finished=finished)
@@ -123,34 +140,44 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return status_reply(self._state, self._last_eval())
 
     async def _receive_and_apply(self, request_iterator, context, apply: Callable, reply: bool = False):
-        """Checks the header, receives the gradient, then runs ``apply(header, grad)`` in the pool
-        and returns what it returned: a tuple whose first element is the push's result.
+        """Takes the header of a pushed stream, then :meth:`_apply_gradient` with the chunks that follow.
 
         Everything the header alone can refuse (unknown worker, base version, a second push of
         the same worker in flight, the reply's dtype) is refused before a byte of the tensor is
         buffered; the buffer of a refused stream is dropped with it.
         """
+        frames = aiter(request_iterator)
         try:
-            header = await anext(aiter(request_iterator))
+            header = await anext(frames)
         except StopAsyncIteration:
             self._metrics.push_rejected("malformed")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty push: a push starts with a header")
-        started = time.perf_counter()
         if not isinstance(header, pb.PushHeader):
             self._metrics.push_rejected("malformed")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push must start with a header, not a chunk")
+        if reply:
+            await _check_dtype(context, header.pull_dtype or pb.FLOAT32, "reply")
+        return await self._apply_gradient(header, context, apply, precheck=True,
+                                          receive=functools.partial(self._receive_tensor, header.tensor, frames, context))
+
+    async def _apply_gradient(self, header: pb.PushHeader, context, apply: Callable, *, precheck: bool,
+                              receive: Callable):
+        """Receives the gradient with ``receive(out)`` into a reused buffer, then runs
+        ``apply(header, grad)`` in the pool and returns what it returned: a tuple whose first element
+        is the push's result. ``precheck`` refuses what the header alone can refuse before receiving
+        (for a stream; a whole message has arrived already, and ``apply`` checks it all anyway)."""
+        started = time.perf_counter()
         if header.worker_id in self._pushes_in_flight:
             self._metrics.push_rejected("push_in_flight")
             await context.abort(grpc.StatusCode.ABORTED, str(PushInFlight(header.worker_id)))
         self._pushes_in_flight.add(header.worker_id)
         try:
-            await self._call(context, self._state.check_push, header.worker_id, header.base_version, header.seq,
-                             on_refusal=self._metrics.push_rejected)
-            if reply:
-                await _check_dtype(context, header.pull_dtype or pb.FLOAT32, "reply")
+            if precheck:
+                await self._call(context, self._state.check_push, header.worker_id, header.base_version, header.seq,
+                                 on_refusal=self._metrics.push_rejected)
             async with self._gradient_slots:  # from here on the push holds a model-sized buffer
                 buffer = self._spare_gradients.pop() if self._spare_gradients else torch.empty(self._state.layout.numel)
-                grad, received = await self._receive_tensor(header.tensor, request_iterator, context, buffer)
+                grad, received = await receive(buffer)
                 # Until the pool thread is done with it, the buffer must not go back: a cancelled call
                 # leaves the update running, and a refused one is rare enough to allocate anew.
                 outcome = await self._call(
@@ -163,12 +190,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._metrics.push_answered(outcome[0], time.perf_counter() - started, received)
         return outcome
 
-    async def _receive_tensor(self, header: pb.TensorHeader, request_iterator, context,
+    async def _receive_tensor(self, header: pb.TensorHeader, frames: AsyncIterator, context,
                               out: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The pushed tensor (in ``out``) and the bytes received. A stream that stalls between chunks is
         ended, so a worker whose connection died silently mid-push does not keep its push "in progress"
         forever."""
-        frames = aiter(request_iterator)
         received = 0
         try:
             assembler = TensorAssembler(header, expected_numel=self._state.layout.numel, out=out)
@@ -197,11 +223,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return (self._state.push(header.worker_id, grad, base_version=header.base_version, samples=header.samples,
                                  loss=header.loss, seq=header.seq),)
 
-    def _pull_encoded(self, worker_id: int, dtype: int) -> tuple[int, EncodedTensor, torch.Tensor | None]:
+    def _pull_encoded(self, worker_id: int, dtype: int,
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[int, EncodedTensor, torch.Tensor | None]:
         """The version, the encoded parameters, and the lent tensor their chunks are views of (None
         when they are views of a cast copy: the lent tensor is then given back at once)."""
         version, theta = self._state.pull(worker_id, lend=True)
-        encoded = encode(theta, dtype)
+        encoded = encode(theta, dtype, chunk_bytes)
         if dtype != pb.FLOAT32:
             self._state.give_back(theta)
             return version, encoded, None
@@ -211,6 +238,30 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                         grad: torch.Tensor) -> tuple[PushResult, int, EncodedTensor, torch.Tensor | None]:
         (result,) = self._apply_push(header, grad)
         return (result, *self._pull_encoded(header.worker_id, header.pull_dtype or pb.FLOAT32))
+
+    def _pull_whole(self, worker_id: int, dtype: int, push: pb.PushReply | None = None) -> bytes:
+        """A serialized ``WholePull``: the parameters in one chunk (the caller checked they fit)."""
+        version, encoded, lent = self._pull_encoded(worker_id, dtype, MAX_CHUNK_BYTES)
+        (chunk,) = encoded.chunks
+        reply = whole_message(pb.PullHeader(version=version, tensor=encoded.header, finished=self._state.finished,
+                                            push=push), chunk)
+        if lent is not None:
+            self._state.give_back(lent)
+        self._metrics.sent(len(chunk))
+        return reply
+
+    def _push_then_pull_whole(self, header: pb.PushHeader, grad: torch.Tensor) -> tuple[PushResult, bytes]:
+        (result,) = self._apply_push(header, grad)
+        return result, self._pull_whole(header.worker_id, header.pull_dtype or pb.FLOAT32, _push_reply(result))
+
+    async def _check_one_message(self, context, dtype: int, what: str) -> None:
+        """Refuses a whole-message call whose tensor does not fit one chunk, before anything happens."""
+        await _check_dtype(context, dtype, what)
+        nbytes = self._state.layout.numel * itemsize(dtype)
+        if nbytes > MAX_CHUNK_BYTES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the model takes {nbytes} bytes in the {what} dtype, more than the {MAX_CHUNK_BYTES} "
+                                "one message carries: use the streaming Pull or PushPull")
 
     async def _send_parameters(self, version: int, encoded: EncodedTensor, lent: torch.Tensor | None,
                                push: pb.PushReply | None = None) -> AsyncIterator[pb.PullFrame | bytes]:
@@ -247,6 +298,11 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.aio.Server) ->
         servicer.Push, request_deserializer=parse_push, response_serializer=pb.PushReply.SerializeToString)
     handlers["PushPull"] = grpc.stream_stream_rpc_method_handler(
         servicer.PushPull, request_deserializer=parse_push, response_serializer=serialize_frame)
+    handlers["PullWhole"] = grpc.unary_unary_rpc_method_handler(
+        servicer.PullWhole, request_deserializer=pb.PullRequest.FromString, response_serializer=serialize_frame)
+    handlers["PushPullWhole"] = grpc.unary_unary_rpc_method_handler(
+        servicer.PushPullWhole, request_deserializer=whole_parser(pb.WholePush, pb.PushHeader),
+        response_serializer=serialize_frame)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
@@ -257,6 +313,10 @@ async def _check_dtype(context, dtype: int, what: str) -> None:
         itemsize(dtype)
     except CodecError as error:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what} dtype: {error}")
+
+
+async def _one(item) -> AsyncIterator:
+    yield item
 
 
 def _push_reply(result: PushResult) -> pb.PushReply:

@@ -420,10 +420,58 @@ def test_bytes_that_do_not_parse(harness):
                                                             timeout=20),
                      lambda: list(method("stream_stream", "PushPull")(iter([garbage]), timeout=20)),
                      lambda: list(method("unary_stream", "Pull")(garbage, timeout=20)),
+                     lambda: method("unary_unary", "PullWhole")(garbage, timeout=20),
+                     lambda: method("unary_unary", "PushPullWhole")(garbage, timeout=20),
                      lambda: method("unary_unary", "Join")(garbage, timeout=20),
                      lambda: method("unary_unary", "Status")(garbage, timeout=20)):
             h.refused(call, INVALID, "does not parse")
     assert len(h.state.live_workers()) == 2
+
+
+def whole_push(frames: list[pb.PushFrame]) -> pb.WholePush:
+    """The push of ``frames`` as one message: the header announcing one chunk, then all the bytes."""
+    header = pb.PushHeader()
+    header.CopyFrom(frames[0].header)
+    header.tensor.chunk_count = 1
+    return pb.WholePush(header=header, data=b"".join(frame.chunk.data for frame in frames[1:]))
+
+
+def test_whole_push_that_does_not_match_its_checksum(harness):
+    h = harness()
+    frames = h.frames(tensor={"crc32c": h.frames()[0].header.tensor.crc32c ^ 1})
+    h.refused(lambda: h.stub.PushPullWhole(whole_push(frames), timeout=20), INVALID, "checksum mismatch")
+
+
+def test_whole_push_announcing_several_chunks(harness):
+    h = harness()
+    message = whole_push(h.frames())
+    message.header.tensor.chunk_count = 3
+    h.refused(lambda: h.stub.PushPullWhole(message, timeout=20), INVALID,
+              "stream ended after 1 of 3 chunks")
+
+
+def test_whole_calls_refuse_a_model_over_one_message(inprocess_servers):
+    """1.1 M float32 parameters take 4.4 MB: more than one message's 4 MiB, but not in bfloat16."""
+    numel = 1_100_000
+    server = inprocess_servers(small_state(numel))
+    with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 16 << 20)]) as channel, \
+            WorkerClient(server.address, timeout=20) as worker:
+        stub = pb_grpc.ParameterServerStub(channel)
+        worker_id = worker.join().worker_id
+        version, theta = worker.pull()  # streamed: the client sees the model does not fit
+        before = StateSnapshot.of(server.state)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.PullWhole(pb.PullRequest(worker_id=worker_id), timeout=20)
+        assert refused.value.code() == INVALID and "more than the 4194304 one message carries" in refused.value.details()
+        encoded = encode(torch.zeros(numel), pb.BFLOAT16, chunk_bytes=numel * 2)
+        header = pb.PushHeader(worker_id=worker_id, base_version=version, tensor=encoded.header, pull_dtype=pb.FLOAT32)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.PushPullWhole(pb.WholePush(header=header, data=bytes(encoded.chunks[0])), timeout=20)
+        assert refused.value.code() == INVALID and "in the reply dtype" in refused.value.details()
+        before.assert_same(StateSnapshot.of(server.state))
+        header.pull_dtype = pb.BFLOAT16
+        reply = stub.PushPullWhole(pb.WholePush(header=header, data=bytes(encoded.chunks[0])), timeout=20)
+        assert reply.header.push.applied and len(reply.data) == numel * 2
 
 
 def test_push_that_stalls_between_chunks(harness):

@@ -60,6 +60,9 @@ def test_push_whose_reply_is_lost_and_is_retried_counts_once(servers):
                 push, RetryPolicy(initial_backoff=0.2, max_backoff=1.0, give_up_after=30), what="push")))
             pusher.start()
             _wait_for_version(observer, 1)  # applied by the server; its reply is being dropped
+            deadline = time.monotonic() + 10
+            while proxy.dropped_bytes == 0 and time.monotonic() < deadline:  # the reply follows the update
+                time.sleep(0.05)
             assert not results and proxy.dropped_bytes > 0, "the reply must have been lost"
             proxy.cut()
             pusher.join(timeout=60)

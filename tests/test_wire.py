@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from gapaware import WorkerClient
 from gapaware.common.codec import TensorAssembler, chunk_messages, encode
-from gapaware.common.wire import ChunkView, chunk_frame, frame_parser, serialize_frame
+from gapaware.common.wire import ChunkView, chunk_frame, frame_parser, serialize_frame, whole_message, whole_parser
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 
@@ -41,6 +41,34 @@ def test_headers_unknown_fields_and_empty_frames_take_the_protobuf_path():
     parsed = frame_parser(pb.PushFrame)(b"\x12" + bytes([len(inner)]) + inner)
     assert (parsed.index, bytes(parsed.data)) == (5, b"abc")
     assert frame_parser(pb.PushFrame)(b"") is None
+
+
+@pytest.mark.parametrize("message_type, header", [
+    (pb.WholePush, pb.PushHeader(worker_id=3, base_version=9, seq=2, loss=0.5, tensor=pb.TensorHeader(numel=4))),
+    (pb.WholePull, pb.PullHeader(version=5, finished=True, push=pb.PushReply(version=5, applied=True))),
+])
+@pytest.mark.parametrize("length", [0, 1, 127, 128, 1 << 20, 4 << 20])
+def test_whole_message_is_byte_identical_to_protobuf(message_type, header, length):
+    data = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    ours = whole_message(header, memoryview(data))
+    assert ours == message_type(header=header, data=data).SerializeToString()
+    parsed = whole_parser(message_type, type(header))(ours)
+    assert parsed.header == header and parsed.data == data
+    if length:
+        assert parsed.data.obj is ours, "the received data must be a view, not a copy"
+
+
+@settings(max_examples=200, deadline=None)
+@given(version=st.integers(0, 2**64 - 1), data=st.binary(max_size=3000), reverse=st.booleans())
+def test_whole_messages_protobuf_writes_parse_to_the_same_fields(version, data, reverse):
+    """Also with the fields in the other order (legal protobuf, not what we write): the fallback path."""
+    header = pb.PullHeader(version=version)
+    if reverse:
+        raw = pb.WholePull(data=data).SerializeToString() + pb.WholePull(header=header).SerializeToString()
+    else:
+        raw = pb.WholePull(header=header, data=data).SerializeToString()
+    parsed = whole_parser(pb.WholePull, pb.PullHeader)(raw)
+    assert parsed.header == header and bytes(parsed.data) == data
 
 
 def _plain_stub_pull(stub, worker_id, numel, dtype=pb.FLOAT32):
@@ -81,3 +109,42 @@ def test_a_plain_protobuf_peer_interoperates_with_the_server_and_a_fast_client(s
         frames = list(plain.PushPull(_plain_push_frames(join.worker_id, version, torch.zeros(numel)), timeout=30))
         assert frames[0].header.push.applied and frames[0].header.version == 3
         assert sum(len(f.chunk.data) for f in frames[1:]) == numel * 4
+
+        whole = plain.PullWhole(pb.PullRequest(worker_id=join.worker_id), timeout=30)
+        assert whole.header.version == 3 and whole.header.tensor.chunk_count == 1
+        assert torch.equal(torch.frombuffer(bytearray(whole.data), dtype=torch.float32), expected)
+        encoded = encode(grad, chunk_bytes=numel * 4)
+        reply = plain.PushPullWhole(pb.WholePush(
+            header=pb.PushHeader(worker_id=join.worker_id, base_version=3, tensor=encoded.header),
+            data=bytes(encoded.chunks[0])), timeout=30)
+        assert reply.header.push.applied and reply.header.version == 4
+        assert torch.equal(torch.frombuffer(bytearray(reply.data), dtype=torch.float32), expected - 0.5 * grad)
+
+
+@pytest.mark.parametrize("transport_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("policy", ["gap-aware", "dana-ga"])
+def test_one_message_and_streamed_calls_give_the_same_run(inprocess_servers, transport_dtype, policy):
+    """Two identical servers take the same pushes, one through PullWhole/PushPullWhole, the other
+    through the streamed Pull/PushPull: every reply and the final parameters are identical."""
+    from tests.inprocess import small_state
+    servers = [inprocess_servers(small_state(5000, policy=policy)) for _ in range(2)]
+    clients = [WorkerClient(servers[0].address, transport_dtype=transport_dtype, timeout=20),
+               WorkerClient(servers[1].address, transport_dtype=transport_dtype, timeout=20, one_message_bytes=0,
+                            chunk_bytes=4096)]
+    try:
+        pulled = []
+        for client in clients:
+            client.join()
+            pulled.append(client.pull())
+        assert pulled[0][0] == pulled[1][0] and torch.equal(pulled[0][1], pulled[1][1])
+        assert clients[0]._one_message() and not clients[1]._one_message(), "the two paths under comparison"
+        version = pulled[0][0]
+        for step in range(4):
+            grad = torch.randn(5000, generator=torch.Generator().manual_seed(step))
+            (one, v1, theta1), (streamed, v2, theta2) = (c.push_pull(grad, version) for c in clients)
+            assert one == streamed and v1 == v2 and torch.equal(theta1, theta2)
+            version = v1
+        assert torch.equal(servers[0].state.theta, servers[1].state.theta)
+    finally:
+        for client in clients:
+            client.close()

@@ -15,13 +15,17 @@ from pathlib import Path
 import grpc
 import torch
 
-from gapaware.common.codec import DEFAULT_CHUNK_BYTES, CodecError, TensorAssembler, dtype_from_name, encode
+from gapaware.common.codec import (
+    DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, CodecError, EncodedTensor, TensorAssembler, dtype_from_name, encode, itemsize,
+)
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
 from gapaware.common.security import ClientSecurity
 from gapaware.proto import parameter_server_pb2 as pb
-from gapaware.common.wire import ChunkView, chunk_frames, frame_parser, serialize_frame
+from gapaware.common.wire import (
+    ChunkView, WholeTensor, chunk_frames, frame_parser, serialize_frame, whole_message, whole_parser,
+)
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 
 CHANNEL_OPTIONS = [
@@ -56,15 +60,23 @@ class WorkerClient:
     names the CA that signed the server's certificate; ``tls_cert``/``tls_key`` are this
     client's certificate for a server that requires mutual TLS; ``token`` is the shared
     secret (``load_token()`` reads it from ``GAPAWARE_TOKEN`` or a file).
+
+    A model of at most ``one_message_bytes`` (4 MiB, the most one chunk holds) in the transport
+    dtype travels in one unary call each way (``PullWhole``, ``PushPullWhole``): a streaming call
+    costs several times a unary one, which decides the speed of small models. 0 always streams.
     """
 
     def __init__(self, address: str, *, transport_dtype: str = "float32",
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: float = 120.0,
                  tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
-                 tls_key: str | Path | None = None, token: str | None = None) -> None:
+                 tls_key: str | Path | None = None, token: str | None = None,
+                 one_message_bytes: int = MAX_CHUNK_BYTES) -> None:
+        if not 0 <= one_message_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"Invalid one_message_bytes: {one_message_bytes} (0 to {MAX_CHUNK_BYTES})")
         self.address = address
         self._dtype = dtype_from_name(transport_dtype)
         self._chunk_bytes = chunk_bytes
+        self._one_message_bytes = one_message_bytes
         self._timeout = timeout
         security = ClientSecurity(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
         self._channel: grpc.Channel = security.open_channel(address, CHANNEL_OPTIONS)
@@ -80,6 +92,13 @@ class WorkerClient:
             response_deserializer=pb.PushReply.FromString, _registered_method=True)
         self._push_pull_frames = self._channel.stream_stream(
             method + "PushPull", request_serializer=serialize_frame, response_deserializer=parse_pull,
+            _registered_method=True)
+        parse_whole = whole_parser(pb.WholePull, pb.PullHeader)
+        self._pull_whole = self._channel.unary_unary(
+            method + "PullWhole", request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=parse_whole, _registered_method=True)
+        self._push_pull_whole = self._channel.unary_unary(
+            method + "PushPullWhole", request_serializer=serialize_frame, response_deserializer=parse_whole,
             _registered_method=True)
         self._info: JoinInfo | None = None
         self._seq = 0
@@ -135,9 +154,11 @@ class WorkerClient:
         allocation per step (fresh memory costs the kernel a page fault and zeroing per page). A
         call that fails leaves it partly overwritten. None allocates a new tensor.
         """
-        frames = self._pull_frames(pb.PullRequest(worker_id=self.info.worker_id, dtype=self._dtype),
-                                 timeout=self._timeout)
-        header, theta = self._receive(frames, out)
+        request = pb.PullRequest(worker_id=self.info.worker_id, dtype=self._dtype)
+        if self._one_message():
+            header, theta = self._receive_whole(self._pull_whole(request, timeout=self._timeout), out)
+        else:
+            header, theta = self._receive(self._pull_frames(request, timeout=self._timeout), out)
         return header.version, theta
 
     def next_seq(self) -> int:
@@ -161,23 +182,37 @@ class WorkerClient:
                   out: torch.Tensor | None = None) -> tuple[PushResult, int, torch.Tensor]:
         """Push, then receive the parameters after the update: one round trip a step. ``seq`` as in
         :meth:`push`; a retried copy still receives the current parameters; ``out`` as in :meth:`pull`."""
-        frames = self._push_pull_frames(self._push_frames(grad, base_version, samples, loss, seq),
-                                     timeout=self._timeout)
-        header, theta = self._receive(frames, out)
+        if self._one_message():
+            header, encoded = self._push_parts(grad, base_version, samples, loss, seq, MAX_CHUNK_BYTES)
+            (chunk,) = encoded.chunks
+            reply = self._push_pull_whole(whole_message(header, chunk), timeout=self._timeout)
+            header, theta = self._receive_whole(reply, out)
+        else:
+            frames = self._push_pull_frames(self._push_frames(grad, base_version, samples, loss, seq),
+                                         timeout=self._timeout)
+            header, theta = self._receive(frames, out)
         return _result(header.push), header.version, theta
+
+    def _one_message(self) -> bool:
+        """Whether the model travels whole: at most ``one_message_bytes`` in the transport dtype."""
+        return self.info.layout.numel * itemsize(self._dtype) <= self._one_message_bytes
 
     def _push_frames(self, grad: torch.Tensor, base_version: int, samples: int,
                      loss: float, seq: int | None) -> Iterator[pb.PushFrame | bytes]:
+        header, encoded = self._push_parts(grad, base_version, samples, loss, seq, self._chunk_bytes)
+        yield pb.PushFrame(header=header)
+        yield from chunk_frames(encoded)
+
+    def _push_parts(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None,
+                    chunk_bytes: int) -> tuple[pb.PushHeader, EncodedTensor]:
+        """The push's header and its encoded gradient (chunks that view ``grad`` or a cast copy)."""
         if grad.dim() != 1 or grad.numel() != self.info.layout.numel:
             raise ValueError(f"gradient must be flat with {self.info.layout.numel} elements, "
                              f"got shape {tuple(grad.shape)}")
         seq = self.next_seq() if seq is None else seq
-        encoded = encode(grad, self._dtype, self._chunk_bytes)
-        yield pb.PushFrame(header=pb.PushHeader(
-            worker_id=self.info.worker_id, base_version=base_version, seq=seq, samples=samples,
-            loss=loss, tensor=encoded.header, pull_dtype=self._dtype,
-        ))
-        yield from chunk_frames(encoded)
+        encoded = encode(grad, self._dtype, chunk_bytes)
+        return pb.PushHeader(worker_id=self.info.worker_id, base_version=base_version, seq=seq, samples=samples,
+                             loss=loss, tensor=encoded.header, pull_dtype=self._dtype), encoded
 
     def _receive(self, frames, out: torch.Tensor | None) -> tuple[pb.PullHeader, torch.Tensor]:
         frames = iter(frames)
@@ -190,6 +225,11 @@ class WorkerClient:
                 raise CodecError("the server's reply held a frame other than a chunk after its header")
             assembler.add(frame)
         return header, assembler.finish()
+
+    def _receive_whole(self, reply: WholeTensor, out: torch.Tensor | None) -> tuple[pb.PullHeader, torch.Tensor]:
+        assembler = TensorAssembler(reply.header.tensor, expected_numel=self.info.layout.numel, out=out)
+        assembler.add(ChunkView(0, reply.data))
+        return reply.header, assembler.finish()
 
 
 def _result(reply: pb.PushReply) -> PushResult:
