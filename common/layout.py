@@ -71,7 +71,9 @@ def flat_parameters(model: nn.Module) -> torch.Tensor:
 
 
 def load_flat_parameters(model: nn.Module, flat: torch.Tensor) -> None:
-    """Copies a flat vector into the model's parameters, on the model's device."""
+    """Makes the model's parameters views of ``flat`` (``vector_to_parameters``: no copy), or of a
+    copy of it on the model's device when it lives elsewhere. Writing into ``flat`` later changes
+    the model."""
     with torch.no_grad():
         device = next(model.parameters()).device
         vector_to_parameters(flat.to(device, non_blocking=True), model.parameters())

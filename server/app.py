@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gapaware.common.allocator import keep_freed_memory
 from gapaware.common.config import RunConfig
-from gapaware.common.layout import ParamLayout, flat_parameters
+from gapaware.common.layout import ParamLayout, flat_parameters, load_flat_parameters
 from gapaware.common.security import ServerSecurity
 from gapaware.common.tasks import load_task
 from gapaware.server.auth import TokenAuthInterceptor
@@ -80,6 +80,9 @@ def build_state(config: RunConfig, *, nonfinite: str = "reject"):
     layout = ParamLayout.from_module(task.model)
     state = ParameterServerState(config, layout, flat_parameters(task.model), train_size=len(task.train),
                                  nonfinite=nonfinite)
+    # The model is kept for evaluation only, and each evaluation points it at a copy of θ; until
+    # then its parameters are views of θ, so the server holds no second copy of the model.
+    load_flat_parameters(task.model, state.theta)
     return task, state
 
 

@@ -66,6 +66,8 @@ class Evaluator:
         version, theta = self._state.parameters()
         load_flat_parameters(self._task.model, theta)
         loss, accuracy = evaluate(self._task.model, self._task.loss, self._task.test, device=self._device)
+        load_flat_parameters(self._task.model, self._state.theta)  # frees the copy: see build_state
+        del theta
         record = {
             "event": event,
             "version": version,
