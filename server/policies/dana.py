@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .base import Policy, take_tensor
+from . import fused
 from .gap_aware import GapPenalty
 from .sgd import weight_decayed
 
@@ -142,3 +143,6 @@ class DanaGapAware(GapPenalty, DanaZero):
     """
 
     name = "dana-ga"
+
+    def _fused_step(self, worker_id: int) -> fused.Step:
+        return fused.Step(self.momentum, self._buffer(worker_id), self.buffer_sum)
