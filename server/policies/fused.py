@@ -32,6 +32,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -191,14 +192,9 @@ def library(compiler: str) -> Path:
     directory = cache_dir()
     key = _build_key(compiler)
     pointer = directory / f"fused-{key}.sha256"
-    try:
-        digest = pointer.read_text().strip()
-        cached = directory / f"fused-{key}-{digest[:16]}.so"
-        if _sha256(cached) == digest:
-            return cached
-        log.info("Cached Gap-Aware kernel %s does not match its checksum: rebuilding it", cached)
-    except FileNotFoundError:
-        pass
+    cached = _cached(directory, key, pointer)
+    if cached is not None:
+        return cached
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as build:
         built = Path(build) / "fused.so"
@@ -213,6 +209,19 @@ def library(compiler: str) -> Path:
         os.replace(Path(build) / "pointer", pointer)
     log.info("Built the fused Gap-Aware kernel %s", path)
     return path
+
+
+def _cached(directory: Path, key: str, pointer: Path) -> Path | None:
+    """The library the ``pointer`` file names, if its SHA-256 is the digest recorded there."""
+    try:
+        digest = pointer.read_text(errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    path = directory / f"fused-{key}-{digest[:16]}.so"
+    if re.fullmatch(r"[0-9a-f]{64}", digest) and path.is_file() and _sha256(path) == digest:
+        return path
+    log.info("Cached Gap-Aware kernel %s does not match its checksum: rebuilding it", path)
+    return None
 
 
 def _build_key(compiler: str) -> str:
