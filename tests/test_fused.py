@@ -17,9 +17,16 @@ from gapaware.server.policies import fused, make_policy
 needs_compiler = pytest.mark.skipif(fused.find_compiler() is None, reason="no C compiler: the torch path only")
 
 
+@pytest.fixture(scope="module")
+def _module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
 @pytest.fixture(autouse=True)
-def _fresh_kernel():
-    """Each test finds, builds and logs as a new process would, and leaves the real kernel behind."""
+def _fresh_kernel(_module_cache, monkeypatch):
+    """Each test finds, builds and logs as a new process would, with a cache of this module's own
+    (built once), and leaves the kernel to be found again after it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_module_cache))
     fused.kernel.cache_clear()
     fused._note.cache_clear()
     yield
@@ -145,6 +152,7 @@ def test_the_switch_and_unsupported_tensors_take_the_torch_path(monkeypatch, cap
         assert not fused.applicable(theta, grad, torch.zeros(2 * numel)[::2], v, step)  # not contiguous
         assert not fused.applicable(theta.double(), grad, theta.clone(), v, step)
         assert not fused.applicable(theta, grad, theta.half(), v, step)
+        assert not fused.applicable(theta, grad, theta, v, step)  # θ⁽ⁱ⁾ is θ itself
     assert "GAPAWARE_FUSED=0" in caplog.text and "torch operations" in caplog.text
 
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Policy, take_tensor
 from . import fused
+from .base import Policy, take_tensor
 from .gap_aware import GapPenalty
 from .sgd import weight_decayed
 

@@ -108,8 +108,8 @@ class _Arguments(ctypes.Structure):
 
 def applicable(theta: Tensor, grad: Tensor, stale_theta: Tensor, v: Tensor, step: Step) -> bool:
     """True when :func:`gap_aware_update_` can run on these tensors: the kernel is built (or builds
-    now), it is not switched off, and every tensor is a contiguous float32 CPU tensor (``stale_theta``
-    float32 or bfloat16). Logs once per reason when it cannot."""
+    now), it is not switched off, and the tensors are distinct, contiguous float32 CPU tensors
+    (``stale_theta`` float32 or bfloat16). Logs once per reason when it cannot."""
     if os.environ.get(SWITCH, "1") == "0":
         _note(logging.INFO, f"{SWITCH}=0: Gap-Aware updates use torch operations")
         return False
@@ -119,6 +119,9 @@ def applicable(theta: Tensor, grad: Tensor, stale_theta: Tensor, v: Tensor, step
             and stale_theta.is_contiguous()):
         _note(logging.INFO, f"Gap-Aware update on {theta.device.type} {theta.dtype} tensors "
                             f"(θ⁽ⁱ⁾ {stale_theta.dtype}): torch operations, the fused kernel takes float32 CPU tensors")
+        return False
+    if len({t.data_ptr() for t in [*floats, stale_theta]}) < len(floats) + 1:  # fused.c's pointers are restrict
+        _note(logging.INFO, "Gap-Aware update on tensors that share memory: torch operations")
         return False
     return kernel() is not None
 

@@ -12,7 +12,9 @@ Barkai, Hakimi and Schuster, "Gap Aware Mitigation of Gradient Staleness", ICLR 
     d   = (g + λ·θ) / Gap
 
 then the common SGD step with ``d``. The pure functions below are what the server's policy and
-the simulator share; :class:`GapStatistics` holds v, k and η_max for GA and DANA-GA.
+the simulator share; :class:`GapStatistics` holds v, k and η_max for GA and DANA-GA. They are
+also the reference for ``fused.py``, which runs the same arithmetic and the step after it in
+one pass of C code where it can.
 """
 from __future__ import annotations
 
