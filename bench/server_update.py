@@ -12,7 +12,8 @@ for the updates and the copy alike, as the server runs them (``--threads 1``; se
 
 GA and DANA-GA run in the fused kernel (server/policies/fused.py) when it builds; the rows
 "(torch ops)" time the same updates with ``GAPAWARE_FUSED=0``, the element-wise torch
-operations the server falls back to.
+operations the server falls back to. The rows take turns push by push (about 4 GB of tensors
+in all), so a change of load on a shared machine hits them alike.
 """
 from __future__ import annotations
 
@@ -44,28 +45,35 @@ def copy_bandwidth() -> float:
     return 2 * NUMEL * 4 / seconds
 
 
-def update_seconds(name: str, *, fused_on: bool = True) -> float:
-    """Median seconds of one push applied by policy ``name`` (workers taking turns), with the fused
-    kernel switched on or off (``GAPAWARE_FUSED``)."""
-    with mock.patch.dict(os.environ, {fused.SWITCH: "1" if fused_on else "0"}):
-        return _update_seconds(name)
-
-
-def _update_seconds(name: str) -> float:
+def pusher(name: str, theta: torch.Tensor, grads: list[torch.Tensor], snapshots: list[torch.Tensor]):
+    """A function that applies the next push to ``theta`` with a new policy ``name``, workers taking turns."""
     policy = make_policy(name, NUMEL, momentum=0.9)
-    theta = torch.randn(NUMEL)
-    grads = [torch.randn(NUMEL) * 1e-3 for _ in range(WORKERS)]
-    snapshots = [theta.clone() for _ in range(WORKERS)] if policy.needs_snapshot else [None] * WORKERS
     turn = iter(range(1_000_000))
 
     def push() -> None:
         worker = next(turn) % WORKERS
-        policy.apply(theta, grads[worker], lr=0.05, staleness=WORKERS - 1, stale_theta=snapshots[worker],
-                     worker_id=worker)
+        policy.apply(theta, grads[worker], lr=0.05, staleness=WORKERS - 1,
+                     stale_theta=snapshots[worker] if policy.needs_snapshot else None, worker_id=worker)
 
-    for _ in range(WORKERS):
-        push()
-    return median(timed(push, REPEATS))
+    return push
+
+
+def update_seconds() -> dict[str, float]:
+    """Median seconds of one push for each row. The rows take turns push by push, so that every
+    row sees the same load; every row has θ of its own, and all share the gradients and θ⁽ⁱ⁾."""
+    theta = torch.randn(NUMEL)
+    grads = [torch.randn(NUMEL) * 1e-3 for _ in range(WORKERS)]
+    snapshots = [theta.clone() for _ in range(WORKERS)]
+    pushes = {label: pusher(name, theta.clone(), grads, snapshots) for label, name, _ in ROWS}
+    times: dict[str, list[float]] = {label: [] for label, _, _ in ROWS}
+    with mock.patch.dict(os.environ):
+        for repeat in range(-WORKERS, REPEATS):  # the first WORKERS rounds warm up, not timed
+            for label, _, fused_on in ROWS:
+                os.environ[fused.SWITCH] = "1" if fused_on else "0"
+                seconds = timed(pushes[label], 1)
+                if repeat >= 0:
+                    times[label] += seconds
+    return {label: median(values) for label, values in times.items()}
 
 
 def main() -> None:
@@ -73,7 +81,7 @@ def main() -> None:
     print(f"server update benchmark: {machine_line()}, torch threads {torch.get_num_threads()}")
     print(f"GA and DANA-GA: {'the fused kernel' if fused.kernel() else 'torch ops (no fused kernel: see the log)'}")
     bandwidth = copy_bandwidth()
-    seconds = {label: update_seconds(name, fused_on=fused_on) for label, name, fused_on in ROWS}
+    seconds = update_seconds()
     rows = []
     for label, name, _ in ROWS:
         reads, writes = TRAFFIC[name]
