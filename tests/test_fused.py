@@ -131,6 +131,7 @@ def test_without_a_compiler_the_torch_operations_run(monkeypatch, caplog, tmp_pa
     assert torch.equal(theta, ref_theta) and mean_gaps == ref_mean_gaps
 
 
+@needs_compiler
 def test_a_failed_build_falls_back_with_a_warning(monkeypatch, caplog, own_cache, tmp_path):
     broken = tmp_path / "fused.c"
     broken.write_text("this is not C\n")
