@@ -9,15 +9,21 @@ tensors of the same size: one read and one write per element). Targets (issue 7)
 policy ≥ 0.5× its bound; GA at most 2× ASGD. Momentum 0.9, no weight decay, one torch thread
 for the updates and the copy alike, as the server runs them (``--threads 1``; set
 ``BENCH_THREADS`` to try more).
+
+GA and DANA-GA run in the fused kernel (server/policies/fused.py) when it builds; the rows
+"(torch ops)" time the same updates with ``GAPAWARE_FUSED=0``, the element-wise torch
+operations the server falls back to. The rows take turns push by push (about 4 GB of tensors
+in all), so a change of load on a shared machine hits them alike.
 """
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import torch
 
 from bench.harness import machine_line, median, print_table, quick_or, timed
-from gapaware.server.policies import make_policy
+from gapaware.server.policies import fused, make_policy
 
 NUMEL = quick_or(1 << 18, 25_000_000)
 REPEATS = quick_or(3, 15)
@@ -26,6 +32,9 @@ WORKERS = 4
 # buf, θ; GA adds v (read and write) and θ⁽ⁱ⁾; DANA reads g, vⁱ, Σv, θ and writes vⁱ, Σv, θ;
 # DANA-GA adds v and θ̂ as GA does.
 TRAFFIC = {"asgd": (3, 2), "staleness-aware": (3, 2), "gap-aware": (5, 3), "dana": (4, 3), "dana-ga": (6, 4)}
+ROWS = [(name, name, True) for name in TRAFFIC] + [
+    (f"{name} (torch ops)", name, False) for name in ("gap-aware", "dana-ga")]
+"""(label, policy, fused kernel on) of each row."""
 
 
 def copy_bandwidth() -> float:
@@ -36,34 +45,48 @@ def copy_bandwidth() -> float:
     return 2 * NUMEL * 4 / seconds
 
 
-def update_seconds(name: str) -> float:
-    """Median seconds of one push applied by policy ``name`` (workers taking turns)."""
+def pusher(name: str, theta: torch.Tensor, grads: list[torch.Tensor], snapshots: list[torch.Tensor]):
+    """A function that applies the next push to ``theta`` with a new policy ``name``, workers taking turns."""
     policy = make_policy(name, NUMEL, momentum=0.9)
-    theta = torch.randn(NUMEL)
-    grads = [torch.randn(NUMEL) * 1e-3 for _ in range(WORKERS)]
-    snapshots = [theta.clone() for _ in range(WORKERS)] if policy.needs_snapshot else [None] * WORKERS
     turn = iter(range(1_000_000))
 
     def push() -> None:
         worker = next(turn) % WORKERS
-        policy.apply(theta, grads[worker], lr=0.05, staleness=WORKERS - 1, stale_theta=snapshots[worker],
-                     worker_id=worker)
+        policy.apply(theta, grads[worker], lr=0.05, staleness=WORKERS - 1,
+                     stale_theta=snapshots[worker] if policy.needs_snapshot else None, worker_id=worker)
 
-    for _ in range(WORKERS):
-        push()
-    return median(timed(push, REPEATS))
+    return push
+
+
+def update_seconds() -> dict[str, float]:
+    """Median seconds of one push for each row. The rows take turns push by push, so that every
+    row sees the same load; every row has θ of its own, and all share the gradients and θ⁽ⁱ⁾."""
+    theta = torch.randn(NUMEL)
+    grads = [torch.randn(NUMEL) * 1e-3 for _ in range(WORKERS)]
+    snapshots = [theta.clone() for _ in range(WORKERS)]
+    pushes = {label: pusher(name, theta.clone(), grads, snapshots) for label, name, _ in ROWS}
+    times: dict[str, list[float]] = {label: [] for label, _, _ in ROWS}
+    with mock.patch.dict(os.environ):
+        for repeat in range(-WORKERS, REPEATS):  # the first WORKERS rounds warm up, not timed
+            for label, _, fused_on in ROWS:
+                os.environ[fused.SWITCH] = "1" if fused_on else "0"
+                seconds = timed(pushes[label], 1)
+                if repeat >= 0:
+                    times[label] += seconds
+    return {label: median(values) for label, values in times.items()}
 
 
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     print(f"server update benchmark: {machine_line()}, torch threads {torch.get_num_threads()}")
+    print(f"GA and DANA-GA: {'the fused kernel' if fused.kernel() else 'torch ops (no fused kernel: see the log)'}")
     bandwidth = copy_bandwidth()
-    seconds = {name: update_seconds(name) for name in TRAFFIC}
+    seconds = update_seconds()
     rows = []
-    for name, (reads, writes) in TRAFFIC.items():
+    for label, name, _ in ROWS:
+        reads, writes = TRAFFIC[name]
         bound = (reads + writes) * NUMEL * 4 / bandwidth
-        rows.append([name, seconds[name] * 1e3, bound * 1e3, bound / seconds[name],
-                     seconds[name] / seconds["asgd"]])
+        rows.append([label, seconds[label] * 1e3, bound * 1e3, bound / seconds[label], seconds[label] / seconds["asgd"]])
     print_table(f"{NUMEL / 1e6:g} M parameters, median of {REPEATS}; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
                 f"(read + write); targets: bound ratio ≥ 0.5, GA ÷ ASGD ≤ 2",
                 ["policy", "ms/update", "copy-bound ms", "bound ratio", "÷ ASGD"], rows)

@@ -2,7 +2,8 @@
 
 ``POLICIES`` maps each CLI name (``--policy``) to its class; a new policy is one new file that
 subclasses :class:`Policy` plus its entry here. The arithmetic is in pure functions over flat
-tensors (:func:`sgd_step`, :func:`gap_aware_direction`, ...) that the simulator can call too.
+tensors (:func:`sgd_step`, :func:`gap_aware_direction`, ...) that the simulator can call too;
+:mod:`.fused` runs GA's and DANA-GA's arithmetic in one pass of C code where a compiler is at hand.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 from .asgd import ASGD
 from .base import Policy
 from .dana import DanaGapAware, DanaZero, dana_look_ahead, dana_step
-from .gap_aware import GapAware, GapStatistics, compute_gap, gap_aware_direction, update_second_moment_
+from .gap_aware import (GapAware, GapStatistics, compute_gap, gap_aware_direction, gap_scalars,
+                        update_second_moment_)
 from .sgd import sgd_step, weight_decayed
 from .staleness_aware import StalenessAware, staleness_aware_lr
 
@@ -33,6 +35,6 @@ def make_policy(name: str, numel: int, **hyper: Any) -> Policy:
 
 __all__ = [
     "ASGD", "DanaGapAware", "DanaZero", "GapAware", "GapStatistics", "POLICIES", "Policy", "StalenessAware",
-    "compute_gap", "dana_look_ahead", "dana_step", "gap_aware_direction", "make_policy", "sgd_step",
+    "compute_gap", "dana_look_ahead", "dana_step", "gap_aware_direction", "gap_scalars", "make_policy", "sgd_step",
     "staleness_aware_lr", "update_second_moment_", "weight_decayed",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import fused
 from .base import Policy, take_tensor
 from .gap_aware import GapPenalty
 from .sgd import weight_decayed
@@ -143,3 +144,6 @@ class DanaGapAware(GapPenalty, DanaZero):
     """
 
     name = "dana-ga"
+
+    def _fused_step(self, worker_id: int) -> fused.Step:
+        return fused.Step(self.momentum, self._buffer(worker_id), self.buffer_sum)

@@ -12,7 +12,9 @@ Barkai, Hakimi and Schuster, "Gap Aware Mitigation of Gradient Staleness", ICLR 
     d   = (g + λ·θ) / Gap
 
 then the common SGD step with ``d``. The pure functions below are what the server's policy and
-the simulator share; :class:`GapStatistics` holds v, k and η_max for GA and DANA-GA.
+the simulator share; :class:`GapStatistics` holds v, k and η_max for GA and DANA-GA. They are
+also the reference for ``fused.py``, which runs the same arithmetic and the step after it in
+one pass of C code where it can.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import fused
 from .asgd import ASGD
 from .base import take_tensor
 from .sgd import weight_decayed
@@ -30,6 +33,20 @@ from .sgd import weight_decayed
 def update_second_moment_(v: Tensor, s: Tensor, *, beta: float) -> None:
     """``v ← β·v + (1−β)·s²``, in place."""
     v.mul_(beta).addcmul_(s, s, value=1 - beta)
+
+
+def gap_scalars(*, k: int, lr_max: float, beta: float, eps: float) -> tuple[float, float] | None:
+    """The two scalars of the Gap, ``(ε·√(1 − βᵏ), √(1 − βᵏ) / η_max)``; ``None`` when ``η_max = 0``.
+
+    ``C = η_max·(sqrt(v / (1 − βᵏ)) + ε) = (η_max / √(1 − βᵏ))·(√v + ε·√(1 − βᵏ))``: the same C
+    without forming v̂, so ``Gap = 1 + (√(1 − βᵏ) / η_max)·|θ − θ⁽ⁱ⁾| / (√v + ε·√(1 − βᵏ))``.
+    """
+    if k < 1:
+        raise ValueError(f"Invalid update count k: {k} (v must have been updated at least once)")
+    if lr_max == 0:
+        return None
+    root_bias = math.sqrt(1 - beta ** k)
+    return eps * root_bias, root_bias / lr_max
 
 
 def compute_gap(theta: Tensor, stale_theta: Tensor, v: Tensor, *, k: int, lr_max: float,
@@ -41,16 +58,13 @@ def compute_gap(theta: Tensor, stale_theta: Tensor, v: Tensor, *, k: int, lr_max
     Where ``C = 0`` the Gap is 1. With ``ε > 0`` that happens exactly when ``η_max = 0`` (nothing
     has moved yet, e.g. a warm-up starting at learning rate 0), and then the Gap is 1 everywhere.
     """
-    if k < 1:
-        raise ValueError(f"Invalid update count k: {k} (v must have been updated at least once)")
-    if lr_max == 0:
+    scalars = gap_scalars(k=k, lr_max=lr_max, beta=beta, eps=eps)
+    if scalars is None:
         return torch.ones_like(theta) if out is None else out.fill_(1.0)
-    root_bias = math.sqrt(1 - beta ** k)
-    # C = η_max·(sqrt(v / (1 − βᵏ)) + ε) = (η_max / √(1 − βᵏ))·(√v + ε·√(1 − βᵏ)): the same C
-    # without forming v̂, and Gap = 1 + (√(1 − βᵏ) / η_max)·|θ − θ⁽ⁱ⁾| / (√v + ε·√(1 − βᵏ)).
-    scaled_c = torch.sqrt(v, out=scratch).add_(eps * root_bias)
+    eps_root_bias, gap_scale = scalars
+    scaled_c = torch.sqrt(v, out=scratch).add_(eps_root_bias)
     gap = torch.sub(theta, stale_theta, out=out).abs_()
-    return torch.addcdiv(theta.new_ones(()), gap, scaled_c, value=root_bias / lr_max, out=gap)
+    return torch.addcdiv(theta.new_ones(()), gap, scaled_c, value=gap_scale, out=gap)
 
 
 def gap_aware_direction(theta: Tensor, grad: Tensor, stale_theta: Tensor, v: Tensor, *, k: int,
@@ -104,6 +118,14 @@ class GapStatistics:
                                              out=scratch[0], gap_out=scratch[1])
         return direction, gap.sum().item()
 
+    def fused_update(self, theta: Tensor, grad: Tensor, stale_theta: Tensor, step: fused.Step, *,
+                     weight_decay: float, lr: float) -> float:
+        """The whole push, :meth:`direction` on every slice then ``step``, in one pass of the fused
+        kernel (:func:`.fused.gap_aware_update_`); returns the sum of the Gaps."""
+        scalars = gap_scalars(k=self.k, lr_max=self.lr_max, beta=self.beta, eps=self.eps)
+        return fused.gap_aware_update_(theta, grad, stale_theta, self.v, step, scalars=scalars, beta=self.beta,
+                                       weight_decay=weight_decay, lr=lr)
+
     def hyperparameters(self) -> dict[str, Any]:
         return {"beta": self.beta, "eps": self.eps}
 
@@ -124,7 +146,9 @@ class GapPenalty:
 
     It owns :class:`GapStatistics`, counts each update into them, and feeds ``s`` (the
     momentum buffer the base policy hands to ``_direction`` before this update, or ``g``
-    without momentum) to their running average.
+    without momentum) to their running average. Where the fused kernel applies
+    (:func:`.fused.applicable`) the whole push runs in it, with the step :meth:`_fused_step`
+    describes; otherwise the base policy's slice walk runs the torch operations.
     """
 
     needs_snapshot = True
@@ -140,7 +164,15 @@ class GapPenalty:
     def _apply(self, theta: Tensor, grad: Tensor, stale_theta: Tensor | None, *,
                lr: float, staleness: int, worker_id: int) -> float:
         self.statistics.begin_update(lr)
+        step = self._fused_step(worker_id)
+        if fused.applicable(theta, grad, stale_theta, self.statistics.v, step):
+            return self.statistics.fused_update(theta, grad, stale_theta, step, weight_decay=self.weight_decay,
+                                                lr=lr) / self.numel
         return super()._apply(theta, grad, stale_theta, lr=lr, staleness=staleness, worker_id=worker_id)
+
+    def _fused_step(self, worker_id: int) -> fused.Step:
+        """The step the base policy takes after the direction, for the fused kernel."""
+        raise NotImplementedError
 
     def _direction(self, part: slice, theta: Tensor, grad: Tensor, stale_theta: Tensor | None,
                    buffer: Tensor | None, scratch: tuple[Tensor, Tensor]) -> tuple[Tensor, float]:
@@ -164,3 +196,6 @@ class GapAware(GapPenalty, ASGD):
     """
 
     name = "gap-aware"
+
+    def _fused_step(self, worker_id: int) -> fused.Step:
+        return fused.Step(self.momentum, self.momentum_buffer, nesterov=self.nesterov)
