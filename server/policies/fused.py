@@ -106,6 +106,14 @@ class _Arguments(ctypes.Structure):
     ]
 
 
+def prepare() -> None:
+    """Builds or loads the kernel now, unless switched off: a policy calls this when it is made, so
+    the first build (about a second and a half) happens as the server starts, not at the first push,
+    under the server's update lock."""
+    if os.environ.get(SWITCH, "1") != "0":
+        kernel()
+
+
 def applicable(theta: Tensor, grad: Tensor, stale_theta: Tensor, v: Tensor, step: Step) -> bool:
     """True when :func:`gap_aware_update_` can run on these tensors: the kernel is built (or builds
     now), it is not switched off, and the tensors are distinct, contiguous float32 CPU tensors

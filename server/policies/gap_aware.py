@@ -157,6 +157,7 @@ class GapPenalty:
                  weight_decay: float = 0.0, beta: float = 0.999, eps: float = 1e-8) -> None:
         super().__init__(numel, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.statistics = GapStatistics(numel, beta=beta, eps=eps)
+        fused.prepare()
 
     def hyperparameters(self) -> dict[str, Any]:
         return {**super().hyperparameters(), **self.statistics.hyperparameters()}
