@@ -148,3 +148,20 @@ def test_one_message_and_streamed_calls_give_the_same_run(inprocess_servers, tra
     finally:
         for client in clients:
             client.close()
+
+
+@pytest.mark.parametrize("window_mib", [0, 1])
+def test_a_model_bigger_than_the_receive_window_moves_exactly(inprocess_servers, window_mib):
+    """8 MB pushed and pulled through 1 MiB stream windows (and gRPC's automatic window): the
+    window paces the transfer, it never truncates or reorders it."""
+    from gapaware.server.app import ServerOptions, receive_window_options
+    from tests.inprocess import small_state
+    assert bool(receive_window_options(window_mib)) == (window_mib > 0)
+    numel = 2_000_000
+    server = inprocess_servers(small_state(numel, policy="asgd", momentum=0.0), ServerOptions(receive_window_mib=window_mib))
+    with WorkerClient(server.address, timeout=60) as client:
+        client.join()
+        version, theta = client.pull()
+        grad = torch.linspace(-1, 1, numel)
+        result, version, after = client.push_pull(grad, version)
+        assert result.applied and torch.equal(after, torch.add(theta, grad, alpha=-0.1))
