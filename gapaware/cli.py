@@ -16,9 +16,9 @@ from gapaware.cli_security import (
     server_security_options,
 )
 from gapaware.common.allocator import enable_huge_pages
+from gapaware.common.choices import NONFINITE_ACTIONS, POLICY_NAMES
 from gapaware.common.config import SCHEDULES, SNAPSHOT_DTYPES, RunConfig
 
-POLICY_NAMES = ("asgd", "staleness-aware", "gap-aware", "dana", "dana-ga")
 
 
 def _fractions(ctx, param, value: str) -> tuple[float, ...]:
@@ -150,7 +150,7 @@ def main() -> None:
               help="Continue the run from the newest valid checkpoint in this directory (a new run when it "
                    "holds none). Its run config is used; run flags given explicitly override it.")
 @server_security_options
-@click.option("--nonfinite", type=click.Choice(["reject", "skip", "apply"]), default="reject", show_default=True,
+@click.option("--nonfinite", type=click.Choice(NONFINITE_ACTIONS), default="reject", show_default=True,
               help="A gradient with NaN or Inf: refuse the push, acknowledge and drop it, or apply it "
                    "(the parameters diverge). Counted in status.")
 @click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=1024, show_default=True,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gapaware.common.choices import NONFINITE_ACTIONS
 from gapaware.common.config import RunConfig, learning_rate
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
@@ -58,11 +59,6 @@ def policy_for(config: RunConfig, numel: int) -> Policy:
     accepted = inspect.signature(POLICIES[config.policy]).parameters
     hyper.update({k: v for k, v in (("beta", config.ga_beta), ("eps", config.ga_eps)) if k in accepted})
     return make_policy(config.policy, numel, **hyper)
-
-
-NONFINITE_ACTIONS = ("reject", "skip", "apply")
-"""What a push with NaN or Inf gets: refused, acknowledged and dropped, or applied as it is (the
-parameters then diverge, as plain arithmetic would: the simulator uses this to report divergence)."""
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
