@@ -47,18 +47,30 @@ class EncodedTensor:
     chunks: list[memoryview]
 
 
-def encode(tensor: torch.Tensor, dtype: int = pb.FLOAT32, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> EncodedTensor:
+def encode(tensor: torch.Tensor, dtype: int = pb.FLOAT32, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *,
+           cast_into: torch.Tensor | None = None) -> EncodedTensor:
     """Splits a flat tensor into chunks of ``chunk_bytes`` in the transport ``dtype``.
 
-    The chunks are views of one contiguous CPU buffer (a cast or a device copy when
-    needed, otherwise no copy at all).
+    The chunks are views of one contiguous CPU buffer: ``tensor`` itself when it already is one
+    in ``dtype``, else a cast or device copy, written into ``cast_into`` when given (a contiguous
+    CPU tensor of ``dtype`` and ``tensor``'s size, reused by the caller: a fresh one costs page
+    faults on every transfer), else into a new tensor. The chunks read that buffer until sent.
     """
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"Invalid chunk size: {chunk_bytes} (1 to {MAX_CHUNK_BYTES} bytes)")
     if tensor.dim() != 1:
         raise ValueError(f"expected a flat tensor, got shape {tuple(tensor.shape)}")
     itemsize(dtype)
-    flat = tensor.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()
+    flat = tensor.detach()
+    if flat.device.type != "cpu" or flat.dtype != TORCH_DTYPES[dtype] or not flat.is_contiguous():
+        if cast_into is None:
+            flat = flat.to("cpu", TORCH_DTYPES[dtype]).contiguous()
+        elif cast_into.shape != flat.shape or cast_into.dtype != TORCH_DTYPES[dtype] \
+                or cast_into.device.type != "cpu" or not cast_into.is_contiguous():
+            raise ValueError(f"cast_into must be a contiguous CPU tensor of {TORCH_DTYPES[dtype]} and shape "
+                             f"{tuple(flat.shape)}, got {cast_into.dtype} of shape {tuple(cast_into.shape)}")
+        else:
+            flat = cast_into.copy_(flat)
     raw = memoryview(flat.view(torch.uint8).numpy())
     chunks = [raw[start:start + chunk_bytes] for start in range(0, len(raw), chunk_bytes)]
     header = pb.TensorHeader(

@@ -19,7 +19,7 @@ import grpc
 import torch
 
 from gapaware.common.codec import (
-    DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, CodecError, EncodedTensor, TensorAssembler, encode, itemsize,
+    DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, TORCH_DTYPES, CodecError, EncodedTensor, TensorAssembler, encode, itemsize,
 )
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
@@ -73,6 +73,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         # Received gradients are written into these, reused push after push: a fresh model-sized
         # tensor per push costs a page fault and the kernel's zeroing on each of its pages.
         self._spare_gradients: list[torch.Tensor] = []
+        # Parameters pulled in a reduced dtype are cast into these, by dtype, reused likewise.
+        self._spare_casts: dict[int, list[torch.Tensor]] = {}
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable, *args,
                     on_refusal: Callable[[str], None] | None = None, **kwargs):
@@ -100,9 +102,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[pb.PullFrame | bytes]:
         await _check_dtype(context, request.dtype or pb.FLOAT32, "pull")
-        version, encoded, lent = await self._call(context, self._pull_encoded, request.worker_id,
-                                                  request.dtype or pb.FLOAT32)
-        async for frame in self._send_parameters(version, encoded, lent):
+        version, encoded, release = await self._call(context, self._pull_encoded, request.worker_id,
+                                                     request.dtype or pb.FLOAT32)
+        async for frame in self._send_parameters(version, encoded, release):
             yield frame
 
     async def Push(self, request_iterator, context) -> pb.PushReply:
@@ -110,9 +112,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return _push_reply(result)
 
     async def PushPull(self, request_iterator, context) -> AsyncIterator[pb.PullFrame | bytes]:
-        result, version, encoded, lent = await self._receive_and_apply(request_iterator, context,
-                                                                       self._push_then_pull, reply=True)
-        async for frame in self._send_parameters(version, encoded, lent, push=_push_reply(result)):
+        result, version, encoded, release = await self._receive_and_apply(request_iterator, context,
+                                                                          self._push_then_pull, reply=True)
+        async for frame in self._send_parameters(version, encoded, release, push=_push_reply(result)):
             yield frame
 
     async def PullWhole(self, request: pb.PullRequest, context) -> bytes:
@@ -224,29 +226,31 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                                  loss=header.loss, seq=header.seq),)
 
     def _pull_encoded(self, worker_id: int, dtype: int,
-                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[int, EncodedTensor, torch.Tensor | None]:
-        """The version, the encoded parameters, and the lent tensor their chunks are views of (None
-        when they are views of a cast copy: the lent tensor is then given back at once)."""
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[int, EncodedTensor, Callable[[], None]]:
+        """The version, the encoded parameters, and what releases the tensor their chunks view once
+        they are sent: the lent θ in float32; in a reduced dtype a cast buffer, kept for the next
+        pull (the lent θ is given back at once)."""
         version, theta = self._state.pull(worker_id, lend=True)
-        encoded = encode(theta, dtype, chunk_bytes)
-        if dtype != pb.FLOAT32:
-            self._state.give_back(theta)
-            return version, encoded, None
-        return version, encoded, theta
+        if dtype == pb.FLOAT32:
+            return version, encode(theta, dtype, chunk_bytes), functools.partial(self._state.give_back, theta)
+        spares = self._spare_casts.setdefault(dtype, [])
+        cast = spares.pop() if spares else torch.empty(theta.numel(), dtype=TORCH_DTYPES[dtype])
+        encoded = encode(theta, dtype, chunk_bytes, cast_into=cast)
+        self._state.give_back(theta)
+        return version, encoded, functools.partial(_keep_spare, spares, cast)
 
     def _push_then_pull(self, header: pb.PushHeader,
-                        grad: torch.Tensor) -> tuple[PushResult, int, EncodedTensor, torch.Tensor | None]:
+                        grad: torch.Tensor) -> tuple[PushResult, int, EncodedTensor, Callable[[], None]]:
         (result,) = self._apply_push(header, grad)
         return (result, *self._pull_encoded(header.worker_id, header.pull_dtype or pb.FLOAT32))
 
     def _pull_whole(self, worker_id: int, dtype: int, push: pb.PushReply | None = None) -> bytes:
         """A serialized ``WholePull``: the parameters in one chunk (the caller checked they fit)."""
-        version, encoded, lent = self._pull_encoded(worker_id, dtype, MAX_CHUNK_BYTES)
+        version, encoded, release = self._pull_encoded(worker_id, dtype, MAX_CHUNK_BYTES)
         (chunk,) = encoded.chunks
         reply = whole_message(pb.PullHeader(version=version, tensor=encoded.header, finished=self._state.finished,
                                             push=push), chunk)
-        if lent is not None:
-            self._state.give_back(lent)
+        release()
         self._metrics.sent(len(chunk))
         return reply
 
@@ -263,10 +267,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                                 f"the model takes {nbytes} bytes in the {what} dtype, more than the {MAX_CHUNK_BYTES} "
                                 "one message carries: use the streaming Pull or PushPull")
 
-    async def _send_parameters(self, version: int, encoded: EncodedTensor, lent: torch.Tensor | None,
+    async def _send_parameters(self, version: int, encoded: EncodedTensor, release: Callable[[], None],
                                push: pb.PushReply | None = None) -> AsyncIterator[pb.PullFrame | bytes]:
         """The reply's frames; the chunks are copied into frames as gRPC takes them. Once the last
-        is taken (or the call ends) the ``lent`` tensor the chunks view is given back."""
+        is taken, or the call ends, ``release`` lets go of the tensor the chunks view: nothing reads
+        it after the generator, as the frames are copies."""
         try:
             yield pb.PullFrame(header=pb.PullHeader(version=version, tensor=encoded.header,
                                                     finished=self._state.finished, push=push))
@@ -274,8 +279,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 self._metrics.sent(len(chunk))
                 yield frame
         finally:
-            if lent is not None:
-                self._state.give_back(lent)
+            release()
 
 
 def add_to_server(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:
@@ -313,6 +317,12 @@ async def _check_dtype(context, dtype: int, what: str) -> None:
         itemsize(dtype)
     except CodecError as error:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what} dtype: {error}")
+
+
+def _keep_spare(spares: list[torch.Tensor], tensor: torch.Tensor) -> None:
+    """Keeps ``tensor`` for reuse unless GRADIENTS_IN_MEMORY spares are kept already."""
+    if len(spares) < GRADIENTS_IN_MEMORY:
+        spares.append(tensor)
 
 
 async def _one(item) -> AsyncIterator:

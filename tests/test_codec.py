@@ -146,3 +146,14 @@ def test_encode_refuses_bad_arguments():
         encode(torch.zeros(4), chunk_bytes=codec.MAX_CHUNK_BYTES + 1)
     with pytest.raises(ValueError, match="Invalid transport dtype"):
         codec.dtype_from_name("int8")
+
+
+def test_encode_casts_into_the_given_tensor_and_refuses_an_unfit_one():
+    tensor = torch.randn(5000)
+    cast = torch.empty(5000, dtype=torch.bfloat16)
+    encoded = encode(tensor, pb.BFLOAT16, 4096, cast_into=cast)
+    assert torch.equal(cast, tensor.to(torch.bfloat16))
+    assert bytes(encoded.chunks[0]) == bytes(cast.view(torch.uint8).numpy()[:4096])
+    assert encode(tensor, pb.FLOAT32, cast_into=torch.empty(1)).header.numel == 5000, "no cast: nothing to write"
+    with pytest.raises(ValueError, match="cast_into must be a contiguous CPU tensor of torch.bfloat16"):
+        encode(tensor, pb.BFLOAT16, cast_into=torch.empty(5000))

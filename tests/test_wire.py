@@ -143,6 +143,9 @@ def test_one_message_and_streamed_calls_give_the_same_run(inprocess_servers, tra
             grad = torch.randn(5000, generator=torch.Generator().manual_seed(step))
             (one, v1, theta1), (streamed, v2, theta2) = (c.push_pull(grad, version) for c in clients)
             assert one == streamed and v1 == v2 and torch.equal(theta1, theta2)
+            if policy == "gap-aware":  # sends θ itself (DANA-GA sends its look-ahead)
+                sent = servers[0].state.theta.to(getattr(torch, transport_dtype)).float()
+                assert torch.equal(theta1, sent), "reused send buffers must hold this pull's parameters"
             version = v1
         assert torch.equal(servers[0].state.theta, servers[1].state.theta)
     finally:

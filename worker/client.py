@@ -6,6 +6,7 @@ themselves.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ import grpc
 import torch
 
 from gapaware.common.codec import (
-    DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, CodecError, EncodedTensor, TensorAssembler, dtype_from_name, encode, itemsize,
+    DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, TORCH_DTYPES, CodecError, EncodedTensor, TensorAssembler, dtype_from_name,
+    encode, itemsize,
 )
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
@@ -102,6 +104,7 @@ class WorkerClient:
             _registered_method=True)
         self._info: JoinInfo | None = None
         self._seq = 0
+        self._spare_cast: torch.Tensor | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def join(self, layout: ParamLayout | None = None, *, device: str = "cpu") -> JoinInfo:
@@ -174,7 +177,9 @@ class WorkerClient:
         with the same ``seq`` is applied at most once (the copy is answered with ``applied=False``).
         None takes :meth:`next_seq`.
         """
-        reply = self._push_stream(self._push_frames(grad, base_version, samples, loss, seq), timeout=self._timeout)
+        with self._cast_buffer() as cast:
+            reply = self._push_stream(self._push_frames(grad, base_version, samples, loss, seq, cast),
+                                      timeout=self._timeout)
         return _result(reply)
 
     def push_pull(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
@@ -182,35 +187,51 @@ class WorkerClient:
                   out: torch.Tensor | None = None) -> tuple[PushResult, int, torch.Tensor]:
         """Push, then receive the parameters after the update: one round trip a step. ``seq`` as in
         :meth:`push`; a retried copy still receives the current parameters; ``out`` as in :meth:`pull`."""
-        if self._one_message():
-            header, encoded = self._push_parts(grad, base_version, samples, loss, seq, MAX_CHUNK_BYTES)
-            (chunk,) = encoded.chunks
-            reply = self._push_pull_whole(whole_message(header, chunk), timeout=self._timeout)
-            header, theta = self._receive_whole(reply, out)
-        else:
-            frames = self._push_pull_frames(self._push_frames(grad, base_version, samples, loss, seq),
-                                         timeout=self._timeout)
-            header, theta = self._receive(frames, out)
+        with self._cast_buffer() as cast:
+            if self._one_message():
+                header, encoded = self._push_parts(grad, base_version, samples, loss, seq, MAX_CHUNK_BYTES, cast)
+                (chunk,) = encoded.chunks
+                reply = self._push_pull_whole(whole_message(header, chunk), timeout=self._timeout)
+                header, theta = self._receive_whole(reply, out)
+            else:
+                frames = self._push_pull_frames(self._push_frames(grad, base_version, samples, loss, seq, cast),
+                                             timeout=self._timeout)
+                header, theta = self._receive(frames, out)
         return _result(header.push), header.version, theta
+
+    @contextlib.contextmanager
+    def _cast_buffer(self) -> Iterator[torch.Tensor | None]:
+        """The tensor a gradient is cast into for a reduced transport dtype (None in float32), reused
+        push after push: a fresh one costs page faults on every step. It is kept for the next push
+        only when this one succeeded: after a failure gRPC may still be reading it."""
+        if self._dtype == pb.FLOAT32:
+            yield None
+            return
+        cast, self._spare_cast = self._spare_cast, None
+        if cast is None or cast.numel() != self.info.layout.numel:
+            cast = torch.empty(self.info.layout.numel, dtype=TORCH_DTYPES[self._dtype])
+        yield cast
+        self._spare_cast = cast
 
     def _one_message(self) -> bool:
         """Whether the model travels whole: at most ``one_message_bytes`` in the transport dtype."""
         return self.info.layout.numel * itemsize(self._dtype) <= self._one_message_bytes
 
-    def _push_frames(self, grad: torch.Tensor, base_version: int, samples: int,
-                     loss: float, seq: int | None) -> Iterator[pb.PushFrame | bytes]:
-        header, encoded = self._push_parts(grad, base_version, samples, loss, seq, self._chunk_bytes)
+    def _push_frames(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None,
+                     cast: torch.Tensor | None) -> Iterator[pb.PushFrame | bytes]:
+        header, encoded = self._push_parts(grad, base_version, samples, loss, seq, self._chunk_bytes, cast)
         yield pb.PushFrame(header=header)
         yield from chunk_frames(encoded)
 
     def _push_parts(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None,
-                    chunk_bytes: int) -> tuple[pb.PushHeader, EncodedTensor]:
-        """The push's header and its encoded gradient (chunks that view ``grad`` or a cast copy)."""
+                    chunk_bytes: int, cast: torch.Tensor | None) -> tuple[pb.PushHeader, EncodedTensor]:
+        """The push's header and its encoded gradient (chunks that view ``grad``, or ``cast`` holding
+        it in the transport dtype)."""
         if grad.dim() != 1 or grad.numel() != self.info.layout.numel:
             raise ValueError(f"gradient must be flat with {self.info.layout.numel} elements, "
                              f"got shape {tuple(grad.shape)}")
         seq = self.next_seq() if seq is None else seq
-        encoded = encode(grad, self._dtype, chunk_bytes)
+        encoded = encode(grad, self._dtype, chunk_bytes, cast_into=cast)
         return pb.PushHeader(worker_id=self.info.worker_id, base_version=base_version, seq=seq, samples=samples,
                              loss=loss, tensor=encoded.header, pull_dtype=self._dtype), encoded
 
