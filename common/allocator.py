@@ -16,10 +16,11 @@ costs more than the copy itself. Raising the mmap threshold to its maximum (32 M
 the trim threshold out of reach makes such blocks come from and go back to the heap. The cost is
 that the process keeps its high-water mark of heap memory. The environment variables
 ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` do the same for a whole process tree.
-``gapaware worker`` and ``gapaware server`` call this at start: the model-sized tensors of a
-transfer are reused explicitly (:mod:`gapaware.server.sent`, ``out=`` on the client), so what the
-setting keeps are the megabyte wire frames of gRPC and the codec. On a 1 MiB push-and-pull it cut
-the server's CPU per call from 5.0-5.8 to 3.9-4.0 ms.
+``gapaware worker`` calls this at start. ``gapaware server`` keeps only blocks up to gRPC's
+largest message (``below``): the megabyte wire frames of gRPC and the codec, which on a 1 MiB
+push-and-pull cut its CPU per call from 5.0-5.8 to 3.9-4.0 ms. Its model-sized tensors are reused
+explicitly (:mod:`gapaware.server.sent`), and a freed one goes back to the kernel instead of
+staying in the server's memory for good (the task's own parameters, for one).
 """
 from __future__ import annotations
 
@@ -45,8 +46,11 @@ def enable_huge_pages() -> None:
     os.environ.setdefault(HUGE_PAGES_ENV, "1")
 
 
-def keep_freed_memory() -> bool:
-    """Sets glibc's thresholds as described above; False (and nothing changed) without glibc."""
+def keep_freed_memory(below: int = MMAP_THRESHOLD_MAX) -> bool:
+    """Sets glibc's thresholds as described above, for blocks smaller than ``below`` bytes (at most
+    32 MiB): bigger ones are mapped and unmapped as usual. False (and nothing changed) without glibc."""
+    if not 0 < below <= MMAP_THRESHOLD_MAX:
+        raise ValueError(f"Invalid threshold: {below} (1 to {MMAP_THRESHOLD_MAX} bytes)")
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt
@@ -54,4 +58,4 @@ def keep_freed_memory() -> bool:
         log.debug("no glibc mallopt: allocator left as it is")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(M_MMAP_THRESHOLD, below)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

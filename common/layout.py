@@ -66,8 +66,9 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 
 def flat_parameters(model: nn.Module) -> torch.Tensor:
-    """The model's parameters as one new flat float32 CPU tensor."""
-    return parameters_to_vector(model.parameters()).detach().to("cpu", torch.float32).clone()
+    """The model's parameters as one new flat float32 CPU tensor (``parameters_to_vector``
+    concatenates, which copies; a cast or device copy may follow, never a third copy)."""
+    return parameters_to_vector(model.parameters()).detach().to("cpu", torch.float32)
 
 
 def load_flat_parameters(model: nn.Module, flat: torch.Tensor) -> None:

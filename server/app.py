@@ -46,6 +46,12 @@ GRPC_OPTIONS = [
 ]
 
 
+SERVER_HEAP_BLOCKS = 8 * 1024 * 1024 + 1
+"""Freed blocks up to gRPC's largest message (8 MiB) stay in the server's heap for the next call;
+model-sized tensors are reused explicitly (:mod:`gapaware.server.sent`), so bigger blocks go back to
+the kernel when freed rather than staying in the server's memory for good."""
+
+
 def receive_window_options(mib: int) -> list[tuple[str, int]]:
     """gRPC options for a fixed receive window of ``mib`` MiB per stream; 0 keeps gRPC's automatic
     window (bandwidth-delay-product probing).
@@ -218,5 +224,5 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
 
 
 def run_server(config: RunConfig, options: ServerOptions) -> dict:
-    keep_freed_memory()
+    keep_freed_memory(below=SERVER_HEAP_BLOCKS)
     return asyncio.run(serve(config, options))
