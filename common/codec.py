@@ -142,6 +142,11 @@ class TensorAssembler:
         self._offset += length
         self._next_index += 1
 
+    @property
+    def elements(self) -> int:
+        """Elements of ``out`` written so far (a chunk may end inside an element)."""
+        return self._cast.elements if self._cast is not None else self._offset // 4
+
     def finish(self) -> torch.Tensor:
         """The received tensor as float32 (``out``), once every chunk arrived and the checksum matches."""
         if self._next_index != self._header.chunk_count or self._offset != self._nbytes:
@@ -165,13 +170,13 @@ class _ChunkCaster:
         self._stage = torch.empty(MAX_CHUNK_BYTES + dtype.itemsize, dtype=torch.uint8)
         self._stage_view = memoryview(self._stage.numpy())
         self._carried = 0      # bytes of an unfinished element at the start of the stage
-        self._element = 0      # elements of out written so far
+        self.elements = 0      # elements of out written so far
 
     def add(self, data: memoryview) -> None:
         end = self._carried + len(data)
         self._stage_view[self._carried:end] = data
         whole = end // self._dtype.itemsize
-        self._out[self._element:self._element + whole].copy_(self._stage[:whole * self._dtype.itemsize].view(self._dtype))
-        self._element += whole
+        self._out[self.elements:self.elements + whole].copy_(self._stage[:whole * self._dtype.itemsize].view(self._dtype))
+        self.elements += whole
         self._carried = end - whole * self._dtype.itemsize
         self._stage_view[:self._carried] = self._stage_view[end - self._carried:end]

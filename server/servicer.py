@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -32,7 +33,7 @@ from gapaware.server.errors import (
     BadPush, InvalidLayout, LayoutMismatch, PushInFlight, RequestRefused, StaleSnapshot, UnknownWorker,
 )
 from gapaware.server.observability import ServerMetrics, rejection_reason
-from gapaware.server.state import ParameterServerState
+from gapaware.server.state import ParameterServerState, all_finite
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 GRADIENTS_IN_MEMORY = 2
@@ -49,6 +50,14 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidLayout: grpc.StatusCode.INVALID_ARGUMENT,
     PushInFlight: grpc.StatusCode.ABORTED,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Gradient:
+    """A received gradient and whether all its elements are finite (checked as it arrived)."""
+
+    values: torch.Tensor
+    finite: bool
 
 
 def status_code_for(error: Exception) -> grpc.StatusCode:
@@ -193,16 +202,21 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return outcome
 
     async def _receive_tensor(self, header: pb.TensorHeader, frames: AsyncIterator, context,
-                              out: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The pushed tensor (in ``out``) and the bytes received. A stream that stalls between chunks is
-        ended, so a worker whose connection died silently mid-push does not keep its push "in progress"
-        forever."""
+                              out: torch.Tensor) -> tuple[Gradient, int]:
+        """The pushed tensor (in ``out``), whether it is free of NaN and Inf, and the bytes received.
+
+        Each chunk's elements are checked for NaN and Inf as they arrive, while they are in cache,
+        instead of in a pass over the whole gradient before the update. A stream that stalls between
+        chunks is ended, so a worker whose connection died silently mid-push does not keep its push
+        "in progress" forever."""
         received = 0
+        finite, checked = True, 0
         try:
             assembler = TensorAssembler(header, expected_numel=self._state.layout.numel, out=out)
             while True:
                 try:
-                    frame = await asyncio.wait_for(anext(frames), self._chunk_timeout)
+                    async with asyncio.timeout(self._chunk_timeout):
+                        frame = await anext(frames)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
@@ -214,16 +228,18 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     raise CodecError(f"{what} arrived inside a push; expected only chunks")
                 received += len(frame.data)
                 assembler.add(frame)
-            return assembler.finish(), received
+                finite = finite and all_finite(out[checked:assembler.elements])
+                checked = assembler.elements
+            return Gradient(assembler.finish(), finite), received
         except CodecError as error:
             self._metrics.push_rejected(rejection_reason(error), received)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
 
     # The three below run in the pool: the update and the encoding (a copy and a checksum of the
     # whole model) stay off the event loop, in one thread hop per call.
-    def _apply_push(self, header: pb.PushHeader, grad: torch.Tensor) -> tuple[PushResult]:
-        return (self._state.push(header.worker_id, grad, base_version=header.base_version, samples=header.samples,
-                                 loss=header.loss, seq=header.seq),)
+    def _apply_push(self, header: pb.PushHeader, grad: Gradient) -> tuple[PushResult]:
+        return (self._state.push(header.worker_id, grad.values, base_version=header.base_version,
+                                 samples=header.samples, loss=header.loss, seq=header.seq, finite=grad.finite),)
 
     def _pull_encoded(self, worker_id: int, dtype: int,
                       chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[int, EncodedTensor, Callable[[], None]]:
@@ -240,7 +256,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return version, encoded, functools.partial(_keep_spare, spares, cast)
 
     def _push_then_pull(self, header: pb.PushHeader,
-                        grad: torch.Tensor) -> tuple[PushResult, int, EncodedTensor, Callable[[], None]]:
+                        grad: Gradient) -> tuple[PushResult, int, EncodedTensor, Callable[[], None]]:
         (result,) = self._apply_push(header, grad)
         return (result, *self._pull_encoded(header.worker_id, header.pull_dtype or pb.FLOAT32))
 
@@ -254,7 +270,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._metrics.sent(len(chunk))
         return reply
 
-    def _push_then_pull_whole(self, header: pb.PushHeader, grad: torch.Tensor) -> tuple[PushResult, bytes]:
+    def _push_then_pull_whole(self, header: pb.PushHeader, grad: Gradient) -> tuple[PushResult, bytes]:
         (result,) = self._apply_push(header, grad)
         return result, self._pull_whole(header.worker_id, header.pull_dtype or pb.FLOAT32, _push_reply(result))
 

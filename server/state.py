@@ -197,7 +197,7 @@ class ParameterServerState:
                                 f"last sent {sent}: pull, then push a gradient computed on what was pulled")
 
     def push(self, worker_id: int, grad: torch.Tensor, *, base_version: int, samples: int = 0,
-             loss: float = math.nan, seq: int = 0) -> PushResult:
+             loss: float = math.nan, seq: int = 0, finite: bool | None = None) -> PushResult:
         """Applies ``grad``, computed by ``worker_id`` on ``base_version``, with the run's policy.
 
         ``seq`` (from 1, increasing per worker; 0 turns the check off) makes the push exactly-once:
@@ -206,10 +206,13 @@ class ParameterServerState:
 
         A gradient with NaN or Inf elements changes nothing: it is refused (``nonfinite="reject"``)
         or acknowledged with ``applied=False`` (``"skip"``), and counted in :attr:`nonfinite_pushes`.
+        ``finite`` says whether ``grad`` is free of them when the caller checked already (the
+        servicer does, chunk by chunk as they arrive); None checks here.
         """
         if grad.shape != self.theta.shape:
             raise BadPush(f"gradient has {grad.numel()} elements, the model has {self.theta.numel()}")
-        finite = all_finite(grad)
+        if finite is None:
+            finite = all_finite(grad)
         with self._lock:
             record = self.members.get(worker_id)
             if seq and seq == record.last_seq and record.last_result is not None:

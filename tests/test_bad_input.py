@@ -261,6 +261,18 @@ def test_all_finite_agrees_with_the_elementwise_test(values, finite):
     assert all_finite(tensor) is finite is bool(torch.isfinite(tensor).all())
 
 
+def test_non_finite_element_split_across_two_chunks_is_found(harness):
+    """Chunks of 4093 bytes: element 1023 (bytes 4092-4095) starts in the first chunk and ends in
+    the second; the check runs chunk by chunk as they arrive, on the elements completed so far."""
+    h = harness()
+    grad = gradient()
+    grad[1023] = float("inf")
+    encoded = encode(grad, chunk_bytes=4093)
+    frames = [pb.PushFrame(header=pb.PushHeader(worker_id=h.worker_id, base_version=h.version, tensor=encoded.header)),
+              *(pb.PushFrame(chunk=chunk) for chunk in chunk_messages(encoded))]
+    h.push_refused(frames, INVALID, "gradient has 1 NaN or Inf elements (of 3000)")
+
+
 def test_non_finite_gradient_is_skipped_and_counted_under_skip(harness):
     h = harness(nonfinite="skip")
     grad = gradient()
