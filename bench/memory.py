@@ -1,6 +1,7 @@
 """Benchmark 5, memory: the server's peak RSS with 1, 16 and 64 joined workers of a 25 MiB model.
 
     python -m bench.memory
+    BENCH_MEMORY_FLAGS="--receive-window 1" python -m bench.memory   # flags for the server
 
 Policy gap-aware, which keeps every worker's θ⁽ⁱ⁾, with float32 and bfloat16 snapshots. Every
 worker joins and pulls, then all push-and-pull at once (one thread each), so that the server
@@ -22,6 +23,7 @@ from gapaware import WorkerClient
 MODEL_BYTES = quick_or(MIB, 25 * MIB)
 WORKERS = quick_or([1, 4], [int(w) for w in os.environ.get("BENCH_MEMORY_WORKERS", "1,16,64").split(",")])
 SNAPSHOT_DTYPES = ("float32", "bfloat16")
+SERVER_FLAGS = os.environ.get("BENCH_MEMORY_FLAGS", "").split()  # e.g. "--receive-window 1"
 
 
 def rss_bytes(pid: int, field: str) -> int:
@@ -35,8 +37,8 @@ def rss_bytes(pid: int, field: str) -> int:
 
 def peak_rss(nbytes: int, workers: int, snapshot_dtype: str) -> int:
     """The server's peak RSS after ``workers`` joined, pulled, and pushed at once."""
-    with gapaware_server(nbytes, "--policy", "gap-aware", "--threads", "1", "--snapshot-dtype", snapshot_dtype) \
-            as server:
+    with gapaware_server(nbytes, "--policy", "gap-aware", "--threads", "1", "--snapshot-dtype", snapshot_dtype,
+                         *SERVER_FLAGS) as server:
         clients = [WorkerClient(server.address) for _ in range(workers)]
         try:
             versions = []
@@ -57,7 +59,7 @@ def peak_rss(nbytes: int, workers: int, snapshot_dtype: str) -> int:
 
 
 def main() -> None:
-    print(f"memory benchmark: {machine_line()}")
+    print(f"memory benchmark: {machine_line()}" + (f", server flags {' '.join(SERVER_FLAGS)}" if SERVER_FLAGS else ""))
     runtime = peak_rss(64 * 1024, 1, "float32")
     rows = []
     for workers in WORKERS:
