@@ -302,11 +302,12 @@ def status(address, as_json, **values) -> None:
 @click.option("--server", "address", default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
 @click.option("--wait", type=float, default=0.0, show_default=True,
               help="Keep asking for up to this many seconds until the server is SERVING.")
-def health(address, wait) -> None:
+@client_security_options
+def health(address, wait, **values) -> None:
     """Ask the server's standard gRPC health service; exit 0 only when it is SERVING."""
     from gapaware.worker.health import wait_until_serving
 
-    status = wait_until_serving(address, wait)
+    status = wait_until_serving(address, wait, client_security_from_options(values))
     click.echo(f"{address}: {status}")
     if status != "SERVING":
         sys.exit(1)

@@ -254,3 +254,14 @@ def test_health_answers_without_the_token_while_the_service_refuses_it(inprocess
     with WorkerClient(server.address, timeout=10) as client, pytest.raises(grpc.RpcError) as refused:
         client.status()
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_command_asks_a_tls_server_over_tls(inprocess_servers, pki):
+    server = serve(inprocess_servers, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca,
+                   token=TOKEN)
+    flags = ["health", "--server", server.address]
+    trusted = CliRunner().invoke(main, [*flags, "--tls-ca", str(pki.ca), "--tls-cert", str(pki.worker.cert),
+                                        "--tls-key", str(pki.worker.key)])
+    assert trusted.exit_code == 0 and "SERVING" in trusted.output, trusted.output
+    plaintext = CliRunner().invoke(main, flags)
+    assert plaintext.exit_code == 1 and "UNREACHABLE" in plaintext.output, plaintext.output
