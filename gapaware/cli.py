@@ -157,6 +157,8 @@ def main() -> None:
               help="Calls served at once; more get RESOURCE_EXHAUSTED.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Torch threads for the updates (memory-bound: more rarely help, and hurt on a busy machine).")
+@click.option("--chunk-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True, metavar="SECONDS",
+              help="A push that sends no chunk for this long is refused with DEADLINE_EXCEEDED (nothing applied).")
 @click.option("--receive-window", "receive_window_mib", type=click.IntRange(min=0, max=1024), default=4,
               show_default=True, metavar="MIB",
               help="gRPC receive window per stream, in MiB: bounds what each pushing worker buffers in the "
@@ -164,7 +166,7 @@ def main() -> None:
 @log_level_option
 def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, lease_seconds, checkpoint_dir,
            checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, max_concurrent_rpcs, threads,
-           receive_window_mib, log_level, **values) -> None:
+           chunk_timeout, receive_window_mib, log_level, **values) -> None:
     """Run the parameter server until the run ends."""
     enable_huge_pages()
     from gapaware.server.app import ServerOptions, run_server
@@ -195,7 +197,7 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
                                          checkpoints=checkpoints, resume=resume, explicit_flags=explicit,
                                          security=security, nonfinite=nonfinite,
                                          max_concurrent_rpcs=max_concurrent_rpcs, threads=threads,
-                                         receive_window_mib=receive_window_mib))
+                                         chunk_timeout=chunk_timeout, receive_window_mib=receive_window_mib))
     except ResumeError as error:
         raise click.ClickException(str(error)) from None
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
+from collections.abc import Callable
 
 import grpc
 
@@ -23,11 +25,36 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 probes and load balancers cannot send one."""
 
 
+REFUSAL_LOG_SECONDS = 10.0
+"""At most one log line about refused calls per this many seconds."""
+
+
+class RefusalLog:
+    """Logs refused calls, at most one line per ``interval`` seconds with the count of those not
+    logged since: a peer that hammers the server with wrong tokens must not flood its log."""
+
+    def __init__(self, interval: float = REFUSAL_LOG_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._next_line = -float("inf")
+        self._unlogged = 0
+
+    def refused(self, method: str, peer: str, reason: str) -> None:
+        now = self._clock()
+        if now < self._next_line:
+            self._unlogged += 1
+            return
+        since = f" ({self._unlogged} more calls refused since the last line)" if self._unlogged else ""
+        log.warning("refused %s from %s: %s%s", method, peer, reason, since)
+        self._unlogged, self._next_line = 0, now + self._interval
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, refusals: RefusalLog | None = None) -> None:
         if not token:
             raise ValueError("TokenAuthInterceptor needs a non-empty token")
         self._expected = bearer(token).encode()
+        self._refusals = refusals or RefusalLog()
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         if handler_call_details.method.startswith(OPEN_SERVICES):
@@ -39,20 +66,22 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         reason = ("wrong token: the client's GAPAWARE_TOKEN or --token-file differs from the server's"
                   if given else
                   f"this server requires a token: set {TOKEN_ENV} or give --token-file on the client")
-        return _refusal(await continuation(handler_call_details), handler_call_details.method, reason)
+        return _refusal(await continuation(handler_call_details), handler_call_details.method, reason,
+                        self._refusals)
 
 
 def _as_bytes(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None, method: str, reason: str) -> grpc.RpcMethodHandler | None:
+def _refusal(handler: grpc.RpcMethodHandler | None, method: str, reason: str,
+             refusals: RefusalLog) -> grpc.RpcMethodHandler | None:
     """A handler of the same kind as ``handler`` that aborts with ``UNAUTHENTICATED``."""
     if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED, which reveals nothing
         return None
 
     async def refuse(request, context: grpc.aio.ServicerContext):
-        log.warning("refused %s from %s: %s", method, context.peer(), reason)
+        refusals.refused(method, context.peer(), reason)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
     if handler.request_streaming and handler.response_streaming:

@@ -210,6 +210,12 @@ def test_server_command_refuses_an_unprotected_network_bind(captured_server_runs
     assert TOKEN not in repr(captured_server_runs), "the token must not show up in logs or reprs"
 
 
+def test_server_command_passes_its_transport_limits(captured_server_runs):
+    assert CliRunner().invoke(main, ["server", "--chunk-timeout", "5", "--receive-window", "0"]).exit_code == 0
+    (options,) = captured_server_runs
+    assert (options.chunk_timeout, options.receive_window_mib) == (5.0, 0)
+
+
 def test_train_hands_security_to_its_processes_as_files_never_the_token(pki, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
@@ -265,3 +271,26 @@ def test_health_command_asks_a_tls_server_over_tls(inprocess_servers, pki):
     assert trusted.exit_code == 0 and "SERVING" in trusted.output, trusted.output
     plaintext = CliRunner().invoke(main, flags)
     assert plaintext.exit_code == 1 and "UNREACHABLE" in plaintext.output, plaintext.output
+
+
+def test_refused_calls_are_logged_at_most_once_per_interval(caplog):
+    from gapaware.server.auth import RefusalLog
+    now = [100.0]
+    refusals = RefusalLog(interval=10.0, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="gapaware.server.auth"):
+        for _ in range(50):
+            refusals.refused("/gapaware.v1.ParameterServer/Status", "ipv4:10.0.0.9:5000", "wrong token")
+            now[0] += 0.01
+        now[0] += 10.0
+        refusals.refused("/gapaware.v1.ParameterServer/Status", "ipv4:10.0.0.9:5000", "wrong token")
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2, lines
+    assert "more calls refused" not in lines[0] and "(49 more calls refused since the last line)" in lines[1]
+
+
+def test_a_flood_of_wrong_tokens_logs_one_line(inprocess_servers, caplog):
+    server = serve(inprocess_servers, token=TOKEN)
+    with caplog.at_level("WARNING", logger="gapaware.server.auth"):
+        for _ in range(20):
+            assert refusal(server.address, token="wrong").code() == grpc.StatusCode.UNAUTHENTICATED
+    assert sum("refused" in record.getMessage() for record in caplog.records) == 1
