@@ -235,8 +235,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             self._metrics.push_rejected(rejection_reason(error), received)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
 
-    # The three below run in the pool: the update and the encoding (a copy and a checksum of the
-    # whole model) stay off the event loop, in one thread hop per call.
+    # The methods below up to _check_one_message run in the pool: the update and the encoding (a
+    # copy and a checksum of the whole model) stay off the event loop, in one thread hop per call.
     def _apply_push(self, header: pb.PushHeader, grad: Gradient) -> tuple[PushResult]:
         return (self._state.push(header.worker_id, grad.values, base_version=header.base_version,
                                  samples=header.samples, loss=header.loss, seq=header.seq, finite=grad.finite),)

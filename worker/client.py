@@ -248,9 +248,8 @@ class WorkerClient:
         return header, assembler.finish()
 
     def _receive_whole(self, reply: WholeTensor, out: torch.Tensor | None) -> tuple[pb.PullHeader, torch.Tensor]:
-        assembler = TensorAssembler(reply.header.tensor, expected_numel=self.info.layout.numel, out=out)
-        assembler.add(ChunkView(0, reply.data))
-        return reply.header, assembler.finish()
+        """A whole reply is a stream of one header and one chunk: :meth:`_receive` checks it alike."""
+        return self._receive((reply.header, ChunkView(0, reply.data)), out)
 
 
 def _result(reply: pb.PushReply) -> PushResult:
