@@ -65,8 +65,7 @@ def encode(tensor: torch.Tensor, dtype: int = pb.FLOAT32, chunk_bytes: int = DEF
     if flat.device.type != "cpu" or flat.dtype != TORCH_DTYPES[dtype] or not flat.is_contiguous():
         if cast_into is None:
             flat = flat.to("cpu", TORCH_DTYPES[dtype]).contiguous()
-        elif cast_into.shape != flat.shape or cast_into.dtype != TORCH_DTYPES[dtype] \
-                or cast_into.device.type != "cpu" or not cast_into.is_contiguous():
+        elif not _fits(cast_into, TORCH_DTYPES[dtype], flat.numel()):
             raise ValueError(f"cast_into must be a contiguous CPU tensor of {TORCH_DTYPES[dtype]} and shape "
                              f"{tuple(flat.shape)}, got {cast_into.dtype} of shape {tuple(cast_into.shape)}")
         else:
@@ -77,6 +76,13 @@ def encode(tensor: torch.Tensor, dtype: int = pb.FLOAT32, chunk_bytes: int = DEF
         dtype=dtype, numel=flat.numel(), chunk_count=len(chunks), crc32c=crc32c.crc32c(raw)
     )
     return EncodedTensor(header, chunks)
+
+
+def _fits(buffer: torch.Tensor, dtype: torch.dtype, numel: int) -> bool:
+    """Whether a caller's ``buffer`` can hold ``numel`` elements of ``dtype`` as the codec writes them:
+    a flat contiguous CPU tensor of exactly that size and dtype."""
+    return buffer.shape == (numel,) and buffer.dtype == dtype and buffer.device.type == "cpu" \
+        and buffer.is_contiguous()
 
 
 def chunk_messages(encoded: EncodedTensor) -> Iterator[pb.Chunk]:
@@ -112,8 +118,7 @@ class TensorAssembler:
             )
         if out is None:
             out = torch.empty(expected_numel)
-        elif out.shape != (expected_numel,) or out.dtype != torch.float32 or not out.is_contiguous() \
-                or out.device.type != "cpu":
+        elif not _fits(out, torch.float32, expected_numel):
             raise ValueError(f"out must be a contiguous flat float32 CPU tensor of {expected_numel} elements, "
                              f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}")
         self._header = header
