@@ -95,7 +95,9 @@ def test_scale_up_then_sigterm_three_and_sigkill_one(servers, tmp_path):
 
 def test_server_killed_and_resumed_from_the_previous_checkpoint_when_the_newest_is_torn(servers, tmp_path):
     ckpt = tmp_path / "ckpt"
-    flags = ("--task", "digits-mlp", "--max-updates", "900", "--eval-every", "100", "--lease-seconds", "5",
+    # The resumed run is long enough (seconds) for both workers to rejoin it before it ends: a worker
+    # that finds the server gone after the run would retry until --retry-give-up-after.
+    flags = ("--task", "digits-mlp", "--max-updates", "2400", "--eval-every", "300", "--lease-seconds", "5",
              "--checkpoint-every", "100", "--keep-checkpoints", "4")
     first = servers(*flags, "--checkpoint-dir", str(ckpt), name="first")
     workers = [start_worker(first.address, tmp_path, i, *FAST_RETRY) for i in range(2)]
@@ -117,14 +119,14 @@ def test_server_killed_and_resumed_from_the_previous_checkpoint_when_the_newest_
     assert f"skipping checkpoint {files[-1]}" in log
     assert f"version {previous_version}, " in log, log
     final = second.records("final")[-1]
-    assert final["version"] == final["pushes"] == 900, "the version and the totals continue from the checkpoint"
+    assert final["version"] == final["pushes"] == 2400, "the version and the totals continue from the checkpoint"
     evals = [r["version"] for r in second.records("eval")]
     assert evals and min(evals) >= previous_version, "the resumed server evaluates from the restored version on"
     assert final["accuracy"] >= 0.9, final
     for i in range(2):
         text = (tmp_path / f"worker-{i}.log").read_text()
         assert "joined again as worker 1000" in text, text
-    assert sorted(p.name for p in ckpt.glob("*"))[-1] == "checkpoint-i0001-v0000000900.safetensors"
+    assert sorted(p.name for p in ckpt.glob("*"))[-1] == "checkpoint-i0001-v0000002400.safetensors"
 
 
 def test_worker_procs_parent_forwards_sigterm_and_every_child_leaves(servers, tmp_path):

@@ -33,11 +33,15 @@ from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
-    # Reconnect within seconds once a restarted server or a healed network is back (gRPC's own
-    # default backs off up to 2 minutes); the retry policy above the client paces the calls.
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.min_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 5000),
+    # The retry policy above the client paces the calls (--retry-max-backoff); the channel must be
+    # connected by the time a retry comes, or the retry fails fast and a restarted server is
+    # reached one backoff later. So the channel tries to connect at least once a second (gRPC's
+    # default backs off up to 2 minutes) and gives each attempt 5 s, enough for a TLS handshake
+    # across continents ("min_reconnect_backoff" is the connect timeout: gRPC's
+    # doc/connection-backoff.md, MIN_CONNECT_TIMEOUT).
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.min_reconnect_backoff_ms", 5000),
 ]
 
 
