@@ -6,13 +6,15 @@ builds in milliseconds and a worker's step costs nothing but the transfer.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from gapaware.common.tasks import Task
+from gapaware.common.tasks import Task, load_task
 
 MIB = 1024 * 1024
 FEATURES, CLASSES = 8, 2
@@ -44,3 +46,25 @@ flat_100mib = functools.partial(flat_task, 100 * MIB)
 
 TASKS = {64 * 1024: "bench.models:flat_64kib", MIB: "bench.models:flat_1mib",
          25 * MIB: "bench.models:flat_25mib", 100 * MIB: "bench.models:flat_100mib"}
+
+
+class SlowLoadingDataset(Dataset):
+    """``dataset`` whose every item takes ``seconds`` to load, as from a network file system: a
+    ``Dataset`` that is not a ``TensorDataset`` goes through a ``DataLoader``, item by item."""
+
+    def __init__(self, dataset: Dataset, seconds: float) -> None:
+        self._dataset = dataset
+        self._seconds = seconds
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, index: int):
+        time.sleep(self._seconds)
+        return self._dataset[index]
+
+
+def slow_loading_digits() -> Task:
+    """digits-mlp whose training examples each wait 50 µs to load (``time.sleep``: on Linux about 0.14 ms)."""
+    task = load_task("digits-mlp")
+    return dataclasses.replace(task, train=SlowLoadingDataset(task.train, 50e-6))

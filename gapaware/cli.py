@@ -211,6 +211,9 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
 @click.option("--threads", type=int, default=1, show_default=True, help="Torch threads in this process.")
 @click.option("--transport-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="dtype of gradients and parameters on the wire.")
+@click.option("--prefetch-batches", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Batches loaded ahead in a background thread, overlapping the model's compute and the "
+                   "round trip to the server; 0 loads each batch in the training thread.")
 @click.option("--procs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes to run on this host; {i} in --device becomes each one's index "
                    "(--device cuda:{i}).")
@@ -224,8 +227,8 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
               help="Give up (exit 1) after retrying one call for this many seconds.")
 @client_security_options
 @log_level_option
-def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, procs, rpc_timeout,
-           retry_initial_backoff, retry_max_backoff, retry_give_up_after, log_level, **values) -> None:
+def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, prefetch_batches, procs,
+           rpc_timeout, retry_initial_backoff, retry_max_backoff, retry_give_up_after, log_level, **values) -> None:
     """Join a server and train until the run ends (SIGTERM/SIGINT: leave and exit 0)."""
     enable_huge_pages()
     from gapaware.worker.loop import WorkerOptions, run_worker
@@ -245,7 +248,8 @@ def worker(address, device, batch_size, task, data_dir, threads, transport_dtype
         raise click.UsageError(str(error)) from None
     run_worker(WorkerOptions(server=address, device=_device_for(device, 0), batch_size=batch_size, task=task,
                              data_dir=data_dir, threads=threads, transport_dtype=transport_dtype,
-                             rpc_timeout=rpc_timeout, retry=retry, security=client_security_from_options(values)))
+                             prefetch_batches=prefetch_batches, rpc_timeout=rpc_timeout, retry=retry,
+                             security=client_security_from_options(values)))
 
 
 def _device_for(device: str, index: int) -> str:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-BENCHMARKS = ["transport", "server_update", "end_to_end", "scale", "memory"]
+BENCHMARKS = ["transport", "server_update", "end_to_end", "scale", "memory", "overlap"]
 
 
 def table_rows(output: str) -> list[list[str]]:

@@ -15,7 +15,9 @@ from tests.processes import start_worker
 def test_three_workers_train_digits_mlp_to_real_accuracy(servers, tmp_path):
     server = servers("--task", "digits-mlp", "--policy", "gap-aware", "--lr", "0.05", "--max-updates", "900",
                      "--eval-every", "300")
-    workers = [start_worker(server.address, tmp_path, i) for i in range(3)]
+    # Worker 0 loads its batches in the training thread, the others a prefetch thread ahead.
+    workers = [start_worker(server.address, tmp_path, i, *(("--prefetch-batches", "0") if i == 0 else ()))
+               for i in range(3)]
 
     seen_live = set()
     with WorkerClient(server.address, timeout=10) as client:

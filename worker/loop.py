@@ -11,7 +11,8 @@ clusters do to it:
   parameters and carries on (the gradient computed on the forgotten snapshot is dropped);
 * SIGTERM or SIGINT: the step in progress is abandoned, the worker leaves and exits 0.
 
-A heartbeat thread keeps the lease alive while a step computes.
+A heartbeat thread keeps the lease alive while a step computes, and a prefetch thread loads the
+next batches while the step computes and its round trip is in flight (:mod:`gapaware.worker.prefetch`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from gapaware.common.security import ClientSecurity
 from gapaware.common.tasks import load_task
 from gapaware.worker.client import WorkerClient
 from gapaware.worker.heartbeat import Heartbeat
+from gapaware.worker.prefetch import Prefetcher
 from gapaware.worker.retry import RetryAborted, RetryPolicy, call_with_retries
 
 log = logging.getLogger("gapaware.worker")
@@ -51,6 +53,7 @@ class WorkerOptions:
     data_dir: str | None = None
     threads: int = 1                  # torch intra-op threads for this process
     transport_dtype: str = "float32"
+    prefetch_batches: int = 2         # batches loaded ahead in a thread (worker/prefetch.py); 0: none
     rpc_timeout: float = 60.0         # seconds one call may take before it is retried
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     security: ClientSecurity = field(default_factory=ClientSecurity)
@@ -153,7 +156,8 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
     steps = applied = 0
     # Received parameters and sent gradients live in two tensors reused every step (see pull's out).
     received, gradient = torch.empty(info.layout.numel), torch.empty(info.layout.numel)
-    with Heartbeat(client, interval=info.lease_seconds / 3) as heartbeat:
+    loading = Prefetcher(data, options.prefetch_batches) if options.prefetch_batches else contextlib.nullcontext(data)
+    with Heartbeat(client, interval=info.lease_seconds / 3) as heartbeat, loading as data:
         version, theta = registration.pull(received)
         finished = info.finished
         while not (finished or stop.is_set()):
