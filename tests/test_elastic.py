@@ -45,6 +45,11 @@ def server_push_counts(log_text: str) -> dict[int, int]:
     return counts
 
 
+def checkpoint_versions(directory) -> list[int]:
+    """The versions of the checkpoints in ``directory``, oldest first."""
+    return sorted(int(re.search(r"-v(\d+)", f.name).group(1)) for f in directory.glob("checkpoint-*.safetensors"))
+
+
 def test_scale_up_then_sigterm_three_and_sigkill_one(servers, tmp_path):
     ckpt = tmp_path / "ckpt"
     server = servers("--task", "digits-mlp", "--max-updates", "20000", "--schedule", "constant", "--lr", "0.05",
@@ -102,12 +107,15 @@ def test_server_killed_and_resumed_from_the_previous_checkpoint_when_the_newest_
     first = servers(*flags, "--checkpoint-dir", str(ckpt), name="first")
     workers = [start_worker(first.address, tmp_path, i, *FAST_RETRY) for i in range(2)]
     wait_status(first.address, lambda s: s.version >= 320, what="version 320")
+    deadline = time.monotonic() + 60  # checkpoints are written in the background: the one at 300 may lag
+    while max(checkpoint_versions(ckpt), default=-1) < 300:
+        assert time.monotonic() < deadline, f"no checkpoint at version 300 or later: {checkpoint_versions(ckpt)}"
+        time.sleep(0.05)
     first.proc.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
 
     files = sorted(ckpt.glob("checkpoint-*.safetensors"))
-    newest_version = int(re.search(r"-v(\d+)", files[-1].name).group(1))
-    previous_version = int(re.search(r"-v(\d+)", files[-2].name).group(1))
+    previous_version, newest_version = checkpoint_versions(ckpt)[-2:]
     assert newest_version >= 300 and 200 <= previous_version < newest_version, [f.name for f in files]
     os.truncate(files[-1], files[-1].stat().st_size // 2)
 
