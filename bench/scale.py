@@ -50,6 +50,8 @@ class Client:
             if header is None:
                 header = frame.header
                 assembler = TensorAssembler(header.tensor, expected_numel=self.numel)
+            elif frame.WhichOneof("frame") == "trailer":
+                assembler.add_trailer(frame.trailer)
             else:
                 assembler.add(frame.chunk)
         return header.version, assembler.finish()

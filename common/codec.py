@@ -2,7 +2,10 @@
 
 A tensor travels as a :class:`~gapaware.proto.parameter_server_pb2.TensorHeader`
 (dtype, element count, chunk count, CRC-32C of the payload) and then chunks of raw
-little-endian bytes of at most :data:`MAX_CHUNK_BYTES`. The transport dtype
+little-endian bytes of at most :data:`MAX_CHUNK_BYTES`. A stream may send the CRC-32C in a
+:class:`~gapaware.proto.parameter_server_pb2.TensorTrailer` after its last chunk instead
+(``crc_in_trailer``): its sender then checksums each chunk as it goes out rather than
+reading the whole tensor before the header can leave. The transport dtype
 (float32, bfloat16, float16) is a choice made here, not a branch in server or
 worker: :func:`encode` casts on the way out and :class:`TensorAssembler` casts
 back to float32 on the way in, after checking everything the header claims.
@@ -48,13 +51,15 @@ class EncodedTensor:
 
 
 def encode(tensor: torch.Tensor, dtype: int = pb.FLOAT32, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *,
-           cast_into: torch.Tensor | None = None) -> EncodedTensor:
+           cast_into: torch.Tensor | None = None, crc_in_trailer: bool = False) -> EncodedTensor:
     """Splits a flat tensor into chunks of ``chunk_bytes`` in the transport ``dtype``.
 
     The chunks are views of one contiguous CPU buffer: ``tensor`` itself when it already is one
     in ``dtype``, else a cast or device copy, written into ``cast_into`` when given (a contiguous
     CPU tensor of ``dtype`` and ``tensor``'s size, reused by the caller: a fresh one costs page
     faults on every transfer), else into a new tensor. The chunks read that buffer until sent.
+    The header holds the payload's CRC-32C, or with ``crc_in_trailer`` says that a trailer will
+    (:func:`gapaware.common.wire.chunk_frames` computes it while it frames the chunks).
     """
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"Invalid chunk size: {chunk_bytes} (1 to {MAX_CHUNK_BYTES} bytes)")
@@ -72,9 +77,8 @@ def encode(tensor: torch.Tensor, dtype: int = pb.FLOAT32, chunk_bytes: int = DEF
             flat = cast_into.copy_(flat)
     raw = memoryview(flat.view(torch.uint8).numpy())
     chunks = [raw[start:start + chunk_bytes] for start in range(0, len(raw), chunk_bytes)]
-    header = pb.TensorHeader(
-        dtype=dtype, numel=flat.numel(), chunk_count=len(chunks), crc32c=crc32c.crc32c(raw)
-    )
+    header = pb.TensorHeader(dtype=dtype, numel=flat.numel(), chunk_count=len(chunks), crc_in_trailer=crc_in_trailer,
+                             crc32c=0 if crc_in_trailer else crc32c.crc32c(raw))
     return EncodedTensor(header, chunks)
 
 
@@ -91,7 +95,8 @@ def chunk_messages(encoded: EncodedTensor) -> Iterator[pb.Chunk]:
 
 
 class TensorAssembler:
-    """Receives the chunks that follow a header and checks all of it.
+    """Receives the chunks that follow a header (and the trailer, when the header announces one)
+    and checks all of it.
 
     ``expected_numel`` is the element count the receiver needs (the model's size);
     a header claiming any other count is refused before a byte is allocated, so a
@@ -128,8 +133,11 @@ class TensorAssembler:
         self._offset = 0
         self._next_index = 0
         self._crc = 0
+        self._trailer: pb.TensorTrailer | None = None
 
     def add(self, chunk: pb.Chunk) -> None:
+        if self._trailer is not None:
+            raise CodecError(f"chunk {chunk.index} arrived after the trailer, which ends the stream")
         if chunk.index != self._next_index:
             raise CodecError(f"chunk {chunk.index} arrived where chunk {self._next_index} was expected")
         if self._next_index >= self._header.chunk_count:
@@ -147,6 +155,14 @@ class TensorAssembler:
         self._offset += length
         self._next_index += 1
 
+    def add_trailer(self, trailer: pb.TensorTrailer) -> None:
+        """The frame after the last chunk of a stream whose header set ``crc_in_trailer``."""
+        if not self._header.crc_in_trailer:
+            raise CodecError("a trailer arrived but the header carries the checksum and announced none")
+        if self._trailer is not None:
+            raise CodecError("a second trailer arrived")
+        self._trailer = trailer
+
     @property
     def elements(self) -> int:
         """Elements of ``out`` written so far (a chunk may end inside an element)."""
@@ -159,8 +175,12 @@ class TensorAssembler:
                 f"stream ended after {self._next_index} of {self._header.chunk_count} chunks "
                 f"({self._offset} of {self._nbytes} bytes)"
             )
-        if self._crc != self._header.crc32c:
-            raise CodecError(f"checksum mismatch: payload CRC-32C {self._crc:#010x}, header says {self._header.crc32c:#010x}")
+        if self._header.crc_in_trailer and self._trailer is None:
+            raise CodecError("stream ended without the trailer its header announced")
+        expected, where = (self._trailer.crc32c, "trailer") if self._trailer is not None else \
+            (self._header.crc32c, "header")
+        if self._crc != expected:
+            raise CodecError(f"checksum mismatch: payload CRC-32C {self._crc:#010x}, {where} says {expected:#010x}")
         return self._out
 
 

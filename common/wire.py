@@ -1,7 +1,7 @@
 """Tensor chunks written straight in protobuf's wire format, and read back without copies.
 
-``PushFrame`` and ``PullFrame`` (proto/parameter_server.proto) are a oneof of ``header = 1``
-and ``chunk = 2``, and a ``Chunk`` is ``index = 1`` (varint) and ``data = 2`` (bytes). Building
+``PushFrame`` and ``PullFrame`` (proto/parameter_server.proto) are a oneof of ``header = 1``,
+``chunk = 2`` and ``trailer = 3``, and a ``Chunk`` is ``index = 1`` (varint) and ``data = 2`` (bytes). Building
 a message object per chunk costs two extra copies of its megabyte of data (into the message,
 then into the serialized string). :func:`chunk_frame` writes the same bytes a protobuf library
 would (tag, varint length, raw data: one copy), and :func:`frame_parser` reads a received frame
@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import crc32c
 from google.protobuf.message import Message
 
 from gapaware.common.codec import EncodedTensor
@@ -27,6 +28,8 @@ _CHUNK_TAG = 0x12    # field 2, length-delimited (the frame's chunk, and the chu
 _INDEX_TAG = 0x08    # field 1, varint
 _HEADER_TAG = 0x0A   # field 1, length-delimited (a whole message's header)
 _DATA_TAG = 0x12     # field 2, length-delimited (a whole message's data)
+_TRAILER_TAG = 0x1A  # field 3, length-delimited (the frame's trailer)
+_CRC_TAG = 0x0D      # field 1, fixed32 (the trailer's crc32c)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +59,23 @@ def chunk_frame(index: int, data: memoryview) -> bytes:
 
 
 def chunk_frames(encoded: EncodedTensor) -> Iterator[bytes]:
-    """The serialized chunk frames of ``encoded``, in order."""
+    """The serialized chunk frames of ``encoded``, in order, then its trailer frame when its header
+    announces one: the CRC-32C is computed chunk by chunk as each is framed, while it is in cache."""
+    crc = 0
     for index, data in enumerate(encoded.chunks):
         yield chunk_frame(index, data)
+        if encoded.header.crc_in_trailer:
+            crc = crc32c.crc32c(data, value=crc)
+    if encoded.header.crc_in_trailer:
+        yield trailer_frame(crc)
+
+
+def trailer_frame(crc: int) -> bytes:
+    """The serialized ``PushFrame``/``PullFrame`` holding ``TensorTrailer(crc32c=crc)``, byte for
+    byte what protobuf writes (a CRC of 0, proto3's default, is left out)."""
+    if crc == 0:
+        return bytes((_TRAILER_TAG, 0))
+    return bytes((_TRAILER_TAG, 5, _CRC_TAG)) + crc.to_bytes(4, "little")
 
 
 def serialize_frame(frame: bytes | Message) -> bytes:
@@ -108,8 +125,8 @@ def _fast_chunk(view: memoryview) -> ChunkView | None:
 def frame_parser(frame_type: type[Message]) -> Callable[[bytes], Message | ChunkView | None]:
     """gRPC deserializer for ``frame_type`` (``PushFrame`` or ``PullFrame``).
 
-    Returns a :class:`ChunkView` for a chunk, the header message for a header, and None for a
-    frame that holds neither (the receiver refuses it).
+    Returns a :class:`ChunkView` for a chunk, the header or trailer message for a header or a
+    trailer, and None for a frame that holds none of them (the receiver refuses it).
     """
 
     def parse(raw: bytes) -> Message | ChunkView | None:
@@ -120,7 +137,7 @@ def frame_parser(frame_type: type[Message]) -> Callable[[bytes], Message | Chunk
         kind = frame.WhichOneof("frame")
         if kind == "chunk":
             return ChunkView(frame.chunk.index, memoryview(frame.chunk.data))
-        return frame.header if kind == "header" else None
+        return getattr(frame, kind) if kind in ("header", "trailer") else None
 
     return parse
 

@@ -19,16 +19,24 @@ BFLOAT16: DType
 FLOAT16: DType
 
 class TensorHeader(_message.Message):
-    __slots__ = ("dtype", "numel", "chunk_count", "crc32c")
+    __slots__ = ("dtype", "numel", "chunk_count", "crc32c", "crc_in_trailer")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUMEL_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
+    CRC_IN_TRAILER_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     numel: int
     chunk_count: int
     crc32c: int
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., numel: _Optional[int] = ..., chunk_count: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
+    crc_in_trailer: bool
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., numel: _Optional[int] = ..., chunk_count: _Optional[int] = ..., crc32c: _Optional[int] = ..., crc_in_trailer: _Optional[bool] = ...) -> None: ...
+
+class TensorTrailer(_message.Message):
+    __slots__ = ("crc32c",)
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    crc32c: int
+    def __init__(self, crc32c: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "data")
@@ -115,12 +123,14 @@ class PullHeader(_message.Message):
     def __init__(self, version: _Optional[int] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., finished: _Optional[bool] = ..., push: _Optional[_Union[PushReply, _Mapping]] = ...) -> None: ...
 
 class PullFrame(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
     header: PullHeader
     chunk: Chunk
-    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    trailer: TensorTrailer
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[TensorTrailer, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
     __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull_dtype")
@@ -141,12 +151,14 @@ class PushHeader(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class PushFrame(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     chunk: Chunk
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    trailer: TensorTrailer
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[TensorTrailer, _Mapping]] = ...) -> None: ...
 
 class WholePull(_message.Message):
     __slots__ = ("header", "data")

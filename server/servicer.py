@@ -223,9 +223,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     self._metrics.push_rejected("stalled", received)
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"push stalled: no chunk for {self._chunk_timeout:g}s; nothing was applied")
+                if isinstance(frame, pb.TensorTrailer):
+                    assembler.add_trailer(frame)
+                    continue
                 if not isinstance(frame, ChunkView):
-                    what = "a second header" if isinstance(frame, pb.PushHeader) else "a frame with neither"
-                    raise CodecError(f"{what} arrived inside a push; expected only chunks")
+                    what = "a second header" if isinstance(frame, pb.PushHeader) else "an empty frame"
+                    raise CodecError(f"{what} arrived inside a push; expected only chunks and a trailer")
                 received += len(frame.data)
                 assembler.add(frame)
                 finite = finite and all_finite(out[checked:assembler.elements])
@@ -236,22 +239,27 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
 
     # The methods below up to _check_one_message run in the pool: the update and the encoding (a
-    # copy and a checksum of the whole model) stay off the event loop, in one thread hop per call.
+    # copy of the whole model, and for a whole message its checksum) stay off the event loop, in
+    # one thread hop per call. A stream's checksum is computed chunk by chunk as the chunks are
+    # framed for gRPC, while each is in cache.
     def _apply_push(self, header: pb.PushHeader, grad: Gradient) -> tuple[PushResult]:
         return (self._state.push(header.worker_id, grad.values, base_version=header.base_version,
                                  samples=header.samples, loss=header.loss, seq=header.seq, finite=grad.finite),)
 
-    def _pull_encoded(self, worker_id: int, dtype: int,
-                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[int, EncodedTensor, Callable[[], None]]:
+    def _pull_encoded(self, worker_id: int, dtype: int, *,
+                      whole: bool = False) -> tuple[int, EncodedTensor, Callable[[], None]]:
         """The version, the encoded parameters, and what releases the tensor their chunks view once
         they are sent: the lent θ in float32; in a reduced dtype a cast buffer, kept for the next
-        pull (the lent θ is given back at once)."""
+        pull (the lent θ is given back at once). A stream's checksum goes in its trailer, so that its
+        header leaves before a pass over θ; a ``whole`` message (one chunk) has it in the header."""
         version, theta = self._state.pull(worker_id, lend=True)
+        chunk_bytes, crc_in_trailer = (MAX_CHUNK_BYTES, False) if whole else (DEFAULT_CHUNK_BYTES, True)
         if dtype == pb.FLOAT32:
-            return version, encode(theta, dtype, chunk_bytes), functools.partial(self._state.give_back, theta)
+            return (version, encode(theta, dtype, chunk_bytes, crc_in_trailer=crc_in_trailer),
+                    functools.partial(self._state.give_back, theta))
         spares = self._spare_casts.setdefault(dtype, [])
         cast = spares.pop() if spares else torch.empty(theta.numel(), dtype=TORCH_DTYPES[dtype])
-        encoded = encode(theta, dtype, chunk_bytes, cast_into=cast)
+        encoded = encode(theta, dtype, chunk_bytes, cast_into=cast, crc_in_trailer=crc_in_trailer)
         self._state.give_back(theta)
         return version, encoded, functools.partial(_keep_spare, spares, cast)
 
@@ -262,7 +270,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     def _pull_whole(self, worker_id: int, dtype: int, push: pb.PushReply | None = None) -> bytes:
         """A serialized ``WholePull``: the parameters in one chunk (the caller checked they fit)."""
-        version, encoded, release = self._pull_encoded(worker_id, dtype, MAX_CHUNK_BYTES)
+        version, encoded, release = self._pull_encoded(worker_id, dtype, whole=True)
         (chunk,) = encoded.chunks
         reply = whole_message(pb.PullHeader(version=version, tensor=encoded.header, finished=self._state.finished,
                                             push=push), chunk)
@@ -291,9 +299,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         try:
             yield pb.PullFrame(header=pb.PullHeader(version=version, tensor=encoded.header,
                                                     finished=self._state.finished, push=push))
-            for chunk, frame in zip(encoded.chunks, chunk_frames(encoded)):
+            frames = chunk_frames(encoded)
+            for chunk, frame in zip(encoded.chunks, frames):
                 self._metrics.sent(len(chunk))
                 yield frame
+            for trailer in frames:
+                yield trailer
         finally:
             release()
 

@@ -134,6 +134,42 @@ def test_checksum_that_does_not_match(harness):
     h.push_refused(h.frames(tensor={"crc32c": frames[0].header.tensor.crc32c ^ 1}), INVALID, "checksum mismatch")
 
 
+def trailed(frames: list[pb.PushFrame], crc_delta: int = 0) -> list[pb.PushFrame]:
+    """``frames`` with the checksum moved from the header to a trailer (plus ``crc_delta``, xored)."""
+    header = pb.PushFrame()
+    header.CopyFrom(frames[0])
+    crc, header.header.tensor.crc32c, header.header.tensor.crc_in_trailer = header.header.tensor.crc32c, 0, True
+    return [header, *frames[1:], pb.PushFrame(trailer=pb.TensorTrailer(crc32c=crc ^ crc_delta))]
+
+
+def test_trailer_checksum_that_does_not_match(harness):
+    h = harness()
+    h.push_refused(trailed(h.frames(), crc_delta=1), INVALID, "checksum mismatch: payload CRC-32C")
+
+
+def test_trailer_announced_but_missing(harness):
+    h = harness()
+    h.push_refused(trailed(h.frames())[:-1], INVALID, "stream ended without the trailer its header announced")
+
+
+def test_chunk_after_the_trailer(harness):
+    h = harness()
+    frames = trailed(h.frames())
+    h.push_refused([*frames[:-2], frames[-1], frames[-2]], INVALID, "chunk 2 arrived after the trailer")
+
+
+def test_trailer_not_announced(harness):
+    h = harness()
+    frames = h.frames()
+    h.push_refused([*frames, trailed(frames)[-1]], INVALID, "the header carries the checksum and announced none")
+
+
+def test_whole_push_announcing_a_trailer(harness):
+    h = harness()
+    h.refused(lambda: h.stub.PushPullWhole(whole_push(trailed(h.frames())[:-1]), timeout=20), INVALID,
+              "stream ended without the trailer its header announced")
+
+
 def test_corrupted_payload(harness):
     h = harness()
     frames = h.frames()

@@ -1,4 +1,5 @@
 """The codec: exact round trips, and every malformed stream refused with a clear reason."""
+import crc32c
 import pytest
 import torch
 
@@ -127,6 +128,47 @@ def test_chunks_out_of_order_missing_or_extra_are_rejected():
         feed(header, [chunks[0], chunks[1], *chunks[3:]], 5000)
     with pytest.raises(CodecError, match="more chunks than"):
         feed(header, [*chunks, pb.Chunk(index=len(chunks), data=b"\0\0\0\0")], 5000)
+
+
+def trailed(tensor):
+    """The header, chunks and trailer of a stream that sends its checksum last."""
+    encoded = encode(tensor, chunk_bytes=4096, crc_in_trailer=True)
+    raw = b"".join(bytes(c) for c in encoded.chunks)
+    return encoded.header, list(chunk_messages(encoded)), pb.TensorTrailer(crc32c=crc32c.crc32c(raw))
+
+
+def feed_trailed(header, chunks, trailers, expected_numel=5000):
+    assembler = TensorAssembler(header, expected_numel=expected_numel)
+    for frame in chunks:
+        assembler.add(frame)
+    for trailer in trailers:
+        assembler.add_trailer(trailer)
+    return assembler.finish()
+
+
+def test_a_trailed_stream_round_trips_and_a_wrong_trailer_checksum_is_rejected():
+    tensor = torch.randn(5000)
+    header, chunks, trailer = trailed(tensor)
+    assert torch.equal(feed_trailed(header, chunks, [trailer]), tensor)
+    with pytest.raises(CodecError, match="checksum mismatch: .*, trailer says"):
+        feed_trailed(header, chunks, [pb.TensorTrailer(crc32c=trailer.crc32c ^ 1)])
+
+
+def test_trailers_missing_unannounced_doubled_or_early_are_rejected():
+    header, chunks, trailer = trailed(torch.randn(5000))
+    with pytest.raises(CodecError, match="stream ended without the trailer its header announced"):
+        feed_trailed(header, chunks, [])
+    with pytest.raises(CodecError, match="a second trailer"):
+        feed_trailed(header, chunks, [trailer, trailer])
+    with pytest.raises(CodecError, match="chunk 4 arrived after the trailer"):
+        assembler = TensorAssembler(header, expected_numel=5000)
+        for chunk in chunks[:4]:
+            assembler.add(chunk)
+        assembler.add_trailer(trailer)
+        assembler.add(chunks[4])
+    plain_header, plain_chunks = frames(torch.randn(5000))
+    with pytest.raises(CodecError, match="the header carries the checksum and announced none"):
+        feed_trailed(plain_header, plain_chunks, [trailer])
 
 
 def test_oversized_and_empty_chunks_are_rejected():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 
+import crc32c
 import grpc
 import pytest
 import torch
@@ -73,11 +74,12 @@ tensor_changes = st.fixed_dictionaries({}, optional={
     "numel": st.one_of(st.integers(NUMEL - 2, NUMEL + 2), st.integers(0, UINT64)),
     "chunk_count": st.one_of(st.integers(0, 6), st.integers(0, UINT32)),
     "crc32c": st.integers(0, UINT32),
+    "crc_in_trailer": st.booleans(),  # True: the true checksum follows the chunks in a trailer
 })
 frame_edits = st.lists(st.one_of(
-    st.tuples(st.just("drop"), st.integers(0, 3)),
-    st.tuples(st.just("duplicate"), st.integers(0, 3)),
-    st.tuples(st.just("swap"), st.integers(0, 3), st.integers(0, 3)),
+    st.tuples(st.just("drop"), st.integers(0, 4)),          # 4: the trailer, when there is one
+    st.tuples(st.just("duplicate"), st.integers(0, 4)),
+    st.tuples(st.just("swap"), st.integers(0, 4), st.integers(0, 4)),
     st.tuples(st.just("reindex"), st.integers(0, 3), st.integers(0, UINT32)),
     st.tuples(st.just("flip"), st.integers(1, 3), st.integers(0, 4095), st.integers(1, 255)),
     st.tuples(st.just("truncate"), st.integers(1, 3), st.integers(0, 4096)),
@@ -101,6 +103,8 @@ def mutated_push(target: Target, header: dict, tensor: dict, edits: list) -> lis
     frames = push_frames(target.worker_id, target.version, grad)
     _set(frames[0].header, header)
     _set(frames[0].header.tensor, tensor)
+    if frames[0].header.tensor.crc_in_trailer:
+        frames.append(pb.PushFrame(trailer=pb.TensorTrailer(crc32c=crc32c.crc32c(grad.numpy().tobytes()))))
     for edit in edits:
         kind, at = edit[0], edit[1] % len(frames) if frames else 0
         if not frames or kind == "nonfinite":
@@ -141,9 +145,13 @@ def really_valid(frames: list[pb.PushFrame], target: Target, replies_with_pull: 
     try:
         assembler = TensorAssembler(header.tensor, expected_numel=NUMEL)
         for frame in frames[1:]:
-            if frame.WhichOneof("frame") != "chunk":
+            kind = frame.WhichOneof("frame")
+            if kind == "chunk":
+                assembler.add(frame.chunk)
+            elif kind == "trailer":
+                assembler.add_trailer(frame.trailer)
+            else:
                 return False
-            assembler.add(frame.chunk)
         return bool(torch.isfinite(assembler.finish()).all())
     except CodecError:
         return False

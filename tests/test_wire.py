@@ -1,5 +1,6 @@
 """The wire fast path: the same bytes protobuf writes, views on receipt, and a plain protobuf peer
 that interoperates with the real server."""
+import crc32c
 import grpc
 import pytest
 import torch
@@ -8,7 +9,9 @@ from hypothesis import strategies as st
 
 from gapaware import WorkerClient
 from gapaware.common.codec import TensorAssembler, chunk_messages, encode
-from gapaware.common.wire import ChunkView, chunk_frame, frame_parser, serialize_frame, whole_message, whole_parser
+from gapaware.common.wire import (
+    ChunkView, chunk_frame, chunk_frames, frame_parser, serialize_frame, trailer_frame, whole_message, whole_parser,
+)
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 
@@ -23,6 +26,29 @@ def test_chunk_frame_is_byte_identical_to_protobuf(frame_type, index, length):
     parsed = frame_parser(frame_type)(ours)
     assert isinstance(parsed, ChunkView) and parsed.index == index and parsed.data == data
     assert parsed.data.obj is ours, "the received chunk must be a view, not a copy"
+
+
+@pytest.mark.parametrize("frame_type", [pb.PushFrame, pb.PullFrame])
+@pytest.mark.parametrize("crc", [0, 1, 0x7F, 0xDEADBEEF, 2**32 - 1])
+def test_trailer_frame_is_byte_identical_to_protobuf_and_parses_back(frame_type, crc):
+    ours = trailer_frame(crc)
+    assert ours == frame_type(trailer=pb.TensorTrailer(crc32c=crc)).SerializeToString()
+    assert frame_parser(frame_type)(ours) == pb.TensorTrailer(crc32c=crc)
+
+
+@pytest.mark.parametrize("numel", [1, 1000, 1024, 1025])
+def test_a_stream_with_its_checksum_in_the_trailer_round_trips(numel):
+    tensor = torch.randn(numel)
+    encoded = encode(tensor, chunk_bytes=1024, crc_in_trailer=True)
+    assert encoded.header.crc_in_trailer and encoded.header.crc32c == 0
+    frames = [frame_parser(pb.PullFrame)(frame) for frame in chunk_frames(encoded)]
+    assert len(frames) == encoded.header.chunk_count + 1
+    assert frames[-1] == pb.TensorTrailer(crc32c=crc32c.crc32c(tensor.numpy().tobytes()))
+    assembler = TensorAssembler(encoded.header, expected_numel=numel)
+    for chunk in frames[:-1]:
+        assembler.add(chunk)
+    assembler.add_trailer(frames[-1])
+    assert torch.equal(assembler.finish(), tensor)
 
 
 @settings(max_examples=200, deadline=None)
@@ -73,17 +99,21 @@ def test_whole_messages_protobuf_writes_parse_to_the_same_fields(version, data, 
 
 def _plain_stub_pull(stub, worker_id, numel, dtype=pb.FLOAT32):
     frames = list(stub.Pull(pb.PullRequest(worker_id=worker_id, dtype=dtype), timeout=30))
+    assert frames[0].header.tensor.crc_in_trailer and frames[-1].WhichOneof("frame") == "trailer"
     assembler = TensorAssembler(frames[0].header.tensor, expected_numel=numel)
-    for frame in frames[1:]:
+    for frame in frames[1:-1]:
         assembler.add(frame.chunk)
+    assembler.add_trailer(frames[-1].trailer)
     return frames[0].header.version, assembler.finish()
 
 
-def _plain_push_frames(worker_id, base_version, grad):
-    encoded = encode(grad, chunk_bytes=4096)
+def _plain_push_frames(worker_id, base_version, grad, crc_in_trailer=False):
+    encoded = encode(grad, chunk_bytes=4096, crc_in_trailer=crc_in_trailer)
     yield pb.PushFrame(header=pb.PushHeader(worker_id=worker_id, base_version=base_version, tensor=encoded.header))
     for chunk in chunk_messages(encoded):
         yield pb.PushFrame(chunk=chunk)
+    if crc_in_trailer:
+        yield pb.PushFrame(trailer=pb.TensorTrailer(crc32c=crc32c.crc32c(b"".join(encoded.chunks))))
 
 
 def test_a_plain_protobuf_peer_interoperates_with_the_server_and_a_fast_client(servers):
@@ -106,7 +136,8 @@ def test_a_plain_protobuf_peer_interoperates_with_the_server_and_a_fast_client(s
         version, after = _plain_stub_pull(plain, join.worker_id, numel)
         assert version == 2 and torch.equal(after, expected), "the plain peer's gradient was applied exactly"
 
-        frames = list(plain.PushPull(_plain_push_frames(join.worker_id, version, torch.zeros(numel)), timeout=30))
+        frames = list(plain.PushPull(_plain_push_frames(join.worker_id, version, torch.zeros(numel),
+                                                        crc_in_trailer=True), timeout=30))
         assert frames[0].header.push.applied and frames[0].header.version == 3
         assert sum(len(f.chunk.data) for f in frames[1:]) == numel * 4
 

@@ -223,19 +223,22 @@ class WorkerClient:
 
     def _push_frames(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None,
                      cast: torch.Tensor | None) -> Iterator[pb.PushFrame | bytes]:
-        header, encoded = self._push_parts(grad, base_version, samples, loss, seq, self._chunk_bytes, cast)
+        header, encoded = self._push_parts(grad, base_version, samples, loss, seq, self._chunk_bytes, cast,
+                                           crc_in_trailer=True)
         yield pb.PushFrame(header=header)
         yield from chunk_frames(encoded)
 
     def _push_parts(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None,
-                    chunk_bytes: int, cast: torch.Tensor | None) -> tuple[pb.PushHeader, EncodedTensor]:
+                    chunk_bytes: int, cast: torch.Tensor | None,
+                    crc_in_trailer: bool = False) -> tuple[pb.PushHeader, EncodedTensor]:
         """The push's header and its encoded gradient (chunks that view ``grad``, or ``cast`` holding
-        it in the transport dtype)."""
+        it in the transport dtype). A stream sends its checksum last (``crc_in_trailer``), so that
+        its header leaves before a pass over the gradient."""
         if grad.dim() != 1 or grad.numel() != self.info.layout.numel:
             raise ValueError(f"gradient must be flat with {self.info.layout.numel} elements, "
                              f"got shape {tuple(grad.shape)}")
         seq = self.next_seq() if seq is None else seq
-        encoded = encode(grad, self._dtype, chunk_bytes, cast_into=cast)
+        encoded = encode(grad, self._dtype, chunk_bytes, cast_into=cast, crc_in_trailer=crc_in_trailer)
         return pb.PushHeader(worker_id=self.info.worker_id, base_version=base_version, seq=seq, samples=samples,
                              loss=loss, tensor=encoded.header, pull_dtype=self._dtype), encoded
 
@@ -246,9 +249,12 @@ class WorkerClient:
             raise CodecError("the server's reply did not start with a header")
         assembler = TensorAssembler(header.tensor, expected_numel=self.info.layout.numel, out=out)
         for frame in frames:
-            if not isinstance(frame, ChunkView):
-                raise CodecError("the server's reply held a frame other than a chunk after its header")
-            assembler.add(frame)
+            if isinstance(frame, ChunkView):
+                assembler.add(frame)
+            elif isinstance(frame, pb.TensorTrailer):
+                assembler.add_trailer(frame)
+            else:
+                raise CodecError("the server's reply held a frame other than a chunk or a trailer after its header")
         return header, assembler.finish()
 
     def _receive_whole(self, reply: WholeTensor, out: torch.Tensor | None) -> tuple[pb.PullHeader, torch.Tensor]:
