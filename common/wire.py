@@ -1,13 +1,14 @@
 """Tensor chunks written straight in protobuf's wire format, and read back without copies.
 
 ``PushFrame`` and ``PullFrame`` (proto/parameter_server.proto) are a oneof of ``header = 1``,
-``chunk = 2`` and ``trailer = 3``, and a ``Chunk`` is ``index = 1`` (varint) and ``data = 2`` (bytes). Building
-a message object per chunk costs two extra copies of its megabyte of data (into the message,
-then into the serialized string). :func:`chunk_frame` writes the same bytes a protobuf library
-would (tag, varint length, raw data: one copy), and :func:`frame_parser` reads a received frame
-into a :class:`ChunkView` whose ``data`` is a view of the received bytes. Headers, and any
-frame the fast path does not recognise, go through the generated protobuf classes, so a peer
-that builds ordinary messages interoperates in both directions: the contract is the ``.proto``.
+``chunk = 2`` and ``trailer = 3``, and a ``Chunk`` is ``index = 1`` (varint) and ``data = 2``
+(bytes). Building a message object per chunk costs two extra copies of its megabyte of data
+(into the message, then into the serialized string). :func:`chunk_frame` writes the same bytes
+a protobuf library would (tag, varint length, raw data: one copy), and :func:`frame_parser`
+reads a received frame into a :class:`ChunkView` whose ``data`` is a view of the received
+bytes. Headers, trailers, and any frame the fast path does not recognise, go through the
+generated protobuf classes, so a peer that builds ordinary messages interoperates in both
+directions: the contract is the ``.proto``.
 
 gRPC methods use these through custom (de)serializers: :data:`serialize_frame` on the sending
 side (``bytes`` pass through, messages are serialized) and a :func:`frame_parser` on the

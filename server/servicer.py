@@ -227,7 +227,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     assembler.add_trailer(frame)
                     continue
                 if not isinstance(frame, ChunkView):
-                    what = "a second header" if isinstance(frame, pb.PushHeader) else "an empty frame"
+                    what = "a second header" if isinstance(frame, pb.PushHeader) else "a frame with no header, chunk or trailer"
                     raise CodecError(f"{what} arrived inside a push; expected only chunks and a trailer")
                 received += len(frame.data)
                 assembler.add(frame)
