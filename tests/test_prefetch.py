@@ -42,15 +42,16 @@ def test_the_next_item_is_loaded_while_the_consumer_is_busy():
         assert list(items) == [1, 2]
 
 
+def counting(produced: list[int]):
+    """0, 1, 2, ... forever, appending each to ``produced`` as it is taken from the source."""
+    for i in itertools.count():
+        produced.append(i)
+        yield i
+
+
 def test_loads_at_most_depth_ahead_plus_one_in_hand():
     produced = []
-
-    def source():
-        for i in itertools.count():
-            produced.append(i)
-            yield i
-
-    with Prefetcher(source(), depth=2) as items:
+    with Prefetcher(counting(produced), depth=2) as items:
         assert next(items) == 0
         deadline = time.monotonic() + 10
         while len(produced) < 4 and time.monotonic() < deadline:
@@ -76,13 +77,7 @@ def test_a_loading_error_is_raised_after_the_items_before_it():
 
 def test_close_stops_the_thread_and_the_source():
     produced = []
-
-    def source():
-        for i in itertools.count():
-            produced.append(i)
-            yield i
-
-    items = Prefetcher(source(), depth=2)
+    items = Prefetcher(counting(produced), depth=2)
     assert next(items) == 0
     items.close()
     assert not items._thread.is_alive()
