@@ -63,8 +63,9 @@ def main() -> None:
     loading = loading_seconds_per_batch()
     rates: dict[int, list[float]] = {setting: [] for setting in SETTINGS}
     with tempfile.TemporaryDirectory(prefix="gapaware-bench-") as workdir:
-        server = ServerProcess(Path(workdir), "--task", "bench.models:slow_loading_digits", "--batch-size", str(BATCH_SIZE), "--max-updates",
-                               "1000000000", "--eval-every", "1000000000", "--log-level", "warning")
+        server = ServerProcess(Path(workdir), "--task", "bench.models:slow_loading_digits",
+                               "--batch-size", str(BATCH_SIZE), "--max-updates", "1000000000",
+                               "--eval-every", "1000000000", "--log-level", "warning")
         try:
             with WorkerClient(server.address, timeout=10) as client:
                 for repeat in range(REPEATS):
