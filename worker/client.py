@@ -193,7 +193,7 @@ class WorkerClient:
         :meth:`push`; a retried copy still receives the current parameters; ``out`` as in :meth:`pull`."""
         with self._cast_buffer() as cast:
             if self._one_message():
-                header, encoded = self._push_parts(grad, base_version, samples, loss, seq, MAX_CHUNK_BYTES, cast)
+                header, encoded = self._push_parts(grad, base_version, samples, loss, seq, cast, whole=True)
                 (chunk,) = encoded.chunks
                 reply = self._push_pull_whole(whole_message(header, chunk), timeout=self._timeout)
                 header, theta = self._receive_whole(reply, out)
@@ -223,21 +223,21 @@ class WorkerClient:
 
     def _push_frames(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None,
                      cast: torch.Tensor | None) -> Iterator[pb.PushFrame | bytes]:
-        header, encoded = self._push_parts(grad, base_version, samples, loss, seq, self._chunk_bytes, cast,
-                                           crc_in_trailer=True)
+        header, encoded = self._push_parts(grad, base_version, samples, loss, seq, cast)
         yield pb.PushFrame(header=header)
         yield from chunk_frames(encoded)
 
     def _push_parts(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None,
-                    chunk_bytes: int, cast: torch.Tensor | None,
-                    crc_in_trailer: bool = False) -> tuple[pb.PushHeader, EncodedTensor]:
+                    cast: torch.Tensor | None, *, whole: bool = False) -> tuple[pb.PushHeader, EncodedTensor]:
         """The push's header and its encoded gradient (chunks that view ``grad``, or ``cast`` holding
-        it in the transport dtype). A stream sends its checksum last (``crc_in_trailer``), so that
-        its header leaves before a pass over the gradient."""
+        it in the transport dtype). A stream is cut into ``chunk_bytes`` chunks and sends its checksum
+        last, in its trailer, so that its header leaves before a pass over the gradient; a ``whole``
+        message is one chunk with the checksum in its header (as the server's replies)."""
         if grad.dim() != 1 or grad.numel() != self.info.layout.numel:
             raise ValueError(f"gradient must be flat with {self.info.layout.numel} elements, "
                              f"got shape {tuple(grad.shape)}")
         seq = self.next_seq() if seq is None else seq
+        chunk_bytes, crc_in_trailer = (MAX_CHUNK_BYTES, False) if whole else (self._chunk_bytes, True)
         encoded = encode(grad, self._dtype, chunk_bytes, cast_into=cast, crc_in_trailer=crc_in_trailer)
         return pb.PushHeader(worker_id=self.info.worker_id, base_version=base_version, seq=seq, samples=samples,
                              loss=loss, tensor=encoded.header, pull_dtype=self._dtype), encoded
