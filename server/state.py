@@ -100,6 +100,10 @@ class ParameterServerState:
         self._totals = Window()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        # The versions that threads in wait_for_version wait for: a push wakes them only once one
+        # is reached. Waking them on every push (the evaluator and the checkpointer wait for the whole
+        # run) cost each push a thread switch away from the event loop's thread.
+        self._awaited_versions: list[float] = []
 
     # -- membership -------------------------------------------------------------------------
     def join(self, hostname: str, device: str, layout: ParamLayout | None, *, fingerprint: str = "") -> WorkerRecord:
@@ -259,7 +263,8 @@ class ParameterServerState:
         self._totals.add(staleness, gap, loss)
         if self.version >= self.total_updates:
             self.finished = True
-        self._changed.notify_all()
+        if self.finished or any(self.version >= awaited for awaited in self._awaited_versions):
+            self._changed.notify_all()
         return PushResult(self.version, staleness, gap, self.finished, True)
 
     # -- observation ------------------------------------------------------------------------
@@ -282,7 +287,11 @@ class ParameterServerState:
     def wait_for_version(self, version: int, timeout: float) -> int:
         """Blocks until the version reaches ``version``, the run finishes or ``timeout`` passes."""
         with self._lock:
-            self._changed.wait_for(lambda: self.version >= version or self.finished, timeout)
+            self._awaited_versions.append(version)
+            try:
+                self._changed.wait_for(lambda: self.version >= version or self.finished, timeout)
+            finally:
+                self._awaited_versions.remove(version)
             return self.version
 
     def finish(self) -> None:

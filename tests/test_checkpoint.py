@@ -1,5 +1,6 @@
 """Checkpoints: exact round trips of the server state, atomic files, corruption detected, resume rules."""
 import os
+import threading
 import time
 
 import pytest
@@ -167,3 +168,25 @@ def test_checkpointer_writes_every_n_updates_and_every_s_seconds(tmp_path):
     by_time.stop()
     timed = [read_checkpoint(p).version for p in by_time.directory.paths()]
     assert len(timed) >= 2 and timed == sorted(set(timed)) and 0 < timed[0], timed
+
+
+def test_a_thread_waiting_for_a_version_is_woken_when_it_is_reached_not_by_every_push():
+    """The checkpointer and the evaluator wait for a version; waking them on every push cost the
+    push a thread switch on the server's event loop."""
+    state = make_state("gap-aware")
+    worker = state.join("h", "cpu", None).worker_id
+    wakes = []
+    notify_all = state._changed.notify_all
+    state._changed.notify_all = lambda: (wakes.append(state.version), notify_all())
+    reached = []
+    waiter = threading.Thread(target=lambda: reached.append(state.wait_for_version(3, timeout=30)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not state._changed._waiters and time.monotonic() < deadline:  # the waiter is waiting
+        time.sleep(0.01)
+    drive(state, [worker], steps=3, seed=0)
+    waiter.join(timeout=30)
+    drive(state, [worker], steps=2, seed=3)
+    assert reached == [3] and wakes == [3], (reached, wakes)
+    state.finish()
+    assert wakes == [3, 5], "finishing the run wakes every waiter"
