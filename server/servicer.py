@@ -143,7 +143,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         await self._check_one_message(context, header.pull_dtype or pb.FLOAT32, "reply")
         _, reply = await self._apply_gradient(
             header, context, self._push_then_pull_whole, whole=True,
-            receive=functools.partial(self._receive_tensor, header.tensor, _one(ChunkView(0, request.data)), context))
+            receive=functools.partial(self._receive_tensor, header.tensor, _one(ChunkView(0, request.data)), context,
+                                      borrow=True))
         return reply
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
@@ -210,8 +211,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return outcome
 
     async def _receive_tensor(self, header: pb.TensorHeader, frames: AsyncIterator, context,
-                              out: torch.Tensor) -> tuple[Gradient, int]:
-        """The pushed tensor (in ``out``), whether it is free of NaN and Inf, and the bytes received.
+                              out: torch.Tensor, *, borrow: bool = False) -> tuple[Gradient, int]:
+        """The pushed tensor (in ``out``, or with ``borrow`` read where it arrived when it is float32
+        in one chunk), whether it is free of NaN and Inf, and the bytes received.
 
         Each chunk's elements are checked for NaN and Inf as they arrive, while they are in cache,
         instead of in a pass over the whole gradient before the update. A stream that stalls between
@@ -220,7 +222,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         received = 0
         finite, checked = True, 0
         try:
-            assembler = TensorAssembler(header, expected_numel=self._state.layout.numel, out=out)
+            assembler = TensorAssembler(header, expected_numel=self._state.layout.numel, out=out, borrow=borrow)
             while True:
                 try:
                     async with asyncio.timeout(self._chunk_timeout):
@@ -239,7 +241,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     raise CodecError(f"{what} arrived inside a push; expected only chunks and a trailer")
                 received += len(frame.data)
                 assembler.add(frame)
-                finite = finite and all_finite(out[checked:assembler.elements])
+                finite = finite and all_finite(assembler.tensor[checked:assembler.elements])
                 checked = assembler.elements
             return Gradient(assembler.finish(), finite), received
         except CodecError as error:

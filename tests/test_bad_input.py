@@ -490,6 +490,17 @@ def test_whole_push_that_does_not_match_its_checksum(harness):
     h.refused(lambda: h.stub.PushPullWhole(whole_push(frames), timeout=20), INVALID, "checksum mismatch")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_whole_push_is_rejected_and_counted(harness, value):
+    """A whole float32 push is read where it arrived, not copied: it is checked all the same."""
+    h = harness()
+    grad = gradient()
+    grad[2999] = value
+    h.refused(lambda: h.stub.PushPullWhole(whole_push(h.frames(grad)), timeout=20), INVALID,
+              "gradient has 1 NaN or Inf elements (of 3000)")
+    assert h.worker.status().nonfinite_pushes == 1
+
+
 def test_whole_push_announcing_several_chunks(harness):
     h = harness()
     message = whole_push(h.frames())

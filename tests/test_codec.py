@@ -1,10 +1,12 @@
 """The codec: exact round trips, and every malformed stream refused with a clear reason."""
 import crc32c
+import numpy
 import pytest
 import torch
 
 from gapaware.common import codec
 from gapaware.common.codec import CodecError, TensorAssembler, chunk_messages, encode
+from gapaware.common.wire import ChunkView
 from gapaware.proto import parameter_server_pb2 as pb
 
 ELEMS_PER_CHUNK = codec.DEFAULT_CHUNK_BYTES // 4
@@ -65,6 +67,37 @@ def test_assembler_writes_into_the_given_tensor_every_time(dtype):
         back = assembler.finish()
         assert back is out
         assert torch.equal(out, tensor.to(codec.TORCH_DTYPES[dtype]).to(torch.float32))
+
+
+def test_a_borrowed_float32_tensor_in_one_chunk_reads_the_received_bytes_without_a_copy():
+    tensor = torch.randn(5000)
+    header, (chunk,) = frames(tensor, chunk_bytes=codec.MAX_CHUNK_BYTES)
+    received = bytes(chunk.data)  # immutable, as gRPC delivers a message
+    out = torch.full((5000,), float("nan"))
+    assembler = TensorAssembler(header, expected_numel=5000, out=out, borrow=True)
+    assembler.add(ChunkView(0, memoryview(received)))  # how the servicer passes a whole message's bytes
+    back = assembler.finish()
+    assert torch.equal(back, tensor) and torch.isnan(out).all(), "out is left untouched"
+    assert back.data_ptr() == numpy.frombuffer(received, numpy.uint8).ctypes.data, "the tensor reads the message"
+
+    corrupt = bytearray(received)
+    corrupt[5] ^= 1
+    assembler = TensorAssembler(header, expected_numel=5000, out=out, borrow=True)
+    assembler.add(ChunkView(0, memoryview(bytes(corrupt))))
+    with pytest.raises(CodecError, match="checksum mismatch"):
+        assembler.finish()
+
+
+@pytest.mark.parametrize("dtype, chunk_bytes", [(pb.FLOAT32, 4096), (pb.BFLOAT16, codec.MAX_CHUNK_BYTES)])
+def test_borrowing_copies_into_out_what_arrives_in_several_chunks_or_another_dtype(dtype, chunk_bytes):
+    tensor = torch.randn(5000)
+    header, chunks = frames(tensor, dtype, chunk_bytes)
+    out = torch.empty(5000)
+    assembler = TensorAssembler(header, expected_numel=5000, out=out, borrow=True)
+    for chunk in chunks:
+        assembler.add(chunk)
+    assert assembler.finish() is out
+    assert torch.equal(out, tensor.to(codec.TORCH_DTYPES[dtype]).to(torch.float32))
 
 
 @pytest.mark.parametrize("out", [torch.empty(4999), torch.empty(5000, dtype=torch.float64), torch.empty(10000)[::2],
