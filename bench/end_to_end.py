@@ -1,6 +1,7 @@
 """Benchmark 3, end to end: round trips a second (summed over workers) of 1, 4 and 16 workers
 pushing a gradient and pulling the parameters, for gapaware and for the PyTorch-RPC parameter
-server of :mod:`bench.rpc_ps`, with TensorPipe forced onto TCP and with its defaults.
+server of :mod:`bench.rpc_ps`, with TensorPipe forced onto TCP and with its defaults; and for the
+gRPC floor (:mod:`bench.grpc_floor`: gapaware's calls with nothing done to the bytes).
 
     python -m bench.end_to_end
     BENCH_MIB=1,25 BENCH_WORKERS=4 python -m bench.end_to_end    # a subset: model MiB, worker counts
@@ -24,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from bench import rpc_ps
+from bench.grpc_floor import FloorClient, FloorServer
 from bench.harness import gapaware_server, machine_line, median, print_table, quick_or, size_label
 from bench.models import MIB
 from gapaware import WorkerClient
@@ -36,7 +38,7 @@ WORKERS = [int(n) for n in os.environ["BENCH_WORKERS"].split(",")] if os.environ
 SECONDS = quick_or(1.0, 3.0)
 REPEATS = quick_or(1, 2)
 WARMUP_ROUND_TRIPS = 2
-SYSTEMS = ("gapaware", "gapaware-bf16", "rpc-tcp", "rpc-default")
+SYSTEMS = ("gapaware", "gapaware-bf16", "grpc-floor", "rpc-tcp", "rpc-default")
 RUN_TIMEOUT = 300.0
 # Fork: a worker starts in milliseconds instead of seconds of imports. Safe here because this
 # process touches neither gRPC nor torch's thread pools before it forks.
@@ -70,6 +72,12 @@ def _gapaware_worker(address: str, transport_dtype: str, barrier, seconds: float
 
         _measure(step, barrier, seconds, results)
         client.leave()
+
+
+def _floor_worker(address: str, nbytes: int, barrier, seconds: float, results) -> None:
+    keep_freed_memory()
+    with FloorClient(address, nbytes) as client:
+        _measure(client.push_pull, barrier, seconds, results)
 
 
 def _rpc_process(rank: int, world_size: int, port: int, transport: str, numel: int, barrier, seconds: float,
@@ -125,6 +133,13 @@ def run(system: str, nbytes: int, workers: int, seconds: float = SECONDS) -> flo
             for process in processes:
                 process.start()
             return _collect(processes, results, workers)
+    if system == "grpc-floor":
+        with FloorServer(nbytes) as server:
+            processes = [CTX.Process(target=_floor_worker, args=(server.address, nbytes, barrier, seconds, results))
+                         for _ in range(workers)]
+            for process in processes:
+                process.start()
+            return _collect(processes, results, workers)
     transport = system.removeprefix("rpc-")
     port = _free_port()
     processes = [CTX.Process(target=_rpc_process, args=(rank, workers + 1, port, transport, nbytes // 4, barrier,
@@ -152,10 +167,12 @@ def main() -> None:
     for nbytes, workers in itertools.product(SIZES, WORKERS):
         m = {system: median(rates[system, nbytes, workers]) for system in SYSTEMS}
         rows.append([size_label(nbytes), workers, *(m[s] for s in SYSTEMS), m["gapaware"] / m["rpc-tcp"],
-                     m["gapaware-bf16"] / m["rpc-tcp"], m["gapaware"] / m["rpc-default"]])
+                     m["gapaware-bf16"] / m["rpc-tcp"], m["gapaware"] / m["rpc-default"],
+                     m["gapaware"] / m["grpc-floor"], m["grpc-floor"] / m["rpc-tcp"]])
     print_table(f"round trips/s summed over workers, median of {REPEATS} alternating runs of {SECONDS:g} s; "
                 "targets vs RPC over TCP: f32 ≥ 1.2 at 1 MiB, ≥ 0.8 at 25/100 MiB; bf16 ≥ 1.3 at 25/100 MiB",
-                ["model", "workers", *SYSTEMS, "f32 ÷ rpc-tcp", "bf16 ÷ rpc-tcp", "f32 ÷ rpc-default"], rows)
+                ["model", "workers", *SYSTEMS, "f32 ÷ rpc-tcp", "bf16 ÷ rpc-tcp", "f32 ÷ rpc-default", "f32 ÷ floor",
+                 "floor ÷ rpc-tcp"], rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,151 @@
+"""The floor under gapaware's transport: gapaware's calls, with messages of the same sizes, through a
+grpc.aio server and a sync client that do nothing with the bytes.
+
+    python -m bench.grpc_floor NBYTES    # serves, and prints its port on the first line
+
+gapaware's server and client check, copy and apply every byte they move; this server answers with
+prebuilt messages and drops what it receives, and its client drops the replies. It runs with the
+options, receive windows and heap settings of ``gapaware server`` and ``WorkerClient``. What
+separates it from raw TCP is the cost of gRPC itself (Python gRPC copies every message into and out
+of ``bytes``, and runs the server's side of every call on one event loop); what separates gapaware
+from it is gapaware's own work. Benchmarks 1 and 3 measure it beside gapaware, in the same runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import grpc
+
+from gapaware.common.allocator import keep_freed_memory
+from gapaware.common.codec import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+from gapaware.server.app import GRPC_OPTIONS, SERVER_HEAP_BLOCKS, ServerOptions, receive_window_options
+from gapaware.worker.client import CHANNEL_OPTIONS
+
+SERVICE = "gapaware.bench.Floor"
+
+
+def _unchanged(message: bytes) -> bytes:
+    return message
+
+
+def _stream_frames(nbytes: int) -> list[bytes]:
+    """A tensor of ``nbytes`` as gapaware streams it: chunks of ``DEFAULT_CHUNK_BYTES``."""
+    return [bytes(min(DEFAULT_CHUNK_BYTES, nbytes - start)) for start in range(0, nbytes, DEFAULT_CHUNK_BYTES)]
+
+
+def _travels_whole(nbytes: int) -> bool:
+    """Whether gapaware sends a tensor of ``nbytes`` as one message (``PullWhole``, ``PushPullWhole``)."""
+    return nbytes <= MAX_CHUNK_BYTES
+
+
+async def _serve(nbytes: int) -> None:
+    keep_freed_memory(SERVER_HEAP_BLOCKS)  # what `gapaware server` does
+    frames, whole = _stream_frames(nbytes), bytes(nbytes)
+
+    async def drain(requests) -> None:
+        async for _ in requests:
+            pass
+
+    async def pull(request, context):
+        for frame in frames:
+            yield frame
+
+    async def push(requests, context) -> bytes:
+        await drain(requests)
+        return b""
+
+    async def push_pull(requests, context):
+        await drain(requests)
+        for frame in frames:
+            yield frame
+
+    async def whole_reply(request, context) -> bytes:
+        return whole
+
+    plain = {"request_deserializer": _unchanged, "response_serializer": _unchanged}
+    handler = grpc.method_handlers_generic_handler(SERVICE, {
+        "Pull": grpc.unary_stream_rpc_method_handler(pull, **plain),
+        "PullWhole": grpc.unary_unary_rpc_method_handler(whole_reply, **plain),
+        "Push": grpc.stream_unary_rpc_method_handler(push, **plain),
+        "PushPull": grpc.stream_stream_rpc_method_handler(push_pull, **plain),
+        "PushPullWhole": grpc.unary_unary_rpc_method_handler(whole_reply, **plain),
+    })
+    server = grpc.aio.server(options=GRPC_OPTIONS + receive_window_options(ServerOptions.receive_window_mib))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+
+class FloorServer:
+    """The floor's server, a process of its own, for tensors of ``nbytes``."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._process = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", str(nbytes)],
+                                         stdout=subprocess.PIPE, text=True)
+        port = self._process.stdout.readline().strip()
+        if not port.isdigit():
+            self.close()
+            raise RuntimeError(f"the gRPC floor server did not start (exit code {self._process.returncode})")
+        self.address = f"127.0.0.1:{port}"
+
+    def close(self) -> None:
+        self._process.kill()
+        self._process.wait()
+
+    def __enter__(self) -> FloorServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FloorClient:
+    """gapaware's calls for a tensor of ``nbytes``, sent from prebuilt messages, replies dropped.
+
+    As in ``WorkerClient``: a pull and a push-and-pull travel as one message each way when the tensor
+    fits one (``PullWhole``, ``PushPullWhole``), otherwise as streams of chunks; a push always streams."""
+
+    def __init__(self, address: str, nbytes: int) -> None:
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._whole = _travels_whole(nbytes)
+        self._frames, self._message = _stream_frames(nbytes), bytes(nbytes)
+        plain = {"request_serializer": _unchanged, "response_deserializer": _unchanged}
+        self._pull = self._channel.unary_stream(f"/{SERVICE}/Pull", **plain)
+        self._pull_whole = self._channel.unary_unary(f"/{SERVICE}/PullWhole", **plain)
+        self._push = self._channel.stream_unary(f"/{SERVICE}/Push", **plain)
+        self._push_pull = self._channel.stream_stream(f"/{SERVICE}/PushPull", **plain)
+        self._push_pull_whole = self._channel.unary_unary(f"/{SERVICE}/PushPullWhole", **plain)
+
+    def pull(self) -> None:
+        if self._whole:
+            self._pull_whole(b"")
+        else:
+            for _ in self._pull(b""):
+                pass
+
+    def push(self) -> None:
+        self._push(iter(self._frames))
+
+    def push_pull(self) -> None:
+        if self._whole:
+            self._push_pull_whole(self._message)
+        else:
+            for _ in self._push_pull(iter(self._frames)):
+                pass
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> FloorClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve(int(sys.argv[1])))
