@@ -100,30 +100,6 @@ class RunResult:
     curve: tuple[CurvePoint, ...]
 
 
-@dataclass
-class Tally:
-    """What a run's pushes reported, summed; ``sim_time`` is when the last one was applied."""
-
-    pushes: int = 0
-    staleness: float = 0.0
-    gap: float = 0.0
-    sim_time: float = 0.0
-
-    def add(self, result: PushResult, now: float) -> None:
-        self.pushes += 1
-        self.staleness += result.staleness
-        self.gap += result.mean_gap
-        self.sim_time = now
-
-    @property
-    def mean_staleness(self) -> float:
-        return self.staleness / max(1, self.pushes)
-
-    @property
-    def mean_gap(self) -> float:
-        return self.gap / max(1, self.pushes)
-
-
 OnUpdate = Callable[[PushResult, float], None]
 
 
@@ -141,8 +117,9 @@ def run_config(settings: SimulationSettings, spec: RunSpec) -> RunConfig:
 
 
 def run_async(master: Master, gradients: GradientSource, clocks: WorkerClocks, *, batch_size: int,
-              max_pushes: int, on_update: OnUpdate | None = None) -> Tally:
-    """Asynchronous training until the master says the run is finished.
+              max_pushes: int, on_update: OnUpdate | None = None) -> float:
+    """Asynchronous training until the master says the run is finished; returns the simulated time
+    when the last push was applied (the master's state counts the pushes and their staleness).
 
     Every worker starts a batch at time 0 on what it pulled; whenever one completes, its gradient
     is pushed, and it pulls and starts its next batch. Each batch costs one forward/backward,
@@ -151,7 +128,6 @@ def run_async(master: Master, gradients: GradientSource, clocks: WorkerClocks, *
     """
     queue = CompletionQueue()
     pending: dict[int, tuple[int, Tensor, float]] = {}
-    tally = Tally()
 
     def start(worker: int, now: float) -> None:
         version, theta = master.pull(worker)
@@ -165,21 +141,20 @@ def run_async(master: Master, gradients: GradientSource, clocks: WorkerClocks, *
         now, worker = queue.pop()
         version, grad, loss = pending.pop(worker)
         result = master.push(worker, grad, base_version=version, samples=batch_size, loss=loss)
-        tally.add(result, now)
         if on_update is not None:
             on_update(result, now)
         if result.finished:
-            return tally
+            return now
         start(worker, now)
     raise RuntimeError(f"the run did not finish within {max_pushes} pushes")
 
 
 def run_sync(master: Master, gradients: GradientSource, clocks: WorkerClocks, *, batch_size: int,
-             max_rounds: int, on_update: OnUpdate | None = None) -> Tally:
+             max_rounds: int, on_update: OnUpdate | None = None) -> float:
     """SSGD until the master says the run is finished: per round, one gradient from every worker on
     the same parameters, averaged and pushed once by worker 0 (staleness 0); the round ends when
-    its slowest worker finishes. Raises ``RuntimeError`` if not finished after ``max_rounds``."""
-    tally = Tally()
+    its slowest worker finishes. Returns the simulated time when the last round was applied.
+    Raises ``RuntimeError`` if not finished after ``max_rounds``."""
     now = 0.0
     for _ in range(max_rounds):
         version, theta = master.pull(0)
@@ -191,11 +166,10 @@ def run_sync(master: Master, gradients: GradientSource, clocks: WorkerClocks, *,
         now += max(clocks.draw(worker) for worker in range(clocks.workers))
         result = master.push(0, total.div_(clocks.workers), base_version=version,
                              samples=batch_size * clocks.workers, loss=loss_sum / clocks.workers)
-        tally.add(result, now)
         if on_update is not None:
             on_update(result, now)
         if result.finished:
-            return tally
+            return now
     raise RuntimeError(f"the run did not finish within {max_rounds} rounds")
 
 
@@ -224,11 +198,12 @@ def simulate_run(settings: SimulationSettings, spec: RunSpec) -> RunResult:
             curve.append(CurvePoint(result.version, now, loss, accuracy))
 
     if spec.policy == SYNCHRONOUS:
-        tally = run_sync(master, gradients, clocks, batch_size=settings.batch_size,
-                         max_rounds=state.total_updates, on_update=record)
+        sim_time = run_sync(master, gradients, clocks, batch_size=settings.batch_size,
+                            max_rounds=state.total_updates, on_update=record)
     else:
-        tally = run_async(master, gradients, clocks, batch_size=settings.batch_size,
-                          max_pushes=state.total_updates, on_update=record)
+        sim_time = run_async(master, gradients, clocks, batch_size=settings.batch_size,
+                             max_pushes=state.total_updates, on_update=record)
+    totals = state.totals()
     return RunResult(spec.policy, spec.workers, spec.seed, final_accuracy=curve[-1].accuracy,
-                     mean_staleness=tally.mean_staleness, mean_gap=tally.mean_gap, sim_time=tally.sim_time,
-                     updates=tally.pushes, curve=tuple(curve))
+                     mean_staleness=totals["run_mean_staleness"], mean_gap=totals["run_mean_gap"], sim_time=sim_time,
+                     updates=totals["pushes"], curve=tuple(curve))
