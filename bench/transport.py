@@ -37,14 +37,15 @@ def seconds_side_by_side(nbytes: int) -> dict[str, float]:
             gapaware_server(nbytes, "--policy", "asgd", "--momentum", "0") as server, \
             WorkerClient(server.address) as client:
         client.join()
-        pulled = [0]  # the version of the last pull, which the next push must name
+        version = 0  # of the last pull, which the next push must name
 
         def pull() -> None:
-            pulled[0], _ = client.pull(out=received)
+            nonlocal version
+            version, _ = client.pull(out=received)
 
         steps = {"raw push": lambda: peer.push(payload), "raw pull": lambda: peer.pull(payload),
                  "floor pull": floor.pull, "floor push": floor.push,
-                 "pull": pull, "push": lambda: client.push(grad, pulled[0])}
+                 "pull": pull, "push": lambda: client.push(grad, version)}
         times: dict[str, list[float]] = {name: [] for name in steps}
         for repeat in range(REPEATS + 1):  # the first round warms up and is dropped
             for name, step in steps.items():

@@ -180,7 +180,7 @@ class TensorAssembler:
 
     @property
     def elements(self) -> int:
-        """Elements of ``out`` written so far (a chunk may end inside an element)."""
+        """Elements of :attr:`tensor` received so far (a chunk may end inside an element)."""
         return self._cast.elements if self._cast is not None else self._offset // 4
 
     def finish(self) -> torch.Tensor:
