@@ -199,31 +199,40 @@ class TensorAssembler:
         return self._out
 
 
-def _read_only_tensor(data: memoryview) -> torch.Tensor:
-    """A float32 tensor over ``data`` (received bytes, which are immutable), without a copy."""
+def _read_only_tensor(data: memoryview, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor over ``data`` (received bytes, which are immutable), without a copy."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # that the bytes are not writable: the tensor is only read
-        return torch.frombuffer(data, dtype=torch.float32)
+        return torch.frombuffer(data, dtype=dtype)
 
 
 class _ChunkCaster:
-    """Casts reduced-precision bytes into float32 ``out`` chunk by chunk. A chunk may end inside
-    an element (the protocol does not align chunks to elements): its first bytes wait in the
-    staging buffer for the next chunk."""
+    """Casts reduced-precision bytes into float32 ``out`` chunk by chunk. A chunk of whole elements
+    (what gapaware sends) is cast from where it arrived. A chunk may also end inside an element
+    (the protocol does not align chunks to elements): then its bytes go through a staging buffer,
+    where the unfinished element's first bytes wait for the next chunk."""
 
     def __init__(self, dtype: torch.dtype, out: torch.Tensor) -> None:
         self._dtype = dtype
         self._out = out
-        self._stage = torch.empty(MAX_CHUNK_BYTES + dtype.itemsize, dtype=torch.uint8)
-        self._stage_view = memoryview(self._stage.numpy())
+        self._stage: torch.Tensor | None = None  # allocated by the first chunk that needs it
         self._carried = 0      # bytes of an unfinished element at the start of the stage
         self.elements = 0      # elements of out written so far
 
     def add(self, data: memoryview) -> None:
+        if self._carried == 0 and len(data) % self._dtype.itemsize == 0:
+            self._cast(_read_only_tensor(data, self._dtype))
+            return
+        if self._stage is None:
+            self._stage = torch.empty(MAX_CHUNK_BYTES + self._dtype.itemsize, dtype=torch.uint8)
+        stage = memoryview(self._stage.numpy())
         end = self._carried + len(data)
-        self._stage_view[self._carried:end] = data
-        whole = end // self._dtype.itemsize
-        self._out[self.elements:self.elements + whole].copy_(self._stage[:whole * self._dtype.itemsize].view(self._dtype))
-        self.elements += whole
-        self._carried = end - whole * self._dtype.itemsize
-        self._stage_view[:self._carried] = self._stage_view[end - self._carried:end]
+        stage[self._carried:end] = data
+        whole = end // self._dtype.itemsize * self._dtype.itemsize
+        self._cast(self._stage[:whole].view(self._dtype))
+        self._carried = end - whole
+        stage[:self._carried] = stage[whole:end]
+
+    def _cast(self, values: torch.Tensor) -> None:
+        self._out[self.elements:self.elements + values.numel()].copy_(values)
+        self.elements += values.numel()

@@ -55,6 +55,24 @@ def test_half_precision_chunks_may_split_an_element(dtype, torch_dtype, chunk_by
     assert torch.equal(back, tensor.to(torch_dtype).to(torch.float32))
 
 
+@pytest.mark.parametrize("sizes", [[8, 3, 5, 6], [1, 1, 2, 4], [2, 7, 1, 8]])
+def test_half_precision_chunks_of_whole_and_split_elements_mixed(sizes):
+    """Chunks of whole elements are cast where they arrive, the others through the staging buffer;
+    any order of the two gives the same tensor."""
+    tensor = torch.randn(1000)
+    encoded = encode(tensor, pb.BFLOAT16, codec.MAX_CHUNK_BYTES)
+    payload = bytes(encoded.chunks[0])
+    cuts = [0]
+    for size in sizes:
+        cuts.append(cuts[-1] + size)
+    cuts.append(len(payload))
+    header = pb.TensorHeader()
+    header.CopyFrom(encoded.header)
+    header.chunk_count = len(cuts) - 1
+    back = feed(header, [pb.Chunk(index=i, data=payload[a:b]) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))], 1000)
+    assert torch.equal(back, tensor.to(torch.bfloat16).to(torch.float32))
+
+
 @pytest.mark.parametrize("dtype", [pb.FLOAT32, pb.BFLOAT16])
 def test_assembler_writes_into_the_given_tensor_every_time(dtype):
     out = torch.full((5000,), float("nan"))
