@@ -8,7 +8,10 @@ it. A fresh tensor per pull costs the kernel a page fault and the zeroing of eac
 worker's θ⁽ⁱ⁾ and no longer being sent) goes back to a short list of spares, and the next pull is
 written into a spare.
 
-Only tensors that were lent to a reply are ever reused, and only once both holders let go of them:
+A θ⁽ⁱ⁾ kept in a reduced dtype (``--snapshot-dtype bfloat16``) is the server's own copy, never lent
+to a reply: once its update has read it, it becomes a spare for the next worker's θ⁽ⁱ⁾ of that dtype.
+
+Otherwise only tensors that were lent to a reply are ever reused, and only once both holders let go of them:
 a worker that pushes again while the reply to its pull is still being sent (only a misbehaving
 client does) cannot make the server overwrite what that reply reads, and callers that pull without
 lending (the simulator, tests) keep tensors nobody modifies afterwards. Lent tensors are
@@ -41,12 +44,21 @@ class SentParameters:
         self._lent: list[weakref.ref[torch.Tensor]] = []
         self._reusable: list[weakref.ref[torch.Tensor]] = []  # lent at least once, not reused or dropped
         self._spares: list[torch.Tensor] = []
+        self._snapshot_spares: list[torch.Tensor] = []  # reduced-dtype θ⁽ⁱ⁾ that no worker holds any more
         self._lock = threading.Lock()
 
     def spare(self) -> torch.Tensor | None:
         """A float32 tensor nobody holds, to write the next pull into; None when there is none."""
         with self._lock:
             return self._spares.pop() if self._spares else None
+
+    def snapshot_spare(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """A reduced-dtype θ⁽ⁱ⁾ no worker holds any more, to write the next one of ``dtype`` into."""
+        with self._lock:
+            for index, spare in enumerate(self._snapshot_spares):
+                if spare.dtype == dtype:
+                    return self._snapshot_spares.pop(index)
+            return None
 
     def lend(self, tensor: torch.Tensor) -> None:
         """``tensor`` is being sent: it is not reused before :meth:`give_back`, and may be after."""
@@ -98,8 +110,13 @@ class SentParameters:
             return sum(snapshot.nbytes for snapshot in self._kept.values())
 
     def _release(self, snapshot: torch.Tensor) -> None:
-        if not any(lent() is snapshot for lent in self._lent):
-            self._recycle(snapshot)
+        if any(lent() is snapshot for lent in self._lent):
+            return
+        if snapshot.dtype != torch.float32:
+            if len(self._snapshot_spares) < self._max_spares:
+                self._snapshot_spares.append(snapshot)
+            return
+        self._recycle(snapshot)
 
     def _recycle(self, tensor: torch.Tensor) -> None:
         """Keeps a lent ``tensor`` as a spare while there is room; any other is freed with its last

@@ -174,8 +174,15 @@ class ParameterServerState:
             if lend:
                 self._sent.lend(view)
             if self.policy.needs_snapshot:
-                self._sent.keep(worker_id, view.to(self._snapshot_dtype))
+                self._sent.keep(worker_id, self._snapshot_of(view))
             return self.version, view
+
+    def _snapshot_of(self, view: torch.Tensor) -> torch.Tensor:
+        """θ⁽ⁱ⁾ in the snapshot dtype: ``view`` itself in float32, else a copy cast into a spare one."""
+        if view.dtype == self._snapshot_dtype:
+            return view
+        spare = self._sent.snapshot_spare(self._snapshot_dtype)
+        return view.to(self._snapshot_dtype) if spare is None else spare.copy_(view)
 
     def give_back(self, view: torch.Tensor) -> None:
         """The caller of ``pull(lend=True)`` no longer reads ``view``. Takes no lock of the update

@@ -39,6 +39,30 @@ def test_bfloat16_snapshots_take_half_the_memory_and_feed_the_gap_rounded(policy
     assert result.mean_gap > 1.0, "the last push was stale: its Gap must exceed 1"
 
 
+def test_recycled_bfloat16_snapshots_still_feed_each_worker_its_own_rounded_theta():
+    """Three workers push and pull in turn, so θ⁽ⁱ⁾ tensors are written, read by an update and
+    reused for another worker: every Gap is still measured against what its worker pulled."""
+    state = _state("bfloat16")
+    numel = state.layout.numel
+    reference = make_policy("gap-aware", numel, momentum=0.9)
+    theta = state.theta.clone()
+    workers = [state.join("host", "cpu", None).worker_id for _ in range(3)]
+    pulled = {}
+    for worker in workers:
+        version, view = state.pull(worker)
+        pulled[worker] = version, view.to(torch.bfloat16).float()
+    for step in range(9):  # the run ends after 10 updates
+        worker = workers[step % 3]
+        version, stale_theta = pulled[worker]
+        grad = torch.randn(numel, generator=torch.Generator().manual_seed(step)) * 0.1
+        expected_gap = reference.apply(theta, grad, lr=state.lr(), staleness=state.version - version,
+                                       stale_theta=stale_theta, worker_id=worker)
+        assert state.push(worker, grad, base_version=version, samples=1).mean_gap == pytest.approx(expected_gap, rel=1e-12)
+        assert torch.equal(state.theta, theta)
+        version, view = state.pull(worker)
+        pulled[worker] = version, view.to(torch.bfloat16).float()
+
+
 def _train(servers, tmp_path, server_flags, worker_flags):
     server = servers("--task", "digits-mlp", "--policy", "gap-aware", "--lr", "0.05", "--max-updates", "600",
                      "--eval-every", "300", *server_flags)

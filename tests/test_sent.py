@@ -43,14 +43,21 @@ def test_tensors_never_lent_are_never_reused():
     assert sent.spare() is None
 
 
-def test_reduced_precision_snapshots_are_dropped_and_the_lent_view_reused():
+def test_a_reduced_precision_snapshot_is_reused_for_the_next_one_once_its_update_read_it():
     sent = SentParameters(NUMEL)
     theta = torch.randn(NUMEL)
     sent.lend(theta)
-    sent.keep(1, theta.to(torch.bfloat16))
+    snapshot = theta.to(torch.bfloat16)
+    sent.keep(1, snapshot)
     sent.give_back(theta)
+    assert sent.spare() is theta and sent.spare() is None, "the lent float32 view is a spare at once"
+    assert sent.snapshot_spare(torch.bfloat16) is None, "still worker 1's θ⁽ⁱ⁾"
     sent.release(sent.take(1))
-    assert sent.spare() is theta and sent.spare() is None
+    assert sent.snapshot_spare(torch.float16) is None
+    assert sent.snapshot_spare(torch.bfloat16) is snapshot and sent.snapshot_spare(torch.bfloat16) is None
+    sent.keep(2, theta.to(torch.bfloat16))
+    sent.forget(2)  # a worker that left
+    assert sent.snapshot_spare(torch.bfloat16) is not None
 
 
 def test_spares_are_bounded_and_a_tensor_never_given_back_is_freed():
