@@ -31,7 +31,8 @@ a pull-and-push cycle while another reply is still being sent."""
 
 
 class SentParameters:
-    """θ⁽ⁱ⁾ per worker, the tensors lent to replies in flight, and spares of ``numel`` float32.
+    """θ⁽ⁱ⁾ per worker, the tensors lent to replies in flight, and spares: float32 ones of ``numel``
+    elements for pulls, and θ⁽ⁱ⁾ in a reduced dtype for the next such θ⁽ⁱ⁾.
 
     Thread-safe under its own lock, so a reply that has been sent can hand its tensor back from
     the event loop without waiting for the server's update lock.
