@@ -95,6 +95,7 @@ class FloorServer:
     def close(self) -> None:
         self._process.kill()
         self._process.wait()
+        self._process.stdout.close()
 
     def __enter__(self) -> FloorServer:
         return self
