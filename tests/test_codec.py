@@ -87,21 +87,23 @@ def test_assembler_writes_into_the_given_tensor_every_time(dtype):
         assert torch.equal(out, tensor.to(codec.TORCH_DTYPES[dtype]).to(torch.float32))
 
 
-def test_a_borrowed_float32_tensor_in_one_chunk_reads_the_received_bytes_without_a_copy():
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_a_borrowed_float32_tensor_in_one_chunk_reads_the_received_bytes_without_a_copy(offset):
+    """``offset``: where the data starts in the message, after a header of any length."""
     tensor = torch.randn(5000)
     header, (chunk,) = frames(tensor, chunk_bytes=codec.MAX_CHUNK_BYTES)
-    received = bytes(chunk.data)  # immutable, as gRPC delivers a message
+    received = bytes(offset) + bytes(chunk.data)  # immutable, as gRPC delivers a message
     out = torch.full((5000,), float("nan"))
     assembler = TensorAssembler(header, expected_numel=5000, out=out, borrow=True)
-    assembler.add(ChunkView(0, memoryview(received)))  # how the servicer passes a whole message's bytes
+    assembler.add(ChunkView(0, memoryview(received)[offset:]))  # as the servicer passes a whole message's data
     back = assembler.finish()
     assert torch.equal(back, tensor) and torch.isnan(out).all(), "out is left untouched"
-    assert back.data_ptr() == numpy.frombuffer(received, numpy.uint8).ctypes.data, "the tensor reads the message"
+    assert back.data_ptr() == numpy.frombuffer(received, numpy.uint8).ctypes.data + offset, "the tensor reads the message"
 
     corrupt = bytearray(received)
-    corrupt[5] ^= 1
+    corrupt[offset + 5] ^= 1
     assembler = TensorAssembler(header, expected_numel=5000, out=out, borrow=True)
-    assembler.add(ChunkView(0, memoryview(bytes(corrupt))))
+    assembler.add(ChunkView(0, memoryview(bytes(corrupt))[offset:]))
     with pytest.raises(CodecError, match="checksum mismatch"):
         assembler.finish()
 
