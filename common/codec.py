@@ -83,6 +83,17 @@ def encode(tensor: torch.Tensor, dtype: int = pb.FLOAT32, chunk_bytes: int = DEF
     return EncodedTensor(header, chunks)
 
 
+def encode_to_send(tensor: torch.Tensor, dtype: int, *, whole: bool, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                   cast_into: torch.Tensor | None = None) -> EncodedTensor:
+    """:func:`encode` as gapaware's server and worker send a tensor. A ``whole`` message is one chunk
+    (at most :data:`MAX_CHUNK_BYTES`) with the CRC-32C in its header. A stream is cut into
+    ``chunk_bytes`` chunks and sends its CRC-32C last, in its trailer, so that its header leaves
+    before a pass over the tensor."""
+    if whole:
+        return encode(tensor, dtype, MAX_CHUNK_BYTES, cast_into=cast_into)
+    return encode(tensor, dtype, chunk_bytes, cast_into=cast_into, crc_in_trailer=True)
+
+
 def _fits(buffer: torch.Tensor, dtype: torch.dtype, numel: int) -> bool:
     """Whether a caller's ``buffer`` can hold ``numel`` elements of ``dtype`` as the codec writes them:
     a flat contiguous CPU tensor of exactly that size and dtype."""

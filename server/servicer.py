@@ -20,7 +20,7 @@ import grpc
 import torch
 
 from gapaware.common.codec import (
-    DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, TORCH_DTYPES, CodecError, EncodedTensor, TensorAssembler, encode, itemsize,
+    MAX_CHUNK_BYTES, TORCH_DTYPES, CodecError, EncodedTensor, TensorAssembler, encode_to_send, itemsize,
 )
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
@@ -260,16 +260,13 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                       whole: bool = False) -> tuple[int, EncodedTensor, Callable[[], None]]:
         """The version, the encoded parameters, and what releases the tensor their chunks view once
         they are sent: the lent θ in float32; in a reduced dtype a cast buffer, kept for the next
-        pull (the lent θ is given back at once). A stream's checksum goes in its trailer, so that its
-        header leaves before a pass over θ; a ``whole`` message (one chunk) has it in the header."""
+        pull (the lent θ is given back at once). ``whole``: one message (see :func:`encode_to_send`)."""
         version, theta = self._state.pull(worker_id, lend=True)
-        chunk_bytes, crc_in_trailer = (MAX_CHUNK_BYTES, False) if whole else (DEFAULT_CHUNK_BYTES, True)
         if dtype == pb.FLOAT32:
-            return (version, encode(theta, dtype, chunk_bytes, crc_in_trailer=crc_in_trailer),
-                    functools.partial(self._state.give_back, theta))
+            return version, encode_to_send(theta, dtype, whole=whole), functools.partial(self._state.give_back, theta)
         spares = self._spare_casts.setdefault(dtype, [])
         cast = spares.pop() if spares else torch.empty(theta.numel(), dtype=TORCH_DTYPES[dtype])
-        encoded = encode(theta, dtype, chunk_bytes, cast_into=cast, crc_in_trailer=crc_in_trailer)
+        encoded = encode_to_send(theta, dtype, whole=whole, cast_into=cast)
         self._state.give_back(theta)
         return version, encoded, functools.partial(_keep_spare, spares, cast)
 

@@ -18,7 +18,7 @@ import torch
 
 from gapaware.common.codec import (
     DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, TORCH_DTYPES, CodecError, EncodedTensor, TensorAssembler, dtype_from_name,
-    encode, itemsize,
+    encode_to_send, itemsize,
 )
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
@@ -230,15 +230,12 @@ class WorkerClient:
     def _push_parts(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None,
                     cast: torch.Tensor | None, *, whole: bool = False) -> tuple[pb.PushHeader, EncodedTensor]:
         """The push's header and its encoded gradient (chunks that view ``grad``, or ``cast`` holding
-        it in the transport dtype). A stream is cut into ``chunk_bytes`` chunks and sends its checksum
-        last, in its trailer, so that its header leaves before a pass over the gradient; a ``whole``
-        message is one chunk with the checksum in its header (as the server's replies)."""
+        it in the transport dtype), framed as one message when ``whole`` (see :func:`encode_to_send`)."""
         if grad.dim() != 1 or grad.numel() != self.info.layout.numel:
             raise ValueError(f"gradient must be flat with {self.info.layout.numel} elements, "
                              f"got shape {tuple(grad.shape)}")
         seq = self.next_seq() if seq is None else seq
-        chunk_bytes, crc_in_trailer = (MAX_CHUNK_BYTES, False) if whole else (self._chunk_bytes, True)
-        encoded = encode(grad, self._dtype, chunk_bytes, cast_into=cast, crc_in_trailer=crc_in_trailer)
+        encoded = encode_to_send(grad, self._dtype, whole=whole, chunk_bytes=self._chunk_bytes, cast_into=cast)
         return pb.PushHeader(worker_id=self.info.worker_id, base_version=base_version, seq=seq, samples=samples,
                              loss=loss, tensor=encoded.header, pull_dtype=self._dtype), encoded
 
