@@ -101,11 +101,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _collect(processes: list, results, expected: int) -> float:
-    """The summed rate of ``expected`` workers; raises when one fails or the run overruns."""
+def _run_processes(processes: list, results, expected: int) -> float:
+    """Starts ``processes`` and returns the summed rate of the ``expected`` workers among them;
+    raises when one fails or the run overruns."""
     deadline = time.monotonic() + RUN_TIMEOUT
     rates = []
     try:
+        for process in processes:
+            process.start()
         while len(rates) < expected:
             try:
                 rates.append(results.get(timeout=1.0))
@@ -130,24 +133,18 @@ def run(system: str, nbytes: int, workers: int, seconds: float = SECONDS) -> flo
         with gapaware_server(nbytes, "--policy", "asgd", "--momentum", "0.9", "--threads", "1") as server:
             processes = [CTX.Process(target=_gapaware_worker, args=(server.address, dtype, barrier, seconds, results))
                          for _ in range(workers)]
-            for process in processes:
-                process.start()
-            return _collect(processes, results, workers)
+            return _run_processes(processes, results, workers)
     if system == "grpc-floor":
         with FloorServer(nbytes) as server:
             processes = [CTX.Process(target=_floor_worker, args=(server.address, nbytes, barrier, seconds, results))
                          for _ in range(workers)]
-            for process in processes:
-                process.start()
-            return _collect(processes, results, workers)
+            return _run_processes(processes, results, workers)
     transport = system.removeprefix("rpc-")
     port = _free_port()
     processes = [CTX.Process(target=_rpc_process, args=(rank, workers + 1, port, transport, nbytes // 4, barrier,
                                                          seconds, results))
                  for rank in range(workers + 1)]
-    for process in processes:
-        process.start()
-    return _collect(processes, results, workers)
+    return _run_processes(processes, results, workers)
 
 
 def main() -> None:
