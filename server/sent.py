@@ -8,15 +8,17 @@ it. A fresh tensor per pull costs the kernel a page fault and the zeroing of eac
 worker's θ⁽ⁱ⁾ and no longer being sent) goes back to a short list of spares, and the next pull is
 written into a spare.
 
-A θ⁽ⁱ⁾ kept in a reduced dtype (``--snapshot-dtype bfloat16``) is the server's own copy, never lent
-to a reply: once its update has read it, it becomes a spare for the next worker's θ⁽ⁱ⁾ of that dtype.
+Pulls in a reduced dtype (``bfloat16`` or ``float16`` transport, or snapshots) use tensors of that
+dtype the same way: a reply and a θ⁽ⁱ⁾ may be one tensor, cast once from θ.
 
-Otherwise only tensors that were lent to a reply are ever reused, and only once both holders let go of them:
-a worker that pushes again while the reply to its pull is still being sent (only a misbehaving
-client does) cannot make the server overwrite what that reply reads, and callers that pull without
-lending (the simulator, tests) keep tensors nobody modifies afterwards. Lent tensors are
-tracked by weak reference: a reply that ends without giving its tensor back (a cancelled call)
-lets it be freed as usual instead of holding it forever.
+Only tensors the server made for itself are ever reused: those lent to a reply, and those
+:meth:`SentParameters.adopt` names (a θ⁽ⁱ⁾ in a reduced dtype, or a float32 one whose reply reads a
+cast of it), and only once neither a reply nor a worker holds them. A worker that pushes again
+while the reply to its pull is still being sent (only a misbehaving client does) cannot make the
+server overwrite what that reply reads, and callers that pull without lending (the simulator,
+tests) keep tensors nobody modifies afterwards. Lent tensors are tracked by weak reference: a
+reply that ends without giving its tensor back (a cancelled call) lets it be freed as usual
+instead of holding it forever.
 """
 from __future__ import annotations
 
@@ -26,13 +28,13 @@ import weakref
 import torch
 
 MAX_SPARES = 2
-"""Spare tensors kept for the next pulls. Each is one model of memory held between pulls; two cover
-a pull-and-push cycle while another reply is still being sent."""
+"""Spare tensors kept for the next pulls, per dtype. Each is one model of memory held between pulls;
+two cover a pull-and-push cycle while another reply is still being sent."""
 
 
 class SentParameters:
-    """θ⁽ⁱ⁾ per worker, the tensors lent to replies in flight, and spares: float32 ones of ``numel``
-    elements for pulls, and θ⁽ⁱ⁾ in a reduced dtype for the next such θ⁽ⁱ⁾.
+    """θ⁽ⁱ⁾ per worker, the tensors lent to replies in flight, and spares of ``numel`` elements by
+    dtype for the next pulls.
 
     Thread-safe under its own lock, so a reply that has been sent can hand its tensor back from
     the event loop without waiting for the server's update lock.
@@ -43,30 +45,29 @@ class SentParameters:
         self._max_spares = max_spares
         self._kept: dict[int, torch.Tensor] = {}
         self._lent: list[weakref.ref[torch.Tensor]] = []
-        self._reusable: list[weakref.ref[torch.Tensor]] = []  # lent at least once, not reused or dropped
+        self._reusable: list[weakref.ref[torch.Tensor]] = []  # the server's own, not reused or dropped
         self._spares: list[torch.Tensor] = []
-        self._snapshot_spares: list[torch.Tensor] = []  # reduced-dtype θ⁽ⁱ⁾ that no worker holds any more
         self._lock = threading.Lock()
 
-    def spare(self) -> torch.Tensor | None:
-        """A float32 tensor nobody holds, to write the next pull into; None when there is none."""
+    def spare(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """A tensor of ``dtype`` nobody holds, to write the next pull into; None when there is none."""
         with self._lock:
-            return self._spares.pop() if self._spares else None
-
-    def snapshot_spare(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """A reduced-dtype θ⁽ⁱ⁾ no worker holds any more, to write the next one of ``dtype`` into."""
-        with self._lock:
-            for index, spare in enumerate(self._snapshot_spares):
+            for index, spare in enumerate(self._spares):
                 if spare.dtype == dtype:
-                    return self._snapshot_spares.pop(index)
+                    return self._spares.pop(index)
             return None
+
+    def adopt(self, tensor: torch.Tensor) -> None:
+        """``tensor`` is the server's own (nobody outside holds it): it is reused once no reply reads
+        it and no worker keeps it."""
+        with self._lock:
+            self._adopt(tensor)
 
     def lend(self, tensor: torch.Tensor) -> None:
         """``tensor`` is being sent: it is not reused before :meth:`give_back`, and may be after."""
         with self._lock:
             self._lent.append(weakref.ref(tensor))
-            if tensor.dtype == torch.float32 and tensor.shape == (self._numel,) and tensor.device.type == "cpu":
-                self._reusable.append(weakref.ref(tensor))
+            self._adopt(tensor)
 
     def give_back(self, tensor: torch.Tensor) -> None:
         """The reply that read ``tensor`` is done with it."""
@@ -110,21 +111,21 @@ class SentParameters:
         with self._lock:
             return sum(snapshot.nbytes for snapshot in self._kept.values())
 
+    def _adopt(self, tensor: torch.Tensor) -> None:
+        if tensor.shape == (self._numel,) and tensor.device.type == "cpu" and tensor.is_contiguous() \
+                and not any(reusable() is tensor for reusable in self._reusable):
+            self._reusable.append(weakref.ref(tensor))
+
     def _release(self, snapshot: torch.Tensor) -> None:
-        if any(lent() is snapshot for lent in self._lent):
-            return
-        if snapshot.dtype != torch.float32:
-            if len(self._snapshot_spares) < self._max_spares:
-                self._snapshot_spares.append(snapshot)
-            return
-        self._recycle(snapshot)
+        if not any(lent() is snapshot for lent in self._lent):
+            self._recycle(snapshot)
 
     def _recycle(self, tensor: torch.Tensor) -> None:
-        """Keeps a lent ``tensor`` as a spare while there is room; any other is freed with its last
-        reference."""
+        """Keeps the server's own ``tensor`` as a spare while there is room for its dtype; any other is
+        freed with its last reference."""
         if any(reusable() is tensor for reusable in self._reusable):
             self._reusable = _without(self._reusable, tensor)
-            if len(self._spares) < self._max_spares:
+            if sum(spare.dtype == tensor.dtype for spare in self._spares) < self._max_spares:
                 self._spares.append(tensor)
 
 

@@ -82,8 +82,6 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         # Received gradients are written into these, reused push after push: a fresh model-sized
         # tensor per push costs a page fault and the kernel's zeroing on each of its pages.
         self._spare_gradients: list[torch.Tensor] = []
-        # Parameters pulled in a reduced dtype are cast into these, by dtype, reused likewise.
-        self._spare_casts: dict[int, list[torch.Tensor]] = {}
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable, *args,
                     on_refusal: Callable[[str], None] | None = None, inline: bool = False, **kwargs):
@@ -258,17 +256,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     def _pull_encoded(self, worker_id: int, dtype: int, *,
                       whole: bool = False) -> tuple[int, EncodedTensor, Callable[[], None]]:
-        """The version, the encoded parameters, and what releases the tensor their chunks view once
-        they are sent: the lent θ in float32; in a reduced dtype a cast buffer, kept for the next
-        pull (the lent θ is given back at once). ``whole``: one message (see :func:`encode_to_send`)."""
-        version, theta = self._state.pull(worker_id, lend=True)
-        if dtype == pb.FLOAT32:
-            return version, encode_to_send(theta, dtype, whole=whole), functools.partial(self._state.give_back, theta)
-        spares = self._spare_casts.setdefault(dtype, [])
-        cast = spares.pop() if spares else torch.empty(theta.numel(), dtype=TORCH_DTYPES[dtype])
-        encoded = encode_to_send(theta, dtype, whole=whole, cast_into=cast)
-        self._state.give_back(theta)
-        return version, encoded, functools.partial(_keep_spare, spares, cast)
+        """The version, the parameters encoded in ``dtype``, and what gives the tensor their chunks
+        view back to the state once they are sent. ``whole``: one message (see :func:`encode_to_send`)."""
+        version, sent = self._state.pull(worker_id, lend=True, dtype=TORCH_DTYPES[dtype])
+        return version, encode_to_send(sent, dtype, whole=whole), functools.partial(self._state.give_back, sent)
 
     def _push_then_pull(self, header: pb.PushHeader,
                         grad: Gradient) -> tuple[PushResult, int, EncodedTensor, Callable[[], None]]:
@@ -351,12 +342,6 @@ async def _check_dtype(context, dtype: int, what: str) -> None:
         itemsize(dtype)
     except CodecError as error:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what} dtype: {error}")
-
-
-def _keep_spare(spares: list[torch.Tensor], tensor: torch.Tensor) -> None:
-    """Keeps ``tensor`` for reuse unless GRADIENTS_IN_MEMORY spares are kept already."""
-    if len(spares) < GRADIENTS_IN_MEMORY:
-        spares.append(tensor)
 
 
 async def _one(item) -> AsyncIterator:

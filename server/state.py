@@ -155,12 +155,16 @@ class ParameterServerState:
     def lr(self) -> float:
         return learning_rate(self.config, self.version, self.total_updates)
 
-    def pull(self, worker_id: int, *, lend: bool = False) -> tuple[int, torch.Tensor]:
-        """What ``worker_id`` is sent: the version and a tensor nobody modifies afterwards.
+    def pull(self, worker_id: int, *, lend: bool = False,
+             dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor]:
+        """What ``worker_id`` is sent, in ``dtype`` (the transport dtype): the version and a tensor
+        nobody modifies afterwards.
 
-        For policies that measure a Gap the same tensor is kept as the worker's θ⁽ⁱ⁾, or a
-        bfloat16 copy of it with ``snapshot_dtype="bfloat16"`` (half the memory; the Gap is then
-        measured against θ⁽ⁱ⁾ rounded to bfloat16, as ALGORITHMS.md allows).
+        For policies that measure a Gap the worker's θ⁽ⁱ⁾ is kept: in float32, or in bfloat16 with
+        ``snapshot_dtype="bfloat16"`` (half the memory; the Gap is then measured against θ⁽ⁱ⁾
+        rounded to bfloat16, as ALGORITHMS.md allows). Where the tensor sent is θ itself in the
+        θ⁽ⁱ⁾'s dtype, or no θ⁽ⁱ⁾ is kept, a reduced-dtype pull casts θ once, straight into the tensor
+        sent, with no float32 copy on the way.
 
         With ``lend=True`` the tensor is lent instead: the caller hands it back with
         :meth:`give_back` once it has sent it, after which it may be reused for a later pull
@@ -168,21 +172,37 @@ class ParameterServerState:
         """
         with self._lock:
             record = self.members.get(worker_id)
-            view = self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id,
-                                         out=self._sent.spare() if lend else None)
+            snapshot_dtype = self._snapshot_dtype if self.policy.needs_snapshot else None
+            if dtype != torch.float32 and self.policy.pulls_theta and snapshot_dtype in (None, dtype):
+                view = snapshot = sent = self._cast(self.theta, dtype, reuse=lend)
+            else:
+                view = self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id,
+                                             out=self._sent.spare() if lend else None)
+                snapshot = view if snapshot_dtype in (None, torch.float32) else \
+                    self._cast(view, snapshot_dtype, reuse=lend or snapshot_dtype != dtype)
+                sent = view if dtype == torch.float32 else snapshot if snapshot.dtype == dtype else \
+                    self._cast(view, dtype, reuse=lend)
             record.pulled_version = self.version
             if lend:
-                self._sent.lend(view)
-            if self.policy.needs_snapshot:
-                self._sent.keep(worker_id, self._snapshot_of(view))
-            return self.version, view
+                self._sent.lend(sent)
+            if snapshot_dtype is not None:
+                self._sent.keep(worker_id, snapshot)
+            if view is not sent:  # a float32 view only cast from: the server's own
+                self._sent.adopt(view)
+                if snapshot is not view or snapshot_dtype is None:
+                    self._sent.release(view)
+            return self.version, sent
 
-    def _snapshot_of(self, view: torch.Tensor) -> torch.Tensor:
-        """θ⁽ⁱ⁾ in the snapshot dtype: ``view`` itself in float32, else a copy cast into a spare one."""
-        if view.dtype == self._snapshot_dtype:
-            return view
-        spare = self._sent.snapshot_spare(self._snapshot_dtype)
-        return view.to(self._snapshot_dtype) if spare is None else spare.copy_(view)
+    def _cast(self, source: torch.Tensor, dtype: torch.dtype, *, reuse: bool) -> torch.Tensor:
+        """``source`` in ``dtype``. With ``reuse`` it is written into a spare tensor of that dtype when
+        there is one, and is the server's own (:meth:`SentParameters.adopt`): reused once nobody holds
+        it. Without, it is a new tensor, for a caller that keeps it."""
+        if not reuse:
+            return source.to(dtype)
+        spare = self._sent.spare(dtype)
+        cast = source.to(dtype) if spare is None else spare.copy_(source)
+        self._sent.adopt(cast)
+        return cast
 
     def give_back(self, view: torch.Tensor) -> None:
         """The caller of ``pull(lend=True)`` no longer reads ``view``. Takes no lock of the update

@@ -55,6 +55,9 @@ class Policy(abc.ABC):
     """The CLI name (``--policy``)."""
     needs_snapshot: ClassVar[bool] = False
     """True when the server must keep θ⁽ⁱ⁾ per worker and pass it to :meth:`apply` as ``stale_theta``."""
+    pulls_theta: ClassVar[bool] = True
+    """True when a pull sends θ itself (:meth:`pull_view` copies it), which the server may then cast
+    straight into a reduced transport dtype; False when it computes something else from θ."""
 
     def __init__(self, numel: int, *, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0) -> None:

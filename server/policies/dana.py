@@ -59,6 +59,7 @@ class DanaZero(Policy):
     """
 
     name = "dana"
+    pulls_theta = False  # the look-ahead θ̂
 
     def __init__(self, numel: int, *, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0) -> None:
