@@ -3,10 +3,13 @@
 The torch path (``GAPAWARE_FUSED=0``) is the reference: with a correctly rounded square root in
 it the two agree bit for bit; with torch's own (MKL, within 1 ulp) to float32 precision. Then the
 fallbacks: no compiler, a failed build, the switch, tensors the kernel does not take; and the
-cache: a library that does not match its checksum is rebuilt.
+cache: a library that does not match its checksum is rebuilt, and what no process used for a
+month is deleted.
 """
 import logging
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,3 +204,38 @@ def test_a_damaged_cache_entry_is_rebuilt_not_loaded(own_cache, damage):
     if damage != "delete":
         assert rebuilt.stat().st_ino != inode, "a new file, not the damaged one"
     assert fused.kernel() is not None
+
+
+@needs_compiler
+def test_the_cache_deletes_what_no_process_used_for_a_month_and_keeps_the_rest(own_cache):
+    compiler = fused.find_compiler()
+    path = fused.library(compiler)
+    pointer = next(own_cache.glob("*.sha256"))
+    month_ago = time.time() - (fused.UNUSED_DAYS + 1) * 86400
+
+    def entry(name: str, *, old: bool, text: str = "") -> Path:
+        made = own_cache / name
+        if name.startswith(".build-"):
+            made.mkdir()
+            (made / "fused.so").write_bytes(b"half a build")
+        else:
+            made.write_text(text)
+        if old:
+            os.utime(made, (month_ago, month_ago))
+        return made
+
+    digest = "ab" * 32
+    unused = [entry("fused-1111111111111111.sha256", old=True, text=digest),  # an older gapaware's
+              entry(f"fused-1111111111111111-{digest[:16]}.so", old=True),
+              entry("fused-2222222222222222-0000000000000000.so", old=True),  # replaced by a rebuild
+              entry(".build-crashed", old=True)]
+    kept = [entry("fused-3333333333333333.sha256", old=False, text=digest),  # another CPU's, in use
+            entry(f"fused-3333333333333333-{digest[:16]}.so", old=True),
+            entry("fused-4444444444444444-0000000000000000.so", old=False),  # too young to judge
+            entry(".build-running", old=False)]
+    os.utime(pointer, (month_ago, month_ago))  # this kernel's own, last loaded a month ago
+    os.utime(path, (month_ago, month_ago))
+    assert fused.library(compiler) == path, "loading it from the cache makes it used again"
+    assert path.is_file() and pointer.is_file() and pointer.stat().st_mtime > month_ago
+    assert [p.name for p in unused if p.exists()] == []
+    assert [p.name for p in kept if not p.exists()] == []

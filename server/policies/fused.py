@@ -19,7 +19,8 @@ kernel in double.
 
 The kernel is built with the system C compiler (``$CC``, else Python's, else ``cc``) into
 ``$XDG_CACHE_HOME/gapaware`` (default ``~/.cache/gapaware``), once per source, flags and CPU
-(``-march=native``), and reused by every process after. The torch operations run instead when
+(``-march=native``), and reused by every process after; what no process has loaded for
+:data:`UNUSED_DAYS` days is deleted. The torch operations run instead when
 there is no compiler, the build fails, ``GAPAWARE_FUSED=0`` is set, or the tensors are not
 contiguous float32 CPU tensors (θ⁽ⁱ⁾ may be bfloat16); which path runs is logged once.
 """
@@ -38,6 +39,7 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -51,6 +53,9 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopen
 ``-fopenmp-simd``: the ``omp simd`` reduction that sums the Gaps, no OpenMP runtime."""
 SWITCH = "GAPAWARE_FUSED"
 """Environment variable: ``0`` makes every update take the torch operations."""
+UNUSED_DAYS = 30
+"""A cached kernel no process has loaded for this long is deleted: one of an older gapaware or
+compiler, or of a CPU that no longer shares this cache directory (a home on a network file system)."""
 
 STEP_PLAIN, STEP_MOMENTUM, STEP_NESTEROV, STEP_DANA = range(4)  # enum step of fused.c
 
@@ -205,6 +210,8 @@ def library(compiler: str) -> Path:
     pointer = directory / f"fused-{key}.sha256"
     cached = _cached(directory, key, pointer)
     if cached is not None:
+        _mark_used(pointer)
+        _prune(directory)
         return cached
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as build:
@@ -219,7 +226,41 @@ def library(compiler: str) -> Path:
         (Path(build) / "pointer").write_text(digest + "\n")
         os.replace(Path(build) / "pointer", pointer)
     log.info("Built the fused Gap-Aware kernel %s", path)
+    _prune(directory)
     return path
+
+
+def _mark_used(pointer: Path) -> None:
+    """Dates ``pointer``'s library as loaded now: a pointer file's time is when its library was last used."""
+    try:
+        os.utime(pointer)
+    except OSError:  # a read-only cache: the kernel still loads
+        pass
+
+
+def _prune(directory: Path) -> None:
+    """Deletes what the cache keeps for nobody, once it is :data:`UNUSED_DAYS` days old: libraries
+    whose pointer file no process has used since (see :func:`_mark_used`), libraries no pointer
+    names any more (replaced by a rebuild), and builds a crash left behind. A library in use
+    elsewhere (another CPU sharing the directory) keeps its pointer fresh, so it stays."""
+    cutoff = time.time() - UNUSED_DAYS * 86400
+    try:
+        entries = list(directory.iterdir())
+        in_use = set()
+        for pointer in directory.glob("fused-*.sha256"):
+            if pointer.stat().st_mtime >= cutoff:
+                digest = pointer.read_text(errors="replace").strip()
+                in_use |= {pointer.name, f"{pointer.name.removesuffix('.sha256')}-{digest[:16]}.so"}
+        for entry in entries:
+            if entry.name in in_use or entry.stat().st_mtime >= cutoff:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            log.info("Deleted %s from the kernel cache: unused for %d days", entry, UNUSED_DAYS)
+    except OSError as error:  # another process pruning at once, or a read-only cache: try next time
+        log.debug("Could not prune the kernel cache %s: %s", directory, error)
 
 
 def _cached(directory: Path, key: str, pointer: Path) -> Path | None:
