@@ -18,30 +18,36 @@ WORKERS = 6
 STEPS = 12
 
 
-def _work(address: str, index: int, log: list, errors: list) -> None:
-    """One worker: half of them stream (4 KiB chunks), half send whole messages."""
+def _work(address: str, index: int, log: list, errors: list, transport: str) -> None:
+    """One worker: half of them stream (4 KiB chunks), half send whole messages. A gradient is logged
+    as the server receives it (rounded to the transport dtype)."""
     streamed = dict(one_message_bytes=0, chunk_bytes=4096) if index % 2 else {}
     try:
-        with WorkerClient(address, timeout=60, **streamed) as client:
+        with WorkerClient(address, timeout=60, transport_dtype=transport, **streamed) as client:
             worker_id = client.join().worker_id
             version, theta = client.pull()
             log.append(("pull", worker_id, version, theta.clone(), None))
             for step in range(STEPS):
                 grad = torch.randn(NUMEL, generator=torch.Generator().manual_seed(index * 1000 + step))
                 result, pulled, theta = client.push_pull(grad, version)
-                log.append(("push", worker_id, version, grad, result.version))
+                log.append(("push", worker_id, version, grad.to(getattr(torch, transport)).float(), result.version))
                 log.append(("pull", worker_id, pulled, theta.clone(), None))
                 version = pulled
     except Exception as error:  # noqa: BLE001 - reported by the test
         errors.append(error)
 
 
-@pytest.mark.parametrize("policy", ["gap-aware", "asgd"])
-def test_concurrent_run_equals_its_sequential_replay(inprocess_servers, policy):
-    server = inprocess_servers(small_state(NUMEL, policy=policy))
+@pytest.mark.parametrize("policy, transport, snapshots", [
+    ("gap-aware", "float32", "float32"), ("asgd", "float32", "float32"),
+    ("gap-aware", "bfloat16", "bfloat16"),  # each θ⁽ⁱ⁾ is also the reply that sends it
+    ("asgd", "bfloat16", "float32"),
+])
+def test_concurrent_run_equals_its_sequential_replay(inprocess_servers, policy, transport, snapshots):
+    server = inprocess_servers(small_state(NUMEL, policy=policy, snapshot_dtype=snapshots))
     log: list = []
     errors: list = []
-    threads = [threading.Thread(target=_work, args=(server.address, i, log, errors)) for i in range(WORKERS)]
+    threads = [threading.Thread(target=_work, args=(server.address, i, log, errors, transport))
+               for i in range(WORKERS)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -50,7 +56,7 @@ def test_concurrent_run_equals_its_sequential_replay(inprocess_servers, policy):
 
     # Replay: pushes in the order the server applied them (their resulting versions); a pull that
     # saw version p happened after push p and before push p + 1.
-    replay = small_state(NUMEL, policy=policy)
+    replay = small_state(NUMEL, policy=policy, snapshot_dtype=snapshots)
     ids = {worker_id: replay.join("h", "cpu", None).worker_id for worker_id in {entry[1] for entry in log}}
     pushes = sorted((e for e in log if e[0] == "push"), key=lambda e: e[4])
     pulls = [e for e in log if e[0] == "pull"]
@@ -59,9 +65,9 @@ def test_concurrent_run_equals_its_sequential_replay(inprocess_servers, policy):
     def replay_pulls_at(version: int) -> None:
         for _, worker_id, pulled, theta, _ in pulls:
             if pulled == version:
-                replayed_version, replayed = replay.pull(ids[worker_id])
+                replayed_version, replayed = replay.pull(ids[worker_id], dtype=getattr(torch, transport))
                 assert replayed_version == version
-                assert torch.equal(theta, replayed), f"a reply at version {version} differs from the replay"
+                assert torch.equal(theta, replayed.float()), f"a reply at version {version} differs from the replay"
 
     replay_pulls_at(0)
     for _, worker_id, base, grad, version in pushes:
