@@ -76,11 +76,16 @@ def encode(tensor: torch.Tensor, dtype: int = pb.FLOAT32, chunk_bytes: int = DEF
                              f"{tuple(flat.shape)}, got {cast_into.dtype} of shape {tuple(cast_into.shape)}")
         else:
             flat = cast_into.copy_(flat)
-    raw = memoryview(flat.view(torch.uint8).numpy())
+    raw = tensor_bytes(flat)
     chunks = [raw[start:start + chunk_bytes] for start in range(0, len(raw), chunk_bytes)]
     header = pb.TensorHeader(dtype=dtype, numel=flat.numel(), chunk_count=len(chunks), crc_in_trailer=crc_in_trailer,
                              crc32c=0 if crc_in_trailer else crc32c.crc32c(raw))
     return EncodedTensor(header, chunks)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(tensor.view(torch.uint8).numpy())
 
 
 def encode_to_send(tensor: torch.Tensor, dtype: int, *, whole: bool, chunk_bytes: int = DEFAULT_CHUNK_BYTES,

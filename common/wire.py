@@ -59,14 +59,23 @@ def chunk_frame(index: int, data: memoryview) -> bytes:
     return b"".join((bytes((_CHUNK_TAG,)), _varint(len(chunk_prefix) + len(data)), chunk_prefix, data))
 
 
-def chunk_frames(encoded: EncodedTensor) -> Iterator[bytes]:
+def chunk_frames(encoded: EncodedTensor,
+                 frame: Callable[[int, int, int], bytes] | None = None) -> Iterator[bytes]:
     """The serialized chunk frames of ``encoded``, in order, then its trailer frame when its header
-    announces one: the CRC-32C is computed chunk by chunk as each is framed, while it is in cache."""
-    crc = 0
+    announces one: the CRC-32C is computed chunk by chunk over each frame's copy of the bytes, while
+    it is in cache.
+
+    ``frame(index, start, stop)``, when given, frames chunk ``index`` (bytes ``start:stop`` of the
+    tensor) in place of :func:`chunk_frame` on the encoded chunk: how the server reads a tensor it
+    lent, which may be switched to a copy between two chunks (:class:`gapaware.server.sent.Loan`)."""
+    crc = start = 0
     for index, data in enumerate(encoded.chunks):
-        yield chunk_frame(index, data)
+        stop = start + len(data)
+        framed = chunk_frame(index, data) if frame is None else frame(index, start, stop)
+        yield framed
         if encoded.header.crc_in_trailer:
-            crc = crc32c.crc32c(data, value=crc)
+            crc = crc32c.crc32c(memoryview(framed)[len(framed) - len(data):], value=crc)
+        start = stop
     if encoded.header.crc_in_trailer:
         yield trailer_frame(crc)
 

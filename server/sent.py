@@ -1,29 +1,38 @@
 """The parameter tensors the server hands out: θ⁽ⁱ⁾ kept per worker, replies being sent, spares.
 
-Every pull produces a model-sized tensor (a copy of θ, or DANA's look-ahead θ̂). Policies with a
-Gap keep it as the worker's θ⁽ⁱ⁾ (Barkai et al., ICLR 2020; ALGORITHMS.md, "What the master
-stores for GA") until the worker's next push, and the reply to the pull reads it while gRPC sends
-it. A fresh tensor per pull costs the kernel a page fault and the zeroing of each page, which on a
-100 MiB model took more CPU than sending it. So a tensor that nobody holds any more (no longer a
-worker's θ⁽ⁱ⁾ and no longer being sent) goes back to a short list of spares, and the next pull is
-written into a spare.
+A pull sends θ (every policy but DANA's, whose look-ahead θ̂ is computed into a tensor of its
+own), and policies with a Gap keep what was sent as the worker's θ⁽ⁱ⁾ (Barkai et al., ICLR 2020;
+ALGORITHMS.md, "What the master stores for GA") until the worker's next push.
 
-Pulls in a reduced dtype (``bfloat16`` or ``float16`` transport, or snapshots) use tensors of that
-dtype the same way: a reply and a θ⁽ⁱ⁾ may be one tensor, cast once from θ.
+**θ is lent, not copied, until it changes.** A float32 reply reads θ itself, and a float32 θ⁽ⁱ⁾
+is θ itself, for as long as θ stays as it was sent. Only when an update is about to change θ does
+:meth:`SentParameters.detach` copy it, once, for every reply and θ⁽ⁱ⁾ still reading it. The copy a
+pull used to make is then made only where someone still needs the old θ, and never where nobody
+does: a worker alone makes no copy at all (its reply is sent before it pushes, and its own θ⁽ⁱ⁾ is
+θ, with every Gap 1). On a 100 MiB model that copy was a fifth of a pull's time, and a θ⁽ⁱ⁾ that
+is θ takes no memory. Replies therefore read their tensor through a :class:`Loan`, under a lock
+that detach takes only to switch the loan to its copy.
 
-Only tensors the server made for itself are ever reused: those lent to a reply, and those
-:meth:`SentParameters.adopt` names (a θ⁽ⁱ⁾ in a reduced dtype, or a float32 one whose reply reads a
-cast of it), and only once neither a reply nor a worker holds them. A worker that pushes again
-while the reply to its pull is still being sent (only a misbehaving client does) cannot make the
-server overwrite what that reply reads, and callers that pull without lending (the simulator,
-tests) keep tensors nobody modifies afterwards. Lent tensors are tracked by weak reference: a
-reply that ends without giving its tensor back (a cancelled call) lets it be freed as usual
-instead of holding it forever.
+A fresh tensor per copy or cast costs the kernel a page fault and the zeroing of each page, which
+on a 100 MiB model took more CPU than sending it. So a tensor that nobody holds any more (no
+longer a worker's θ⁽ⁱ⁾ and no longer being sent) goes back to a short list of spares by dtype,
+and the next copy or cast is written into a spare. Pulls in a reduced dtype (``bfloat16`` or
+``float16`` transport, or snapshots) cast θ once into such a tensor: a reply and a θ⁽ⁱ⁾ may be one.
+
+Only tensors the server made for itself are ever reused: those lent to a reply (θ excepted), the
+copies detach makes, and those :meth:`SentParameters.adopt` names, and only once neither a reply
+nor a worker holds them. A worker that pushes again while the reply to its pull is still being
+sent (only a misbehaving client does) cannot make the server overwrite what that reply reads, and
+callers that pull without lending (the simulator, tests) keep tensors nobody modifies afterwards.
+Loans are tracked by weak reference: a reply that ends without giving its loan back (a cancelled
+call) lets its tensor be freed as usual instead of holding it forever.
 """
 from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -31,20 +40,40 @@ MAX_SPARES = 2
 """Spare tensors kept for the next pulls, per dtype. Each is one model of memory held between pulls;
 two cover a pull-and-push cycle while another reply is still being sent."""
 
+T = TypeVar("T")
+
+
+class Loan:
+    """The tensor a reply sends: θ itself until θ is about to change, then a copy of θ as it was
+    (:meth:`SentParameters.detach`), or a tensor of its own (a cast, DANA's θ̂). Read it only
+    through :meth:`read`."""
+
+    __slots__ = ("_tensor", "_lock", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor, lock: threading.Lock) -> None:
+        self._tensor = tensor
+        self._lock = lock
+
+    def read(self, fn: Callable[[torch.Tensor], T]) -> T:
+        """``fn(tensor)``, with the tensor this reply sends held still meanwhile. What ``fn`` returns
+        must not read the tensor afterwards (copy what is kept): θ may change once it returns."""
+        with self._lock:
+            return fn(self._tensor)
+
 
 class SentParameters:
-    """θ⁽ⁱ⁾ per worker, the tensors lent to replies in flight, and spares of ``numel`` elements by
-    dtype for the next pulls.
+    """θ⁽ⁱ⁾ per worker, the loans of replies in flight, and spares of θ's size by dtype for the next
+    pulls, for the parameters ``theta``.
 
-    Thread-safe under its own lock, so a reply that has been sent can hand its tensor back from
-    the event loop without waiting for the server's update lock.
+    Thread-safe under its own lock, so a reply that has been sent can give its loan back from the
+    event loop without waiting for the server's update lock.
     """
 
-    def __init__(self, numel: int, *, max_spares: int = MAX_SPARES) -> None:
-        self._numel = numel
+    def __init__(self, theta: torch.Tensor, *, max_spares: int = MAX_SPARES) -> None:
+        self._theta = theta
         self._max_spares = max_spares
         self._kept: dict[int, torch.Tensor] = {}
-        self._lent: list[weakref.ref[torch.Tensor]] = []
+        self._loans: list[weakref.ref[Loan]] = []
         self._reusable: list[weakref.ref[torch.Tensor]] = []  # the server's own, not reused or dropped
         self._spares: list[torch.Tensor] = []
         self._lock = threading.Lock()
@@ -52,10 +81,7 @@ class SentParameters:
     def spare(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """A tensor of ``dtype`` nobody holds, to write the next pull into; None when there is none."""
         with self._lock:
-            for index, spare in enumerate(self._spares):
-                if spare.dtype == dtype:
-                    return self._spares.pop(index)
-            return None
+            return self._take_spare(dtype)
 
     def adopt(self, tensor: torch.Tensor) -> None:
         """``tensor`` is the server's own (nobody outside holds it): it is reused once no reply reads
@@ -63,21 +89,25 @@ class SentParameters:
         with self._lock:
             self._adopt(tensor)
 
-    def lend(self, tensor: torch.Tensor) -> None:
-        """``tensor`` is being sent: it is not reused before :meth:`give_back`, and may be after."""
+    def lend(self, tensor: torch.Tensor) -> Loan:
+        """The loan through which a reply reads ``tensor`` (θ itself, or the server's own tensor,
+        which is not reused before the loan is given back)."""
         with self._lock:
-            self._lent.append(weakref.ref(tensor))
-            self._adopt(tensor)
+            loan = Loan(tensor, self._lock)
+            self._loans.append(weakref.ref(loan))
+            if tensor is not self._theta:
+                self._adopt(tensor)
+            return loan
 
-    def give_back(self, tensor: torch.Tensor) -> None:
-        """The reply that read ``tensor`` is done with it."""
+    def give_back(self, loan: Loan) -> None:
+        """The reply that read through ``loan`` is done with it."""
         with self._lock:
-            self._lent = _without(self._lent, tensor)
-            if not any(kept is tensor for kept in self._kept.values()):
-                self._recycle(tensor)
+            self._loans = _without(self._loans, loan)
+            self._release(loan._tensor)
 
     def keep(self, worker_id: int, snapshot: torch.Tensor) -> None:
-        """Keeps ``snapshot`` as ``worker_id``'s θ⁽ⁱ⁾, letting go of the one it replaces."""
+        """Keeps ``snapshot`` (θ itself, or a tensor nobody modifies) as ``worker_id``'s θ⁽ⁱ⁾, letting
+        go of the one it replaces."""
         with self._lock:
             previous = self._kept.pop(worker_id, None)
             self._kept[worker_id] = snapshot
@@ -85,7 +115,8 @@ class SentParameters:
                 self._release(previous)
 
     def take(self, worker_id: int) -> torch.Tensor | None:
-        """Removes and returns ``worker_id``'s θ⁽ⁱ⁾ for an update; :meth:`release` it afterwards."""
+        """Removes and returns ``worker_id``'s θ⁽ⁱ⁾ for an update; :meth:`release` it afterwards. It
+        is θ itself when θ has not changed since the worker was sent it."""
         with self._lock:
             return self._kept.pop(worker_id, None)
 
@@ -101,34 +132,70 @@ class SentParameters:
             if snapshot is not None:
                 self._release(snapshot)
 
+    def detach(self) -> None:
+        """θ is about to change: every reply and θ⁽ⁱ⁾ still reading θ itself gets one copy of θ as it
+        is now, shared by all of them. Nothing to do (no copy) when none reads θ.
+
+        The caller holds the lock under which θ changes and pulls happen (the state's), so θ stays
+        as it is and no reader is added meanwhile. The copy is made outside this object's lock:
+        replies being framed wait for the switch to the copy, not for the copy.
+        """
+        with self._lock:
+            if not self._reads_theta():
+                return
+            copy = self._take_spare(torch.float32)
+        copy = torch.empty_like(self._theta) if copy is None else copy
+        copy.copy_(self._theta)
+        with self._lock:
+            self._adopt(copy)
+            for worker_id, kept in self._kept.items():
+                if kept is self._theta:
+                    self._kept[worker_id] = copy
+            for loan in self._live_loans():
+                if loan._tensor is self._theta:
+                    loan._tensor = copy
+            self._release(copy)  # back to the spares if its readers ended during the copy
+
     def held(self) -> int:
         """θ⁽ⁱ⁾ kept for workers."""
         with self._lock:
             return len(self._kept)
 
     def held_bytes(self) -> int:
-        """Bytes of the θ⁽ⁱ⁾ kept for workers."""
+        """Memory of the θ⁽ⁱ⁾ kept for workers: each distinct tensor once, θ itself not at all."""
         with self._lock:
-            return sum(snapshot.nbytes for snapshot in self._kept.values())
+            distinct = {id(kept): kept for kept in self._kept.values() if kept is not self._theta}
+            return sum(kept.nbytes for kept in distinct.values())
+
+    def _take_spare(self, dtype: torch.dtype) -> torch.Tensor | None:
+        for index, spare in enumerate(self._spares):
+            if spare.dtype == dtype:
+                return self._spares.pop(index)
+        return None
+
+    def _live_loans(self) -> list[Loan]:
+        return [loan for loan in (ref() for ref in self._loans) if loan is not None]
+
+    def _reads_theta(self) -> bool:
+        return any(kept is self._theta for kept in self._kept.values()) \
+            or any(loan._tensor is self._theta for loan in self._live_loans())
 
     def _adopt(self, tensor: torch.Tensor) -> None:
-        if tensor.shape == (self._numel,) and tensor.device.type == "cpu" and tensor.is_contiguous() \
+        if tensor.shape == self._theta.shape and tensor.device.type == "cpu" and tensor.is_contiguous() \
                 and not any(reusable() is tensor for reusable in self._reusable):
             self._reusable.append(weakref.ref(tensor))
 
-    def _release(self, snapshot: torch.Tensor) -> None:
-        if not any(lent() is snapshot for lent in self._lent):
-            self._recycle(snapshot)
-
-    def _recycle(self, tensor: torch.Tensor) -> None:
-        """Keeps the server's own ``tensor`` as a spare while there is room for its dtype; any other is
-        freed with its last reference."""
+    def _release(self, tensor: torch.Tensor) -> None:
+        """``tensor`` lost a reader: it becomes a spare if it is the server's own and nobody reads it."""
+        if any(kept is tensor for kept in self._kept.values()) \
+                or any(loan._tensor is tensor for loan in self._live_loans()):
+            return
         if any(reusable() is tensor for reusable in self._reusable):
             self._reusable = _without(self._reusable, tensor)
             if sum(spare.dtype == tensor.dtype for spare in self._spares) < self._max_spares:
                 self._spares.append(tensor)
 
 
-def _without(refs: list[weakref.ref[torch.Tensor]], tensor: torch.Tensor) -> list[weakref.ref[torch.Tensor]]:
-    """``refs`` less those to ``tensor`` and those whose tensor is gone."""
-    return [ref for ref in refs if ref() is not None and ref() is not tensor]
+def _without(refs: list[weakref.ref[T]], item: T) -> list[weakref.ref[T]]:
+    """``refs`` less those to ``item`` and those whose object is gone."""
+    return [ref for ref in refs if ref() is not None and ref() is not item]

@@ -21,11 +21,12 @@ import torch
 
 from gapaware.common.codec import (
     MAX_CHUNK_BYTES, TORCH_DTYPES, CodecError, EncodedTensor, TensorAssembler, encode_to_send, itemsize,
+    tensor_bytes,
 )
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
 from gapaware.common.wire import (
-    ChunkView, WholeTensor, chunk_frames, frame_parser, serialize_frame, whole_message, whole_parser,
+    ChunkView, WholeTensor, chunk_frame, chunk_frames, frame_parser, serialize_frame, whole_message, whole_parser,
 )
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
@@ -33,6 +34,7 @@ from gapaware.server.errors import (
     BadPush, InvalidLayout, LayoutMismatch, PushInFlight, RequestRefused, StaleSnapshot, UnknownWorker,
 )
 from gapaware.server.observability import ServerMetrics, rejection_reason
+from gapaware.server.sent import Loan
 from gapaware.server.state import ParameterServerState, all_finite
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
@@ -116,9 +118,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[pb.PullFrame | bytes]:
         await _check_dtype(context, request.dtype or pb.FLOAT32, "pull")
-        version, encoded, release = await self._call(context, self._pull_encoded, request.worker_id,
-                                                     request.dtype or pb.FLOAT32)
-        async for frame in self._send_parameters(version, encoded, release):
+        version, encoded, loan = await self._call(context, self._pull_encoded, request.worker_id,
+                                                  request.dtype or pb.FLOAT32)
+        async for frame in self._send_parameters(version, encoded, loan):
             yield frame
 
     async def Push(self, request_iterator, context) -> pb.PushReply:
@@ -126,9 +128,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return _push_reply(result)
 
     async def PushPull(self, request_iterator, context) -> AsyncIterator[pb.PullFrame | bytes]:
-        result, version, encoded, release = await self._receive_and_apply(request_iterator, context,
-                                                                          self._push_then_pull, reply=True)
-        async for frame in self._send_parameters(version, encoded, release, push=_push_reply(result)):
+        result, version, encoded, loan = await self._receive_and_apply(request_iterator, context,
+                                                                       self._push_then_pull, reply=True)
+        async for frame in self._send_parameters(version, encoded, loan, push=_push_reply(result)):
             yield frame
 
     async def PullWhole(self, request: pb.PullRequest, context) -> bytes:
@@ -246,35 +248,39 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             self._metrics.push_rejected(rejection_reason(error), received)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
 
-    # The methods below up to _check_one_message run in the pool for a stream: the update and the
-    # encoding (a copy of the whole model) stay off the event loop, in one thread hop per call, and
-    # the stream's checksum is computed chunk by chunk as the chunks are framed for gRPC, while each
-    # is in cache. For a whole message (at most 4 MiB) they run on the event loop (see _call).
+    # The methods below up to _check_one_message run in the pool for a stream: the update and any
+    # cast of the parameters stay off the event loop, in one thread hop per call, and the stream's
+    # checksum is computed chunk by chunk as the chunks are framed for gRPC, while each is in cache.
+    # For a whole message (at most 4 MiB) they run on the event loop (see _call).
     def _apply_push(self, header: pb.PushHeader, grad: Gradient) -> tuple[PushResult]:
         return (self._state.push(header.worker_id, grad.values, base_version=header.base_version,
                                  samples=header.samples, loss=header.loss, seq=header.seq, finite=grad.finite),)
 
-    def _pull_encoded(self, worker_id: int, dtype: int, *,
-                      whole: bool = False) -> tuple[int, EncodedTensor, Callable[[], None]]:
-        """The version, the parameters encoded in ``dtype``, and what gives the tensor their chunks
-        view back to the state once they are sent. ``whole``: one message (see :func:`encode_to_send`)."""
-        version, sent = self._state.pull(worker_id, lend=True, dtype=TORCH_DTYPES[dtype])
-        return version, encode_to_send(sent, dtype, whole=whole), functools.partial(self._state.give_back, sent)
+    def _pull_encoded(self, worker_id: int, dtype: int) -> tuple[int, EncodedTensor, Loan]:
+        """The version, the stream's header and chunk layout for the parameters in ``dtype``, and the
+        loan to read the chunks from as they are sent (:meth:`_send_parameters` gives it back)."""
+        version, loan = self._state.pull(worker_id, lend=True, dtype=TORCH_DTYPES[dtype])
+        return version, loan.read(functools.partial(encode_to_send, dtype=dtype, whole=False)), loan
 
-    def _push_then_pull(self, header: pb.PushHeader,
-                        grad: Gradient) -> tuple[PushResult, int, EncodedTensor, Callable[[], None]]:
+    def _push_then_pull(self, header: pb.PushHeader, grad: Gradient) -> tuple[PushResult, int, EncodedTensor, Loan]:
         (result,) = self._apply_push(header, grad)
         return (result, *self._pull_encoded(header.worker_id, header.pull_dtype or pb.FLOAT32))
 
     def _pull_whole(self, worker_id: int, dtype: int, push: pb.PushReply | None = None) -> bytes:
         """A serialized ``WholePull``: the parameters in one chunk (the caller checked they fit)."""
-        version, encoded, release = self._pull_encoded(worker_id, dtype, whole=True)
-        (chunk,) = encoded.chunks
-        reply = whole_message(pb.PullHeader(version=version, tensor=encoded.header, finished=self._state.finished,
-                                            push=push), chunk)
-        release()
-        self._metrics.sent(len(chunk))
+        version, loan = self._state.pull(worker_id, lend=True, dtype=TORCH_DTYPES[dtype])
+        try:
+            reply = loan.read(functools.partial(self._whole_pull, version, dtype, push))
+        finally:
+            self._state.give_back(loan)
+        self._metrics.sent(self._state.layout.numel * itemsize(dtype))
         return reply
+
+    def _whole_pull(self, version: int, dtype: int, push: pb.PushReply | None, parameters: torch.Tensor) -> bytes:
+        encoded = encode_to_send(parameters, dtype, whole=True)
+        (chunk,) = encoded.chunks
+        return whole_message(pb.PullHeader(version=version, tensor=encoded.header, finished=self._state.finished,
+                                           push=push), chunk)
 
     def _push_then_pull_whole(self, header: pb.PushHeader, grad: Gradient) -> tuple[PushResult, bytes]:
         (result,) = self._apply_push(header, grad)
@@ -289,22 +295,25 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                                 f"the model takes {nbytes} bytes in the {what} dtype, more than the {MAX_CHUNK_BYTES} "
                                 "one message carries: use the streaming Pull or PushPull")
 
-    async def _send_parameters(self, version: int, encoded: EncodedTensor, release: Callable[[], None],
+    async def _send_parameters(self, version: int, encoded: EncodedTensor, loan: Loan,
                                push: pb.PushReply | None = None) -> AsyncIterator[pb.PullFrame | bytes]:
-        """The reply's frames; the chunks are copied into frames as gRPC takes them. Once the last
-        is taken, or the call ends, ``release`` lets go of the tensor the chunks view: nothing reads
-        it after the generator, as the frames are copies."""
+        """The reply's frames; each chunk is copied from ``loan`` into its frame as gRPC takes it.
+        Once the last is taken, or the call ends, the loan is given back: nothing reads it after the
+        generator, as the frames are copies."""
+        def frame(index: int, start: int, stop: int) -> bytes:
+            return loan.read(lambda parameters: chunk_frame(index, tensor_bytes(parameters)[start:stop]))
+
         try:
             yield pb.PullFrame(header=pb.PullHeader(version=version, tensor=encoded.header,
                                                     finished=self._state.finished, push=push))
-            frames = chunk_frames(encoded)
-            for chunk, frame in zip(encoded.chunks, frames):
+            frames = chunk_frames(encoded, frame)
+            for chunk, framed in zip(encoded.chunks, frames):
                 self._metrics.sent(len(chunk))
-                yield frame
+                yield framed
             for trailer in frames:
                 yield trailer
         finally:
-            release()
+            self._state.give_back(loan)
 
 
 def add_to_server(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:

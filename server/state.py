@@ -24,7 +24,7 @@ from gapaware.server.checkpoint import Checkpoint
 from gapaware.server.errors import BadPush, InvalidLayout, LayoutMismatch, NonFiniteGradient, StaleSnapshot
 from gapaware.server.membership import Membership, WorkerRecord, first_worker_id
 from gapaware.server.policies import POLICIES, Policy, make_policy
-from gapaware.server.sent import SentParameters
+from gapaware.server.sent import Loan, SentParameters
 
 log = logging.getLogger("gapaware.server")
 
@@ -94,7 +94,7 @@ class ParameterServerState:
         self.incarnation = 0
         self.members = Membership()
         self.started = time.monotonic()
-        self._sent = SentParameters(layout.numel)
+        self._sent = SentParameters(theta)
         self._snapshot_dtype = getattr(torch, config.snapshot_dtype)
         self._window = Window()
         self._totals = Window()
@@ -156,42 +156,41 @@ class ParameterServerState:
         return learning_rate(self.config, self.version, self.total_updates)
 
     def pull(self, worker_id: int, *, lend: bool = False,
-             dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor]:
+             dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor | Loan]:
         """What ``worker_id`` is sent, in ``dtype`` (the transport dtype): the version and a tensor
         nobody modifies afterwards.
 
         For policies that measure a Gap the worker's θ⁽ⁱ⁾ is kept: in float32, or in bfloat16 with
         ``snapshot_dtype="bfloat16"`` (half the memory; the Gap is then measured against θ⁽ⁱ⁾
-        rounded to bfloat16, as ALGORITHMS.md allows). Where the tensor sent is θ itself in the
-        θ⁽ⁱ⁾'s dtype, or no θ⁽ⁱ⁾ is kept, a reduced-dtype pull casts θ once, straight into the tensor
-        sent, with no float32 copy on the way.
+        rounded to bfloat16, as ALGORITHMS.md allows). A float32 θ⁽ⁱ⁾ is θ itself until θ next
+        changes (:mod:`gapaware.server.sent`); a reduced-dtype pull casts θ once, straight into the
+        tensor sent, which is also the θ⁽ⁱ⁾ when that has the same dtype.
 
-        With ``lend=True`` the tensor is lent instead: the caller hands it back with
-        :meth:`give_back` once it has sent it, after which it may be reused for a later pull
-        (:mod:`gapaware.server.sent`); the pull may also be written into such a reused tensor.
+        With ``lend=True`` the pull is lent instead, as a :class:`~gapaware.server.sent.Loan` that the
+        caller reads while it sends it and then hands back with :meth:`give_back`. A float32 loan
+        reads θ itself, with no copy, for as long as θ stays as it was sent.
         """
         with self._lock:
             record = self.members.get(worker_id)
             snapshot_dtype = self._snapshot_dtype if self.policy.needs_snapshot else None
-            if dtype != torch.float32 and self.policy.pulls_theta and snapshot_dtype in (None, dtype):
-                view = snapshot = sent = self._cast(self.theta, dtype, reuse=lend)
-            else:
-                view = self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id,
-                                             out=self._sent.spare() if lend else None)
-                snapshot = view if snapshot_dtype in (None, torch.float32) else \
-                    self._cast(view, snapshot_dtype, reuse=lend or snapshot_dtype != dtype)
-                sent = view if dtype == torch.float32 else snapshot if snapshot.dtype == dtype else \
-                    self._cast(view, dtype, reuse=lend)
+            view = self.theta if self.policy.pulls_theta else \
+                self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id,
+                                      out=self._sent.spare() if lend else None)
+            snapshot = None if snapshot_dtype is None else view if snapshot_dtype == torch.float32 else \
+                self._cast(view, snapshot_dtype, reuse=lend or snapshot_dtype != dtype)
+            sent = view if dtype == torch.float32 else snapshot if snapshot is not None and snapshot.dtype == dtype \
+                else self._cast(view, dtype, reuse=lend)
+            if not lend and sent is self.theta:  # the caller keeps it, and θ changes: a copy, its θ⁽ⁱ⁾ too
+                sent = self.theta.clone()
+                snapshot = sent if snapshot is self.theta else snapshot
             record.pulled_version = self.version
-            if lend:
-                self._sent.lend(sent)
-            if snapshot_dtype is not None:
+            if snapshot is not None:
                 self._sent.keep(worker_id, snapshot)
-            if view is not sent:  # a float32 view only cast from: the server's own
+            if view is not sent and view is not self.theta:  # DANA's θ̂, only cast from: the server's own
                 self._sent.adopt(view)
-                if snapshot is not view or snapshot_dtype is None:
+                if snapshot is not view:
                     self._sent.release(view)
-            return self.version, sent
+            return self.version, self._sent.lend(sent) if lend else sent
 
     def _cast(self, source: torch.Tensor, dtype: torch.dtype, *, reuse: bool) -> torch.Tensor:
         """``source`` in ``dtype``. With ``reuse`` it is written into a spare tensor of that dtype when
@@ -204,10 +203,10 @@ class ParameterServerState:
         self._sent.adopt(cast)
         return cast
 
-    def give_back(self, view: torch.Tensor) -> None:
-        """The caller of ``pull(lend=True)`` no longer reads ``view``. Takes no lock of the update
+    def give_back(self, loan: Loan) -> None:
+        """The caller of ``pull(lend=True)`` no longer reads ``loan``. Takes no lock of the update
         path, so the event loop can call it."""
-        self._sent.give_back(view)
+        self._sent.give_back(loan)
 
     def check_push(self, worker_id: int, base_version: int, seq: int = 0) -> None:
         """Refuses, before any of its gradient is received, a push that :meth:`push` would refuse
@@ -275,6 +274,7 @@ class ParameterServerState:
                 return PushResult(self.version, self.version - base_version, 1.0, False, False)
         staleness = self.version - base_version
         stale_theta = self._sent.take(worker_id)
+        self._sent.detach()  # the replies and other workers' θ⁽ⁱ⁾ still reading θ get a copy first
         try:
             gap = self.policy.apply(self.theta, grad, lr=self.lr(), staleness=staleness, stale_theta=stale_theta,
                                     worker_id=worker_id)
@@ -327,7 +327,8 @@ class ParameterServerState:
             self._changed.notify_all()
 
     def snapshot_bytes(self) -> int:
-        """Memory held by the workers' θ⁽ⁱ⁾ (policies with a Gap only)."""
+        """Memory held by the workers' θ⁽ⁱ⁾ (policies with a Gap only): a θ⁽ⁱ⁾ that is still θ itself
+        takes none, and one copy shared by several workers counts once."""
         return self._sent.held_bytes()
 
     def live_workers(self) -> list[WorkerRecord]:
@@ -367,6 +368,7 @@ class ParameterServerState:
             self.policy.load_state_dict(checkpoint.policy_state)
             for worker_id in self.policy.worker_ids():
                 self.policy.forget_worker(worker_id)
+            self._sent.detach()
             self.theta.copy_(checkpoint.theta)
             self.version = checkpoint.version
             self.samples = checkpoint.samples

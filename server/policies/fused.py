@@ -119,45 +119,50 @@ def prepare() -> None:
         kernel()
 
 
-def applicable(theta: Tensor, grad: Tensor, stale_theta: Tensor, v: Tensor, step: Step) -> bool:
+def applicable(theta: Tensor, grad: Tensor, stale_theta: Tensor | None, v: Tensor, step: Step) -> bool:
     """True when :func:`gap_aware_update_` can run on these tensors: the kernel is built (or builds
     now), it is not switched off, and the tensors are distinct, contiguous float32 CPU tensors
-    (``stale_theta`` float32 or bfloat16). Logs once per reason when it cannot."""
+    (``stale_theta`` float32 or bfloat16, or None: no θ⁽ⁱ⁾ to read). Logs once per reason when it cannot."""
     if os.environ.get(SWITCH, "1") == "0":
         _note(logging.INFO, f"{SWITCH}=0: Gap-Aware updates use torch operations")
         return False
     floats = [theta, grad, v, *step.tensors()]
+    stale = [] if stale_theta is None else [stale_theta]
     if not (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in floats)
-            and stale_theta.device.type == "cpu" and stale_theta.dtype in (torch.float32, torch.bfloat16)
-            and stale_theta.is_contiguous()):
+            and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous()
+                    for t in stale)):
         _note(logging.INFO, f"Gap-Aware update on {theta.device.type} {theta.dtype} tensors "
-                            f"(θ⁽ⁱ⁾ {stale_theta.dtype}): torch operations, the fused kernel takes float32 CPU tensors")
+                            f"(θ⁽ⁱ⁾ {stale[0].dtype if stale else None}): torch operations, the fused kernel "
+                            "takes float32 CPU tensors")
         return False
-    if len({t.data_ptr() for t in [*floats, stale_theta]}) < len(floats) + 1:  # fused.c's pointers are restrict
+    if len({t.data_ptr() for t in [*floats, *stale]}) < len(floats) + len(stale):  # fused.c's pointers are restrict
         _note(logging.INFO, "Gap-Aware update on tensors that share memory: torch operations")
         return False
     return kernel() is not None
 
 
-def gap_aware_update_(theta: Tensor, grad: Tensor, stale_theta: Tensor, v: Tensor, step: Step, *,
+def gap_aware_update_(theta: Tensor, grad: Tensor, stale_theta: Tensor | None, v: Tensor, step: Step, *,
                       scalars: tuple[float, float] | None, beta: float, weight_decay: float, lr: float) -> float:
     """One GA or DANA-GA push in place, in one pass; returns the sum of the Gaps.
 
     The same function as, on the whole vector, ``update_second_moment_(v, s, beta=β)``, then
     ``d, gap = gap_aware_direction(θ, g, θ⁽ⁱ⁾, v, ...)``, then the ``step`` (``sgd_step`` or
     ``dana_step``) with ``d`` at learning rate ``lr``, and ``gap.sum()``. ``scalars`` is what
-    :func:`~.gap_aware.gap_scalars` returns for this update. Call only where :func:`applicable` is True.
+    :func:`~.gap_aware.gap_scalars` returns for this update; None (``η_max = 0``), or a
+    ``stale_theta`` of None (θ⁽ⁱ⁾ is θ itself), makes every Gap 1 and reads no θ⁽ⁱ⁾. Call only where
+    :func:`applicable` is True.
     """
     eps_root_bias, gap_scale = scalars or (0.0, 0.0)
     buffer, buffer_sum = step.buffer, step.buffer_sum
     arguments = _Arguments(
-        numel=theta.numel(), theta=theta.data_ptr(), grad=grad.data_ptr(), stale_theta=stale_theta.data_ptr(),
+        numel=theta.numel(), theta=theta.data_ptr(), grad=grad.data_ptr(),
+        stale_theta=None if stale_theta is None else stale_theta.data_ptr(),
         v=v.data_ptr(), buffer=None if buffer is None else buffer.data_ptr(),
         buffer_sum=None if buffer_sum is None else buffer_sum.data_ptr(), step=step.kind(),
-        stale_bfloat16=stale_theta.dtype == torch.bfloat16, weight_decayed=weight_decay != 0,
-        gap_is_one=scalars is None, beta=beta, one_minus_beta=1 - beta, eps_root_bias=eps_root_bias,
-        gap_scale=gap_scale, weight_decay=weight_decay, momentum=step.momentum, neg_lr=-lr,
-        neg_lr_momentum=-lr * step.momentum)
+        stale_bfloat16=stale_theta is not None and stale_theta.dtype == torch.bfloat16,
+        weight_decayed=weight_decay != 0, gap_is_one=scalars is None or stale_theta is None, beta=beta,
+        one_minus_beta=1 - beta, eps_root_bias=eps_root_bias, gap_scale=gap_scale, weight_decay=weight_decay,
+        momentum=step.momentum, neg_lr=-lr, neg_lr_momentum=-lr * step.momentum)
     return kernel().gapaware_update(ctypes.byref(arguments))
 
 

@@ -118,11 +118,13 @@ class GapStatistics:
                                              out=scratch[0], gap_out=scratch[1])
         return direction, gap.sum().item()
 
-    def fused_update(self, theta: Tensor, grad: Tensor, stale_theta: Tensor, step: fused.Step, *,
+    def fused_update(self, theta: Tensor, grad: Tensor, stale_theta: Tensor | None, step: fused.Step, *,
                      weight_decay: float, lr: float) -> float:
         """The whole push, :meth:`direction` on every slice then ``step``, in one pass of the fused
-        kernel (:func:`.fused.gap_aware_update_`); returns the sum of the Gaps."""
-        scalars = gap_scalars(k=self.k, lr_max=self.lr_max, beta=self.beta, eps=self.eps)
+        kernel (:func:`.fused.gap_aware_update_`); returns the sum of the Gaps. A ``stale_theta`` of
+        None is θ itself: every Gap is 1, as ``|θ − θ⁽ⁱ⁾| = 0`` makes it."""
+        scalars = None if stale_theta is None else gap_scalars(k=self.k, lr_max=self.lr_max, beta=self.beta,
+                                                               eps=self.eps)
         return fused.gap_aware_update_(theta, grad, stale_theta, self.v, step, scalars=scalars, beta=self.beta,
                                        weight_decay=weight_decay, lr=lr)
 
@@ -166,8 +168,11 @@ class GapPenalty:
                lr: float, staleness: int, worker_id: int) -> float:
         self.statistics.begin_update(lr)
         step = self._fused_step(worker_id)
-        if fused.applicable(theta, grad, stale_theta, self.statistics.v, step):
-            return self.statistics.fused_update(theta, grad, stale_theta, step, weight_decay=self.weight_decay,
+        # θ⁽ⁱ⁾ may be θ itself: nothing changed since the worker was sent it (τ = 0, server/sent.py),
+        # and every Gap is 1. The fused kernel then reads no θ⁽ⁱ⁾ (its pointers may not alias).
+        measured = None if stale_theta is theta else stale_theta
+        if fused.applicable(theta, grad, measured, self.statistics.v, step):
+            return self.statistics.fused_update(theta, grad, measured, step, weight_decay=self.weight_decay,
                                                 lr=lr) / self.numel
         return super()._apply(theta, grad, stale_theta, lr=lr, staleness=staleness, worker_id=worker_id)
 
