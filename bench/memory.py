@@ -3,7 +3,8 @@
     python -m bench.memory
     BENCH_MEMORY_FLAGS="--receive-window 1" python -m bench.memory   # flags for the server
 
-Policy gap-aware, which keeps every worker's θ⁽ⁱ⁾, with float32 and bfloat16 snapshots. Every
+Policy gap-aware, which keeps every worker's θ⁽ⁱ⁾: float32 snapshots with the default 4 MiB receive
+windows and with ``--receive-window 1``, and bfloat16 snapshots. Every
 worker joins and pulls, then all push-and-pull at once (one thread each), so that the server
 holds every snapshot and a burst of gradients. The peak (``VmHWM``) is reported as is and, in
 model sizes, above the runtime: the peak of the same server, with as many workers making the same
@@ -23,7 +24,8 @@ from gapaware import WorkerClient
 
 MODEL_BYTES = quick_or(MIB, 25 * MIB)
 WORKERS = quick_or([1, 4], [int(w) for w in os.environ.get("BENCH_MEMORY_WORKERS", "1,16,64").split(",")])
-SNAPSHOT_DTYPES = ("float32", "bfloat16")
+SETTINGS = (("float32", ()), ("float32", ("--receive-window", "1")), ("bfloat16", ()))
+"""Snapshot dtype and server flags of each row."""
 RUNTIME_MODEL_BYTES = 64 * 1024
 SERVER_FLAGS = os.environ.get("BENCH_MEMORY_FLAGS", "").split()  # e.g. "--receive-window 1"
 
@@ -37,10 +39,10 @@ def rss_bytes(pid: int, field: str) -> int:
     raise RuntimeError(f"no {field} for process {pid}")
 
 
-def peak_rss(nbytes: int, workers: int, snapshot_dtype: str) -> int:
+def peak_rss(nbytes: int, workers: int, snapshot_dtype: str, flags: tuple[str, ...] = ()) -> int:
     """The server's peak RSS after ``workers`` joined, pulled, and pushed at once."""
     with gapaware_server(nbytes, "--policy", "gap-aware", "--threads", "1", "--snapshot-dtype", snapshot_dtype,
-                         *SERVER_FLAGS) as server:
+                         *flags, *SERVER_FLAGS) as server:
         # Streamed calls whatever the model's size: a small model would otherwise travel whole
         # (PullWhole/PushPullWhole), and the runtime baseline would not run the same code.
         clients = [WorkerClient(server.address, one_message_bytes=0) for _ in range(workers)]
@@ -67,14 +69,15 @@ def main() -> None:
     rows = []
     for workers in WORKERS:
         runtime = peak_rss(RUNTIME_MODEL_BYTES, workers, "float32")
-        for snapshot_dtype in SNAPSHOT_DTYPES:
-            peak = peak_rss(MODEL_BYTES, workers, snapshot_dtype)
+        for snapshot_dtype, flags in SETTINGS:
+            peak = peak_rss(MODEL_BYTES, workers, snapshot_dtype, flags)
             above = (peak - runtime) / MODEL_BYTES
-            rows.append([workers, snapshot_dtype, peak / MIB, runtime / MIB, above, workers + 4,
-                         "yes" if above <= workers + 4 else "NO"])
+            rows.append([workers, snapshot_dtype, " ".join(flags) or "-", peak / MIB, runtime / MIB, above,
+                         workers + 4, "yes" if above <= workers + 4 else "NO"])
     print_table(f"server peak RSS, {size_label(MODEL_BYTES)} model, gap-aware; runtime: the same server, workers "
                 f"and calls with a {size_label(RUNTIME_MODEL_BYTES)} model; target ≤ workers + 4 models in float32",
-                ["workers", "snapshots", "peak MiB", "runtime MiB", "models above runtime", "target", "within"], rows)
+                ["workers", "snapshots", "server flags", "peak MiB", "runtime MiB", "models above runtime", "target",
+                 "within"], rows)
 
 
 if __name__ == "__main__":
