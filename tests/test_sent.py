@@ -192,13 +192,16 @@ def test_a_reduced_precision_pull_casts_theta_straight_into_what_it_sends(policy
     assert state.snapshot_bytes() == (view.nbytes if state.policy.needs_snapshot else 0)
 
 
-@pytest.mark.parametrize("policy, snapshot_dtype", [("gap-aware", "float32"), ("asgd", "float32"),
-                                                    ("gap-aware", "bfloat16")])
+@pytest.mark.parametrize("policy, snapshot_dtype, fused_switch", [
+    ("gap-aware", "float32", "1"), ("gap-aware", "float32", "0"), ("asgd", "float32", "1"),
+    ("gap-aware", "bfloat16", "1"),
+])
 def test_a_worker_alone_is_sent_theta_itself_and_its_pushes_give_what_copies_would(policy, snapshot_dtype,
-                                                                                   monkeypatch):
+                                                                                   fused_switch, monkeypatch):
     """One worker: its reply is sent before it pushes, and its θ⁽ⁱ⁾ is θ as it is (Gap 1). No float32
-    copy of θ is made, and θ, the Gaps and the policy state come out bitwise as with fresh copies.
-    GA still runs in the fused kernel, told that there is no θ⁽ⁱ⁾ to read."""
+    copy of θ is made, and θ, the Gaps and the policy state come out bitwise as with fresh copies,
+    in the torch operations and in the fused kernel (told that there is no θ⁽ⁱ⁾ to read)."""
+    monkeypatch.setenv(fused.SWITCH, fused_switch)
     stale_passed = []
     kernel_update = fused.gap_aware_update_
     monkeypatch.setattr(fused, "gap_aware_update_",
@@ -218,7 +221,7 @@ def test_a_worker_alone_is_sent_theta_itself_and_its_pushes_give_what_copies_wou
     for key, value in fresh.policy.state_dict().items():
         assert torch.equal(lending.policy.state_dict()[key], value), key
     assert lending._sent.spare() is None, "no copy of θ was ever made"
-    if policy == "gap-aware" and snapshot_dtype == "float32" and fused.kernel() is not None:
+    if policy == "gap-aware" and snapshot_dtype == "float32" and fused_switch == "1" and fused.kernel() is not None:
         assert [stale is None for stale in stale_passed] == [True, False] * 5
 
 
