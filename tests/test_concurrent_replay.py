@@ -1,9 +1,10 @@
 """Many workers pushing and pulling at once through the real gRPC server, then replayed one event at
 a time on a fresh state: every reply and the final parameters must be the replay's, bit for bit.
 
-The server reuses the tensors it sends (``server/sent.py``) and its gradient buffers; a tensor reused
-while a reply still reads it, or a snapshot overwritten before its worker's push, would show up
-here as a reply or a final θ that differs from the sequential replay.
+The server reuses the tensors it sends (``server/sent.py``) and its gradient buffers, and sends θ
+itself until an update changes it; a tensor reused while a reply still reads it, a reply not
+switched to its copy of θ before an update, or a snapshot overwritten before its worker's push,
+would show up here as a reply or a final θ that differs from the sequential replay.
 """
 import threading
 
@@ -13,22 +14,22 @@ import torch
 from gapaware import WorkerClient
 from tests.inprocess import small_state
 
-NUMEL = 3000
+SMALL, LARGE = 3000, 600_000  # the large model's streamed replies take three 1 MiB chunks
 WORKERS = 6
 STEPS = 12
 
 
-def _work(address: str, index: int, log: list, errors: list, transport: str) -> None:
-    """One worker: half of them stream (4 KiB chunks), half send whole messages. A gradient is logged
-    as the server receives it (rounded to the transport dtype)."""
-    streamed = dict(one_message_bytes=0, chunk_bytes=4096) if index % 2 else {}
+def _work(address: str, index: int, log: list, errors: list, transport: str, numel: int) -> None:
+    """One worker: half of them stream (pushes in 4 KiB chunks, 64 KiB for the large model), half send
+    whole messages. A gradient is logged as the server receives it (rounded to the transport dtype)."""
+    streamed = dict(one_message_bytes=0, chunk_bytes=4096 if numel == SMALL else 1 << 16) if index % 2 else {}
     try:
         with WorkerClient(address, timeout=60, transport_dtype=transport, **streamed) as client:
             worker_id = client.join().worker_id
             version, theta = client.pull()
             log.append(("pull", worker_id, version, theta.clone(), None))
             for step in range(STEPS):
-                grad = torch.randn(NUMEL, generator=torch.Generator().manual_seed(index * 1000 + step))
+                grad = torch.randn(numel, generator=torch.Generator().manual_seed(index * 1000 + step))
                 result, pulled, theta = client.push_pull(grad, version)
                 log.append(("push", worker_id, version, grad.to(getattr(torch, transport)).float(), result.version))
                 log.append(("pull", worker_id, pulled, theta.clone(), None))
@@ -37,16 +38,17 @@ def _work(address: str, index: int, log: list, errors: list, transport: str) -> 
         errors.append(error)
 
 
-@pytest.mark.parametrize("policy, transport, snapshots", [
-    ("gap-aware", "float32", "float32"), ("asgd", "float32", "float32"),
-    ("gap-aware", "bfloat16", "bfloat16"),  # each θ⁽ⁱ⁾ is also the reply that sends it
-    ("asgd", "bfloat16", "float32"),
+@pytest.mark.parametrize("policy, transport, snapshots, numel", [
+    ("gap-aware", "float32", "float32", SMALL), ("asgd", "float32", "float32", SMALL),
+    ("gap-aware", "bfloat16", "bfloat16", SMALL),  # each θ⁽ⁱ⁾ is also the reply that sends it
+    ("asgd", "bfloat16", "float32", SMALL),
+    ("gap-aware", "float32", "float32", LARGE), ("asgd", "float32", "float32", LARGE),  # pushes land mid-reply
 ])
-def test_concurrent_run_equals_its_sequential_replay(inprocess_servers, policy, transport, snapshots):
-    server = inprocess_servers(small_state(NUMEL, policy=policy, snapshot_dtype=snapshots))
+def test_concurrent_run_equals_its_sequential_replay(inprocess_servers, policy, transport, snapshots, numel):
+    server = inprocess_servers(small_state(numel, policy=policy, snapshot_dtype=snapshots))
     log: list = []
     errors: list = []
-    threads = [threading.Thread(target=_work, args=(server.address, i, log, errors, transport))
+    threads = [threading.Thread(target=_work, args=(server.address, i, log, errors, transport, numel))
                for i in range(WORKERS)]
     for thread in threads:
         thread.start()
@@ -56,7 +58,7 @@ def test_concurrent_run_equals_its_sequential_replay(inprocess_servers, policy, 
 
     # Replay: pushes in the order the server applied them (their resulting versions); a pull that
     # saw version p happened after push p and before push p + 1.
-    replay = small_state(NUMEL, policy=policy, snapshot_dtype=snapshots)
+    replay = small_state(numel, policy=policy, snapshot_dtype=snapshots)
     ids = {worker_id: replay.join("h", "cpu", None).worker_id for worker_id in {entry[1] for entry in log}}
     pushes = sorted((e for e in log if e[0] == "push"), key=lambda e: e[4])
     pulls = [e for e in log if e[0] == "pull"]
