@@ -141,7 +141,7 @@ class SentParameters:
         replies being framed wait for the switch to the copy, not for the copy.
         """
         with self._lock:
-            if not self._reads_theta():
+            if not self._is_read(self._theta):
                 return
             copy = self._take_spare(torch.float32)
         copy = torch.empty_like(self._theta) if copy is None else copy
@@ -176,9 +176,10 @@ class SentParameters:
     def _live_loans(self) -> list[Loan]:
         return [loan for loan in (ref() for ref in self._loans) if loan is not None]
 
-    def _reads_theta(self) -> bool:
-        return any(kept is self._theta for kept in self._kept.values()) \
-            or any(loan._tensor is self._theta for loan in self._live_loans())
+    def _is_read(self, tensor: torch.Tensor) -> bool:
+        """Whether a worker keeps ``tensor`` as its θ⁽ⁱ⁾ or a reply in flight reads it."""
+        return any(kept is tensor for kept in self._kept.values()) \
+            or any(loan._tensor is tensor for loan in self._live_loans())
 
     def _adopt(self, tensor: torch.Tensor) -> None:
         if tensor.shape == self._theta.shape and tensor.device.type == "cpu" and tensor.is_contiguous() \
@@ -187,8 +188,7 @@ class SentParameters:
 
     def _release(self, tensor: torch.Tensor) -> None:
         """``tensor`` lost a reader: it becomes a spare if it is the server's own and nobody reads it."""
-        if any(kept is tensor for kept in self._kept.values()) \
-                or any(loan._tensor is tensor for loan in self._live_loans()):
+        if self._is_read(tensor):
             return
         if any(reusable() is tensor for reusable in self._reusable):
             self._reusable = _without(self._reusable, tensor)
