@@ -135,8 +135,8 @@ def _fast_chunk(view: memoryview) -> ChunkView | None:
 def frame_parser(frame_type: type[Message]) -> Callable[[bytes], Message | ChunkView | None]:
     """gRPC deserializer for ``frame_type`` (``PushFrame`` or ``PullFrame``).
 
-    Returns a :class:`ChunkView` for a chunk, the header or trailer message for a header or a
-    trailer, and None for a frame that holds none of them (the receiver refuses it).
+    Returns a :class:`ChunkView` for a chunk, the member's message for a header, a trailer or a
+    ``PullFrame``'s ready, and None for a frame that holds none of them (the receiver refuses it).
     """
 
     def parse(raw: bytes) -> Message | ChunkView | None:
@@ -147,7 +147,7 @@ def frame_parser(frame_type: type[Message]) -> Callable[[bytes], Message | Chunk
         kind = frame.WhichOneof("frame")
         if kind == "chunk":
             return ChunkView(frame.chunk.index, memoryview(frame.chunk.data))
-        return getattr(frame, kind) if kind in ("header", "trailer") else None
+        return getattr(frame, kind) if kind in ("header", "trailer", "ready") else None
 
     return parse
 

@@ -161,8 +161,9 @@ def main() -> None:
               help="A push that sends no chunk for this long is refused with DEADLINE_EXCEEDED (nothing applied).")
 @click.option("--receive-window", "receive_window_mib", type=click.IntRange(min=0, max=1024), default=4,
               show_default=True, metavar="MIB",
-              help="gRPC receive window per stream, in MiB: bounds what each pushing worker buffers in the "
-                   "server; 0: gRPC's automatic window (better across high-latency links).")
+              help="gRPC receive window per stream, in MiB: bounds what each push being received (and each "
+                   "from a peer that does not wait for its turn) buffers in the server; 0: gRPC's automatic "
+                   "window (better across high-latency links).")
 @log_level_option
 def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, lease_seconds, checkpoint_dir,
            checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, max_concurrent_rpcs, threads,

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%gapaware/proto/parameter_server.proto\x12\x0bgapaware.v1\"}\n\x0cTensorHeader\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.gapaware.v1.DType\x12\r\n\x05numel\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\x07\x12\x16\n\x0e\x63rc_in_trailer\x18\x05 \x01(\x08\"\x1f\n\rTensorTrailer\x12\x0e\n\x06\x63rc32c\x18\x01 \x01(\x07\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"(\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\"J\n\x0bParamLayout\x12&\n\x06params\x18\x01 \x03(\x0b\x32\x16.gapaware.v1.ParamSpec\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"Y\n\x0bJoinRequest\x12(\n\x06layout\x18\x01 \x01(\x0b\x32\x18.gapaware.v1.ParamLayout\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\x9b\x01\n\tJoinReply\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x17\n\x0frun_config_json\x18\x02 \x01(\t\x12(\n\x06layout\x18\x03 \x01(\x0b\x32\x18.gapaware.v1.ParamLayout\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rlease_seconds\x18\x06 \x01(\x01\"C\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.gapaware.v1.DType\"d\n\tPushReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\x04\x12\x10\n\x08mean_gap\x18\x03 \x01(\x01\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x08\"\x80\x01\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12)\n\x06tensor\x18\x02 \x01(\x0b\x32\x19.gapaware.v1.TensorHeader\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12$\n\x04push\x18\x04 \x01(\x0b\x32\x16.gapaware.v1.PushReply\"\x93\x01\n\tPullFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.gapaware.v1.PullHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.gapaware.v1.ChunkH\x00\x12-\n\x07trailer\x18\x03 \x01(\x0b\x32\x1a.gapaware.v1.TensorTrailerH\x00\x42\x07\n\x05\x66rame\"\xb4\x01\n\nPushHeader\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0f\n\x07samples\x18\x04 \x01(\r\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12)\n\x06tensor\x18\x06 \x01(\x0b\x32\x19.gapaware.v1.TensorHeader\x12&\n\npull_dtype\x18\x07 \x01(\x0e\x32\x12.gapaware.v1.DType\"\x93\x01\n\tPushFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.gapaware.v1.PushHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.gapaware.v1.ChunkH\x00\x12-\n\x07trailer\x18\x03 \x01(\x0b\x32\x1a.gapaware.v1.TensorTrailerH\x00\x42\x07\n\x05\x66rame\"B\n\tWholePull\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.gapaware.v1.PullHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"B\n\tWholePush\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.gapaware.v1.PushHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x04\"\"\n\x0eHeartbeatReply\x12\x10\n\x08\x66inished\x18\x01 \x01(\x08\"!\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x04\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\x93\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tstaleness\x18\x04 \x01(\x04\x12\x0e\n\x06pushes\x18\x05 \x01(\x04\x12\x19\n\x11last_seen_seconds\x18\x06 \x01(\x01\x12\x10\n\x08mean_gap\x18\x07 \x01(\x01\"\xe9\x02\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x0f\n\x07updates\x18\x03 \x01(\x04\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x01\x12*\n\x07workers\x18\x06 \x03(\x0b\x32\x19.gapaware.v1.WorkerStatus\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x17\n\x0frun_config_json\x18\x08 \x01(\t\x12\x15\n\rlast_accuracy\x18\t \x01(\x01\x12\x11\n\tlast_loss\x18\n \x01(\x01\x12\x16\n\x0emean_staleness\x18\x0b \x01(\x01\x12\x10\n\x08mean_gap\x18\x0c \x01(\x01\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x13\n\x0bmax_updates\x18\x0e \x01(\x04\x12\x16\n\x0eheld_snapshots\x18\x0f \x01(\x04\x12\x18\n\x10nonfinite_pushes\x18\x10 \x01(\x04*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x32\xc7\x04\n\x0fParameterServer\x12\x38\n\x04Join\x12\x18.gapaware.v1.JoinRequest\x1a\x16.gapaware.v1.JoinReply\x12:\n\x04Pull\x12\x18.gapaware.v1.PullRequest\x1a\x16.gapaware.v1.PullFrame0\x01\x12\x38\n\x04Push\x12\x16.gapaware.v1.PushFrame\x1a\x16.gapaware.v1.PushReply(\x01\x12>\n\x08PushPull\x12\x16.gapaware.v1.PushFrame\x1a\x16.gapaware.v1.PullFrame(\x01\x30\x01\x12=\n\tPullWhole\x12\x18.gapaware.v1.PullRequest\x1a\x16.gapaware.v1.WholePull\x12?\n\rPushPullWhole\x12\x16.gapaware.v1.WholePush\x1a\x16.gapaware.v1.WholePull\x12G\n\tHeartbeat\x12\x1d.gapaware.v1.HeartbeatRequest\x1a\x1b.gapaware.v1.HeartbeatReply\x12;\n\x05Leave\x12\x19.gapaware.v1.LeaveRequest\x1a\x17.gapaware.v1.LeaveReply\x12>\n\x06Status\x12\x1a.gapaware.v1.StatusRequest\x1a\x18.gapaware.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%gapaware/proto/parameter_server.proto\x12\x0bgapaware.v1\"}\n\x0cTensorHeader\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.gapaware.v1.DType\x12\r\n\x05numel\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\x07\x12\x16\n\x0e\x63rc_in_trailer\x18\x05 \x01(\x08\"\x1f\n\rTensorTrailer\x12\x0e\n\x06\x63rc32c\x18\x01 \x01(\x07\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"(\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\"J\n\x0bParamLayout\x12&\n\x06params\x18\x01 \x03(\x0b\x32\x16.gapaware.v1.ParamSpec\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"Y\n\x0bJoinRequest\x12(\n\x06layout\x18\x01 \x01(\x0b\x32\x18.gapaware.v1.ParamLayout\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\xb0\x01\n\tJoinReply\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x17\n\x0frun_config_json\x18\x02 \x01(\t\x12(\n\x06layout\x18\x03 \x01(\x0b\x32\x18.gapaware.v1.ParamLayout\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rlease_seconds\x18\x06 \x01(\x01\x12\x13\n\x0bsends_ready\x18\x07 \x01(\x08\"C\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.gapaware.v1.DType\"d\n\tPushReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\x04\x12\x10\n\x08mean_gap\x18\x03 \x01(\x01\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x08\"\x80\x01\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12)\n\x06tensor\x18\x02 \x01(\x0b\x32\x19.gapaware.v1.TensorHeader\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12$\n\x04push\x18\x04 \x01(\x0b\x32\x16.gapaware.v1.PushReply\"\x0b\n\tPushReady\"\xbc\x01\n\tPullFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.gapaware.v1.PullHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.gapaware.v1.ChunkH\x00\x12-\n\x07trailer\x18\x03 \x01(\x0b\x32\x1a.gapaware.v1.TensorTrailerH\x00\x12\'\n\x05ready\x18\x04 \x01(\x0b\x32\x16.gapaware.v1.PushReadyH\x00\x42\x07\n\x05\x66rame\"\xc9\x01\n\nPushHeader\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0f\n\x07samples\x18\x04 \x01(\r\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12)\n\x06tensor\x18\x06 \x01(\x0b\x32\x19.gapaware.v1.TensorHeader\x12&\n\npull_dtype\x18\x07 \x01(\x0e\x32\x12.gapaware.v1.DType\x12\x13\n\x0b\x61wait_ready\x18\x08 \x01(\x08\"\x93\x01\n\tPushFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.gapaware.v1.PushHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.gapaware.v1.ChunkH\x00\x12-\n\x07trailer\x18\x03 \x01(\x0b\x32\x1a.gapaware.v1.TensorTrailerH\x00\x42\x07\n\x05\x66rame\"B\n\tWholePull\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.gapaware.v1.PullHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"B\n\tWholePush\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.gapaware.v1.PushHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x04\"\"\n\x0eHeartbeatReply\x12\x10\n\x08\x66inished\x18\x01 \x01(\x08\"!\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x04\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\x93\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tstaleness\x18\x04 \x01(\x04\x12\x0e\n\x06pushes\x18\x05 \x01(\x04\x12\x19\n\x11last_seen_seconds\x18\x06 \x01(\x01\x12\x10\n\x08mean_gap\x18\x07 \x01(\x01\"\xe9\x02\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x0f\n\x07updates\x18\x03 \x01(\x04\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x01\x12*\n\x07workers\x18\x06 \x03(\x0b\x32\x19.gapaware.v1.WorkerStatus\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x17\n\x0frun_config_json\x18\x08 \x01(\t\x12\x15\n\rlast_accuracy\x18\t \x01(\x01\x12\x11\n\tlast_loss\x18\n \x01(\x01\x12\x16\n\x0emean_staleness\x18\x0b \x01(\x01\x12\x10\n\x08mean_gap\x18\x0c \x01(\x01\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x13\n\x0bmax_updates\x18\x0e \x01(\x04\x12\x16\n\x0eheld_snapshots\x18\x0f \x01(\x04\x12\x18\n\x10nonfinite_pushes\x18\x10 \x01(\x04*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x32\xc7\x04\n\x0fParameterServer\x12\x38\n\x04Join\x12\x18.gapaware.v1.JoinRequest\x1a\x16.gapaware.v1.JoinReply\x12:\n\x04Pull\x12\x18.gapaware.v1.PullRequest\x1a\x16.gapaware.v1.PullFrame0\x01\x12\x38\n\x04Push\x12\x16.gapaware.v1.PushFrame\x1a\x16.gapaware.v1.PushReply(\x01\x12>\n\x08PushPull\x12\x16.gapaware.v1.PushFrame\x1a\x16.gapaware.v1.PullFrame(\x01\x30\x01\x12=\n\tPullWhole\x12\x18.gapaware.v1.PullRequest\x1a\x16.gapaware.v1.WholePull\x12?\n\rPushPullWhole\x12\x16.gapaware.v1.WholePush\x1a\x16.gapaware.v1.WholePull\x12G\n\tHeartbeat\x12\x1d.gapaware.v1.HeartbeatRequest\x1a\x1b.gapaware.v1.HeartbeatReply\x12;\n\x05Leave\x12\x19.gapaware.v1.LeaveRequest\x1a\x17.gapaware.v1.LeaveReply\x12>\n\x06Status\x12\x1a.gapaware.v1.StatusRequest\x1a\x18.gapaware.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gapaware.proto.parameter_server_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2195
-  _globals['_DTYPE']._serialized_end=2265
+  _globals['_DTYPE']._serialized_start=2291
+  _globals['_DTYPE']._serialized_end=2361
   _globals['_TENSORHEADER']._serialized_start=54
   _globals['_TENSORHEADER']._serialized_end=179
   _globals['_TENSORTRAILER']._serialized_start=181
@@ -46,37 +46,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_start=370
   _globals['_JOINREQUEST']._serialized_end=459
   _globals['_JOINREPLY']._serialized_start=462
-  _globals['_JOINREPLY']._serialized_end=617
-  _globals['_PULLREQUEST']._serialized_start=619
-  _globals['_PULLREQUEST']._serialized_end=686
-  _globals['_PUSHREPLY']._serialized_start=688
-  _globals['_PUSHREPLY']._serialized_end=788
-  _globals['_PULLHEADER']._serialized_start=791
-  _globals['_PULLHEADER']._serialized_end=919
-  _globals['_PULLFRAME']._serialized_start=922
-  _globals['_PULLFRAME']._serialized_end=1069
-  _globals['_PUSHHEADER']._serialized_start=1072
-  _globals['_PUSHHEADER']._serialized_end=1252
-  _globals['_PUSHFRAME']._serialized_start=1255
-  _globals['_PUSHFRAME']._serialized_end=1402
-  _globals['_WHOLEPULL']._serialized_start=1404
-  _globals['_WHOLEPULL']._serialized_end=1470
-  _globals['_WHOLEPUSH']._serialized_start=1472
-  _globals['_WHOLEPUSH']._serialized_end=1538
-  _globals['_HEARTBEATREQUEST']._serialized_start=1540
-  _globals['_HEARTBEATREQUEST']._serialized_end=1577
-  _globals['_HEARTBEATREPLY']._serialized_start=1579
-  _globals['_HEARTBEATREPLY']._serialized_end=1613
-  _globals['_LEAVEREQUEST']._serialized_start=1615
-  _globals['_LEAVEREQUEST']._serialized_end=1648
-  _globals['_LEAVEREPLY']._serialized_start=1650
-  _globals['_LEAVEREPLY']._serialized_end=1662
-  _globals['_STATUSREQUEST']._serialized_start=1664
-  _globals['_STATUSREQUEST']._serialized_end=1679
-  _globals['_WORKERSTATUS']._serialized_start=1682
-  _globals['_WORKERSTATUS']._serialized_end=1829
-  _globals['_STATUSREPLY']._serialized_start=1832
-  _globals['_STATUSREPLY']._serialized_end=2193
-  _globals['_PARAMETERSERVER']._serialized_start=2268
-  _globals['_PARAMETERSERVER']._serialized_end=2851
+  _globals['_JOINREPLY']._serialized_end=638
+  _globals['_PULLREQUEST']._serialized_start=640
+  _globals['_PULLREQUEST']._serialized_end=707
+  _globals['_PUSHREPLY']._serialized_start=709
+  _globals['_PUSHREPLY']._serialized_end=809
+  _globals['_PULLHEADER']._serialized_start=812
+  _globals['_PULLHEADER']._serialized_end=940
+  _globals['_PUSHREADY']._serialized_start=942
+  _globals['_PUSHREADY']._serialized_end=953
+  _globals['_PULLFRAME']._serialized_start=956
+  _globals['_PULLFRAME']._serialized_end=1144
+  _globals['_PUSHHEADER']._serialized_start=1147
+  _globals['_PUSHHEADER']._serialized_end=1348
+  _globals['_PUSHFRAME']._serialized_start=1351
+  _globals['_PUSHFRAME']._serialized_end=1498
+  _globals['_WHOLEPULL']._serialized_start=1500
+  _globals['_WHOLEPULL']._serialized_end=1566
+  _globals['_WHOLEPUSH']._serialized_start=1568
+  _globals['_WHOLEPUSH']._serialized_end=1634
+  _globals['_HEARTBEATREQUEST']._serialized_start=1636
+  _globals['_HEARTBEATREQUEST']._serialized_end=1673
+  _globals['_HEARTBEATREPLY']._serialized_start=1675
+  _globals['_HEARTBEATREPLY']._serialized_end=1709
+  _globals['_LEAVEREQUEST']._serialized_start=1711
+  _globals['_LEAVEREQUEST']._serialized_end=1744
+  _globals['_LEAVEREPLY']._serialized_start=1746
+  _globals['_LEAVEREPLY']._serialized_end=1758
+  _globals['_STATUSREQUEST']._serialized_start=1760
+  _globals['_STATUSREQUEST']._serialized_end=1775
+  _globals['_WORKERSTATUS']._serialized_start=1778
+  _globals['_WORKERSTATUS']._serialized_end=1925
+  _globals['_STATUSREPLY']._serialized_start=1928
+  _globals['_STATUSREPLY']._serialized_end=2289
+  _globals['_PARAMETERSERVER']._serialized_start=2364
+  _globals['_PARAMETERSERVER']._serialized_end=2947
 # @@protoc_insertion_point(module_scope)

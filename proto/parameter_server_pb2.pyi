@@ -73,20 +73,22 @@ class JoinRequest(_message.Message):
     def __init__(self, layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "run_config_json", "layout", "version", "finished", "lease_seconds")
+    __slots__ = ("worker_id", "run_config_json", "layout", "version", "finished", "lease_seconds", "sends_ready")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SENDS_READY_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     run_config_json: str
     layout: ParamLayout
     version: int
     finished: bool
     lease_seconds: float
-    def __init__(self, worker_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., version: _Optional[int] = ..., finished: _Optional[bool] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    sends_ready: bool
+    def __init__(self, worker_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., version: _Optional[int] = ..., finished: _Optional[bool] = ..., lease_seconds: _Optional[float] = ..., sends_ready: _Optional[bool] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("worker_id", "dtype")
@@ -122,18 +124,24 @@ class PullHeader(_message.Message):
     push: PushReply
     def __init__(self, version: _Optional[int] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., finished: _Optional[bool] = ..., push: _Optional[_Union[PushReply, _Mapping]] = ...) -> None: ...
 
+class PushReady(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class PullFrame(_message.Message):
-    __slots__ = ("header", "chunk", "trailer")
+    __slots__ = ("header", "chunk", "trailer", "ready")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TRAILER_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
     header: PullHeader
     chunk: Chunk
     trailer: TensorTrailer
-    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[TensorTrailer, _Mapping]] = ...) -> None: ...
+    ready: PushReady
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[TensorTrailer, _Mapping]] = ..., ready: _Optional[_Union[PushReady, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull_dtype")
+    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull_dtype", "await_ready")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +149,7 @@ class PushHeader(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     PULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    AWAIT_READY_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     base_version: int
     seq: int
@@ -148,7 +157,8 @@ class PushHeader(_message.Message):
     loss: float
     tensor: TensorHeader
     pull_dtype: DType
-    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    await_ready: bool
+    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull_dtype: _Optional[_Union[DType, str]] = ..., await_ready: _Optional[bool] = ...) -> None: ...
 
 class PushFrame(_message.Message):
     __slots__ = ("header", "chunk", "trailer")

@@ -106,7 +106,8 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PushPull(self, request_iterator, context):
-        """Push, then pull the parameters the update produced: one round trip a step.
+        """Push, then pull the parameters the update produced: one round trip a step. A header
+        with await_ready is answered with a ready frame before the chunks are sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

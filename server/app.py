@@ -56,11 +56,12 @@ def receive_window_options(mib: int) -> list[tuple[str, int]]:
     """gRPC options for a fixed receive window of ``mib`` MiB per stream; 0 keeps gRPC's automatic
     window (bandwidth-delay-product probing).
 
-    Every worker pushing at once has a stream whose window gRPC fills before the servicer reads it
-    (the servicer takes GRADIENTS_IN_MEMORY pushes at a time), so the window bounds that memory.
-    On loopback the automatic window grew larger: a burst of 64 pushes of 25 MiB peaked at 88.8
-    model sizes against 82.7 with 4 MiB windows (bench/memory.py), and 100 MiB pushes went faster
-    with the fixed window. A window caps one stream at window ÷ round-trip time: 4 MiB gives 4 GB/s
+    gRPC fills a stream's window before the servicer reads it. The servicer receives
+    GRADIENTS_IN_MEMORY pushes at a time; a PushPull that asks to be admitted (``await_ready``) sends
+    nothing until its turn, but any other push that waits fills its window, so the window bounds
+    that memory. Before pushes were admitted, the automatic window grew larger on loopback: a burst
+    of 64 pushes of 25 MiB peaked at 88.8 model sizes against 82.7 with 4 MiB windows
+    (bench/memory.py), and 100 MiB pushes went faster with the fixed window. A window caps one stream at window ÷ round-trip time: 4 MiB gives 4 GB/s
     at 1 ms, 400 MB/s at 10 ms; across regions, 0 (automatic) or a bigger window is the better choice.
     """
     if mib == 0:

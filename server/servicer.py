@@ -9,6 +9,7 @@ protobuf's, without a message object per chunk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import time
@@ -40,8 +41,13 @@ from gapaware.server.state import ParameterServerState, all_finite
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 GRADIENTS_IN_MEMORY = 2
 """Pushes received and applied at once: one is applied while the next arrives. Each holds a
-model-sized buffer from its header on, so a burst of N workers pushing together would otherwise
-hold N more copies of the model; the others wait, their bytes held back by gRPC flow control."""
+model-sized buffer from its admission on, so a burst of N workers pushing together would otherwise
+hold N more copies of the model. The others wait: a PushPull that asked for a ready frame sends no
+chunk until it is admitted; any other stream's bytes wait in gRPC's buffers, up to a receive window."""
+
+READY_FRAME = pb.PullFrame(ready=pb.PushReady()).SerializeToString()
+"""Tells a worker that asked with ``PushHeader.await_ready`` to send its gradient's chunks: until
+then they wait at the worker, not in the server's gRPC buffers (up to a receive window each)."""
 
 STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     UnknownWorker: grpc.StatusCode.NOT_FOUND,
@@ -60,6 +66,14 @@ class Gradient:
 
     values: torch.Tensor
     finite: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """An admitted push's gradient buffer, and when its header arrived (for the update latency)."""
+
+    buffer: torch.Tensor
+    started: float
 
 
 def status_code_for(error: Exception) -> grpc.StatusCode:
@@ -114,6 +128,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             version=self._state.version,
             finished=self._state.finished,
             lease_seconds=self._lease_seconds,
+            sends_ready=True,
         )
 
     async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[pb.PullFrame | bytes]:
@@ -124,12 +139,18 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             yield frame
 
     async def Push(self, request_iterator, context) -> pb.PushReply:
-        (result,) = await self._receive_and_apply(request_iterator, context, self._apply_push)
+        header, frames = await self._push_header(request_iterator, context)
+        async with self._admitted(header, context) as admission:
+            (result,) = await self._apply_gradient(header, context, admission, self._apply_push, frames=frames)
         return _push_reply(result)
 
     async def PushPull(self, request_iterator, context) -> AsyncIterator[pb.PullFrame | bytes]:
-        result, version, encoded, loan = await self._receive_and_apply(request_iterator, context,
-                                                                       self._push_then_pull, reply=True)
+        header, frames = await self._push_header(request_iterator, context, reply=True)
+        async with self._admitted(header, context) as admission:
+            if header.await_ready:
+                yield READY_FRAME
+            result, version, encoded, loan = await self._apply_gradient(header, context, admission,
+                                                                        self._push_then_pull, frames=frames)
         async for frame in self._send_parameters(version, encoded, loan, push=_push_reply(result)):
             yield frame
 
@@ -141,10 +162,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def PushPullWhole(self, request: WholeTensor, context) -> bytes:
         header = request.header
         await self._check_one_message(context, header.pull_dtype or pb.FLOAT32, "reply")
-        _, reply = await self._apply_gradient(
-            header, context, self._push_then_pull_whole, whole=True,
-            receive=functools.partial(self._receive_tensor, header.tensor, _one(ChunkView(0, request.data)), context,
-                                      borrow=True))
+        async with self._admitted(header, context, whole=True) as admission:
+            _, reply = await self._apply_gradient(header, context, admission, self._push_then_pull_whole,
+                                                  frames=_one(ChunkView(0, request.data)), whole=True)
         return reply
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
@@ -158,13 +178,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
         return status_reply(self._state, self._last_eval())
 
-    async def _receive_and_apply(self, request_iterator, context, apply: Callable, reply: bool = False):
-        """Takes the header of a pushed stream, then :meth:`_apply_gradient` with the chunks that follow.
-
-        Everything the header alone can refuse (unknown worker, base version, a second push of
-        the same worker in flight, the reply's dtype) is refused before a byte of the tensor is
-        buffered; the buffer of a refused stream is dropped with it.
-        """
+    async def _push_header(self, request_iterator, context, reply: bool = False) -> tuple[pb.PushHeader, AsyncIterator]:
+        """The header of a pushed stream, and the stream's frames after it; with ``reply``, the
+        reply's dtype is checked too. Everything the header alone can refuse is refused before a
+        byte of the tensor is buffered (see :meth:`_admitted`)."""
         frames = aiter(request_iterator)
         try:
             header = await anext(frames)
@@ -176,16 +193,17 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push must start with a header, not a chunk")
         if reply:
             await _check_dtype(context, header.pull_dtype or pb.FLOAT32, "reply")
-        return await self._apply_gradient(header, context, apply, whole=False,
-                                          receive=functools.partial(self._receive_tensor, header.tensor, frames, context))
+        return header, frames
 
-    async def _apply_gradient(self, header: pb.PushHeader, context, apply: Callable, *, whole: bool,
-                              receive: Callable):
-        """Receives the gradient with ``receive(out)`` into a reused buffer, then runs
-        ``apply(header, grad)`` and returns what it returned: a tuple whose first element is the
-        push's result. A stream is first refused for what its header alone can refuse, before it is
-        received, and applied in the pool; a ``whole`` message has arrived already (``apply`` checks
-        it all anyway) and is applied on the event loop (see :meth:`_call`)."""
+    @contextlib.asynccontextmanager
+    async def _admitted(self, header: pb.PushHeader, context, *, whole: bool = False) -> AsyncIterator[Admission]:
+        """Admits a push: gives it a model-sized buffer to receive its gradient into, once one of the
+        :data:`GRADIENTS_IN_MEMORY` is free, and takes the buffer back for the next push when the
+        block ends without an error.
+
+        A second push of the same worker in flight is refused first; a stream is then refused for
+        what its header alone can refuse (unknown worker, base version), before any of its bytes is
+        received; a ``whole`` message has arrived already and is checked all at once when applied."""
         started = time.perf_counter()
         if header.worker_id in self._pushes_in_flight:
             self._metrics.push_rejected("push_in_flight")
@@ -195,19 +213,26 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             if not whole:
                 await self._call(context, self._state.check_push, header.worker_id, header.base_version, header.seq,
                                  on_refusal=self._metrics.push_rejected)
-            async with self._gradient_slots:  # from here on the push holds a model-sized buffer
+            async with self._gradient_slots:
                 buffer = self._spare_gradients.pop() if self._spare_gradients else torch.empty(self._state.layout.numel)
-                grad, received = await receive(buffer)
-                # Until the pool thread is done with it, the buffer must not go back: a cancelled call
-                # leaves the update running, and a refused one is rare enough to allocate anew.
-                outcome = await self._call(
-                    context, apply, header, grad, inline=whole,
-                    on_refusal=functools.partial(self._metrics.push_rejected, received_bytes=received))
+                yield Admission(buffer, started)
+                # Only now, once the pool thread is done with it: a cancelled call leaves the update
+                # running, and a refused one is rare enough to allocate anew.
                 self._spare_gradients.append(buffer)
-                del grad
         finally:
             self._pushes_in_flight.discard(header.worker_id)
-        self._metrics.push_answered(outcome[0], time.perf_counter() - started, received)
+
+    async def _apply_gradient(self, header: pb.PushHeader, context, admission: Admission, apply: Callable, *,
+                              frames: AsyncIterator, whole: bool = False):
+        """Receives the gradient from ``frames`` into the admission's buffer, then runs
+        ``apply(header, grad)`` and returns what it returned: a tuple whose first element is the
+        push's result. A stream is applied in the pool; a ``whole`` message on the event loop (see
+        :meth:`_call`), and its float32 bytes are read where they arrived."""
+        grad, received = await self._receive_tensor(header.tensor, frames, context, admission.buffer, borrow=whole)
+        outcome = await self._call(
+            context, apply, header, grad, inline=whole,
+            on_refusal=functools.partial(self._metrics.push_rejected, received_bytes=received))
+        self._metrics.push_answered(outcome[0], time.perf_counter() - admission.started, received)
         return outcome
 
     async def _receive_tensor(self, header: pb.TensorHeader, frames: AsyncIterator, context,

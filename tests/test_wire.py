@@ -138,17 +138,25 @@ def test_a_plain_protobuf_peer_interoperates_with_the_server_and_a_fast_client(s
 
         frames = list(plain.PushPull(_plain_push_frames(join.worker_id, version, torch.zeros(numel),
                                                         crc_in_trailer=True), timeout=30))
-        assert frames[0].header.push.applied and frames[0].header.version == 3
+        assert frames[0].header.push.applied and frames[0].header.version == 3, "no ready frame unless asked"
         assert sum(len(f.chunk.data) for f in frames[1:]) == numel * 4
 
+        assert join.sends_ready
+        push = list(_plain_push_frames(join.worker_id, 3, torch.zeros(numel)))
+        push[0].header.await_ready = True
+        frames = list(plain.PushPull(iter(push), timeout=30))
+        assert frames[0].WhichOneof("frame") == "ready" and frames[1].header.push.version == 4
+        assert torch.equal(torch.cat([torch.frombuffer(bytearray(f.chunk.data), dtype=torch.float32)
+                                      for f in frames[2:] if f.WhichOneof("frame") == "chunk"]), expected)
+
         whole = plain.PullWhole(pb.PullRequest(worker_id=join.worker_id), timeout=30)
-        assert whole.header.version == 3 and whole.header.tensor.chunk_count == 1
+        assert whole.header.version == 4 and whole.header.tensor.chunk_count == 1
         assert torch.equal(torch.frombuffer(bytearray(whole.data), dtype=torch.float32), expected)
         encoded = encode(grad, chunk_bytes=numel * 4)
         reply = plain.PushPullWhole(pb.WholePush(
-            header=pb.PushHeader(worker_id=join.worker_id, base_version=3, tensor=encoded.header),
+            header=pb.PushHeader(worker_id=join.worker_id, base_version=4, tensor=encoded.header),
             data=bytes(encoded.chunks[0])), timeout=30)
-        assert reply.header.push.applied and reply.header.version == 4
+        assert reply.header.push.applied and reply.header.version == 5
         assert torch.equal(torch.frombuffer(bytearray(reply.data), dtype=torch.float32), expected - 0.5 * grad)
 
 

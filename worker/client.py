@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ class JoinInfo:
     version: int
     finished: bool
     lease_seconds: float
+    sends_ready: bool = False
+    """The server answers ``await_ready`` (see :meth:`WorkerClient.push_pull`)."""
 
 
 class WorkerClient:
@@ -121,7 +124,7 @@ class WorkerClient:
         self._info = JoinInfo(
             worker_id=reply.worker_id, config=RunConfig.from_json(reply.run_config_json),
             layout=ParamLayout.from_proto(reply.layout), version=reply.version, finished=reply.finished,
-            lease_seconds=reply.lease_seconds,
+            lease_seconds=reply.lease_seconds, sends_ready=reply.sends_ready,
         )
         return self._info
 
@@ -190,7 +193,10 @@ class WorkerClient:
                   loss: float = math.nan, seq: int | None = None,
                   out: torch.Tensor | None = None) -> tuple[PushResult, int, torch.Tensor]:
         """Push, then receive the parameters after the update: one round trip a step. ``seq`` as in
-        :meth:`push`; a retried copy still receives the current parameters; ``out`` as in :meth:`pull`."""
+        :meth:`push`; a retried copy still receives the current parameters; ``out`` as in :meth:`pull`.
+
+        A streamed push sends its header, then waits for the server's ready frame before its chunks
+        (when the server offers it at Join): a push that waits for the server holds no bytes there."""
         with self._cast_buffer() as cast:
             if self._one_message():
                 header, encoded = self._push_parts(grad, base_version, samples, loss, seq, cast, whole=True)
@@ -198,9 +204,10 @@ class WorkerClient:
                 reply = self._push_pull_whole(whole_message(header, chunk), timeout=self._timeout)
                 header, theta = self._receive_whole(reply, out)
             else:
-                frames = self._push_pull_frames(self._push_frames(grad, base_version, samples, loss, seq, cast),
-                                             timeout=self._timeout)
-                header, theta = self._receive(frames, out)
+                admission = _Admission() if self.info.sends_ready else None
+                frames = self._push_pull_frames(
+                    self._push_frames(grad, base_version, samples, loss, seq, cast, admission), timeout=self._timeout)
+                header, theta = self._receive(frames, out, admission)
         return _result(header.push), header.version, theta
 
     @contextlib.contextmanager
@@ -222,10 +229,15 @@ class WorkerClient:
         return self.info.layout.numel * itemsize(self._dtype) <= self._one_message_bytes
 
     def _push_frames(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None,
-                     cast: torch.Tensor | None) -> Iterator[pb.PushFrame | bytes]:
+                     cast: torch.Tensor | None, admission: _Admission | None = None) -> Iterator[pb.PushFrame | bytes]:
+        """The push's frames; with ``admission``, the header asks for a ready frame and the chunks
+        follow only once it came (gRPC takes them in a thread of its own, so waiting here blocks
+        only this call's sending)."""
         header, encoded = self._push_parts(grad, base_version, samples, loss, seq, cast)
+        header.await_ready = admission is not None
         yield pb.PushFrame(header=header)
-        yield from chunk_frames(encoded)
+        if admission is None or admission.wait(self._timeout):
+            yield from chunk_frames(encoded)
 
     def _push_parts(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None,
                     cast: torch.Tensor | None, *, whole: bool = False) -> tuple[pb.PushHeader, EncodedTensor]:
@@ -239,24 +251,57 @@ class WorkerClient:
         return pb.PushHeader(worker_id=self.info.worker_id, base_version=base_version, seq=seq, samples=samples,
                              loss=loss, tensor=encoded.header, pull_dtype=self._dtype), encoded
 
-    def _receive(self, frames, out: torch.Tensor | None) -> tuple[pb.PullHeader, torch.Tensor]:
+    def _receive(self, frames, out: torch.Tensor | None,
+                 admission: _Admission | None = None) -> tuple[pb.PullHeader, torch.Tensor]:
+        """The reply's header and tensor; with ``admission``, the reply starts with the ready frame,
+        which lets the push's chunks go, and a reply that fails before it lets the sender give up."""
         frames = iter(frames)
-        header = next(frames, None)
-        if not isinstance(header, pb.PullHeader):
-            raise CodecError("the server's reply did not start with a header")
-        assembler = TensorAssembler(header.tensor, expected_numel=self.info.layout.numel, out=out)
-        for frame in frames:
-            if isinstance(frame, ChunkView):
-                assembler.add(frame)
-            elif isinstance(frame, pb.TensorTrailer):
-                assembler.add_trailer(frame)
-            else:
-                raise CodecError("the server's reply held a frame other than a chunk or a trailer after its header")
-        return header, assembler.finish()
+        try:
+            if admission is not None:
+                if not isinstance(next(frames, None), pb.PushReady):
+                    raise CodecError("the server's reply did not start with the ready frame the push asked for")
+                admission.admit()
+            header = next(frames, None)
+            if not isinstance(header, pb.PullHeader):
+                raise CodecError("the server's reply did not start with a header")
+            assembler = TensorAssembler(header.tensor, expected_numel=self.info.layout.numel, out=out)
+            for frame in frames:
+                if isinstance(frame, ChunkView):
+                    assembler.add(frame)
+                elif isinstance(frame, pb.TensorTrailer):
+                    assembler.add_trailer(frame)
+                else:
+                    raise CodecError("the server's reply held a frame other than a chunk or a trailer after its header")
+            return header, assembler.finish()
+        finally:
+            if admission is not None:
+                admission.end()
 
     def _receive_whole(self, reply: WholeTensor, out: torch.Tensor | None) -> tuple[pb.PullHeader, torch.Tensor]:
         """A whole reply is a stream of one header and one chunk: :meth:`_receive` checks it alike."""
         return self._receive((reply.header, ChunkView(0, reply.data)), out)
+
+
+class _Admission:
+    """Whether a push's chunks may go: set by the reading thread when the server's ready frame
+    arrives, or when the call ended without it (then they never go)."""
+
+    def __init__(self) -> None:
+        self._decided = threading.Event()
+        self._admitted = False
+
+    def admit(self) -> None:
+        self._admitted = True
+        self._decided.set()
+
+    def end(self) -> None:
+        self._decided.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the chunks may go, once that is decided (False after ``timeout``: the call's
+        deadline has passed by then)."""
+        self._decided.wait(timeout)
+        return self._admitted
 
 
 def _result(reply: pb.PushReply) -> PushResult:
