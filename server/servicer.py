@@ -95,9 +95,6 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gapaware-update")
         self._pushes_in_flight: set[int] = set()  # worker ids; touched only on the event loop
         self._gradient_slots = asyncio.Semaphore(GRADIENTS_IN_MEMORY)
-        # Received gradients are written into these, reused push after push: a fresh model-sized
-        # tensor per push costs a page fault and the kernel's zeroing on each of its pages.
-        self._spare_gradients: list[torch.Tensor] = []
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable, *args,
                     on_refusal: Callable[[str], None] | None = None, inline: bool = False, **kwargs):
@@ -214,11 +211,13 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 await self._call(context, self._state.check_push, header.worker_id, header.base_version, header.seq,
                                  on_refusal=self._metrics.push_rejected)
             async with self._gradient_slots:
-                buffer = self._spare_gradients.pop() if self._spare_gradients else torch.empty(self._state.layout.numel)
+                # A spare of the server's model-sized tensors, reused push after push: a fresh one per
+                # push costs a page fault and the kernel's zeroing on each of its pages.
+                buffer = self._state.gradient_buffer()
                 yield Admission(buffer, started)
                 # Only now, once the pool thread is done with it: a cancelled call leaves the update
                 # running, and a refused one is rare enough to allocate anew.
-                self._spare_gradients.append(buffer)
+                self._state.recycle(buffer)
         finally:
             self._pushes_in_flight.discard(header.worker_id)
 

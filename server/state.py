@@ -187,9 +187,7 @@ class ParameterServerState:
             if snapshot is not None:
                 self._sent.keep(worker_id, snapshot)
             if view is not sent and view is not self.theta:  # DANA's θ̂, only cast from: the server's own
-                self._sent.adopt(view)
-                if snapshot is not view:
-                    self._sent.release(view)
+                self._sent.recycle(view)
             return self.version, self._sent.lend(sent) if lend else sent
 
     def _cast(self, source: torch.Tensor, dtype: torch.dtype, *, reuse: bool) -> torch.Tensor:
@@ -202,6 +200,16 @@ class ParameterServerState:
         cast = source.to(dtype) if spare is None else spare.copy_(source)
         self._sent.adopt(cast)
         return cast
+
+    def gradient_buffer(self) -> torch.Tensor:
+        """A float32 tensor of θ's size to receive a gradient into: a spare of the tensors the server
+        sends (:mod:`gapaware.server.sent`), or a new one. :meth:`recycle` it once applied."""
+        spare = self._sent.spare()
+        return torch.empty_like(self.theta) if spare is None else spare
+
+    def recycle(self, buffer: torch.Tensor) -> None:
+        """A buffer from :meth:`gradient_buffer` is applied and nobody reads it any more: a spare."""
+        self._sent.recycle(buffer)
 
     def give_back(self, loan: Loan) -> None:
         """The caller of ``pull(lend=True)`` no longer reads ``loan``. Takes no lock of the update

@@ -138,6 +138,25 @@ def test_theta_is_never_a_spare_and_a_detach_with_no_reader_copies_nothing():
     assert sent.spare() is None, "neither θ nor a useless copy of it may become a spare"
 
 
+def test_a_gradient_buffer_once_applied_becomes_the_next_copy_of_theta_and_back():
+    """Gradients are received into the same spares as copies of θ: a buffer left idle by an applied
+    push is where the next detach copies θ, and a copy nobody reads any more receives a gradient."""
+    state = small_state(policy="gap-aware")
+    first, second = (state.join("h", "cpu", None).worker_id for _ in range(2))
+    version, _ = state.pull(first)
+    buffer = state.gradient_buffer()
+    buffer.copy_(torch.randn(state.layout.numel))
+    state.push(first, buffer, base_version=version)
+    state.recycle(buffer)
+    version, _ = state.pull(first, lend=False)
+    state.pull(second, lend=True)  # a reply on θ, never given back before the next push
+    before = state.theta.clone()
+    state.push(first, torch.randn(state.layout.numel), base_version=version)
+    kept = state._sent.take(second)
+    assert kept is buffer and torch.equal(kept, before), "θ was copied into the idle gradient buffer"
+    assert state.gradient_buffer() is not buffer, "it is read: not a spare"
+
+
 @pytest.mark.parametrize("policy, dtype, snapshot_dtype", [
     ("gap-aware", torch.float32, "float32"), ("dana-ga", torch.float32, "float32"), ("asgd", torch.float32, "float32"),
     ("dana", torch.float32, "float32"), ("gap-aware", torch.bfloat16, "float32"), ("gap-aware", torch.bfloat16, "bfloat16"),
