@@ -18,8 +18,9 @@ on a 100 MiB model took more CPU than sending it. So a tensor that nobody holds 
 longer a worker's θ⁽ⁱ⁾ and no longer being sent) goes back to a short list of spares by dtype,
 and the next copy or cast is written into a spare. The servicer receives gradients into float32
 spares too, and recycles them once applied: one pool serves copies, casts and gradients, so a
-gradient buffer left idle becomes the next copy of θ instead of one more model of memory. Pulls in a reduced dtype (``bfloat16`` or
-``float16`` transport, or snapshots) cast θ once into such a tensor: a reply and a θ⁽ⁱ⁾ may be one.
+gradient buffer left idle becomes the next copy of θ instead of one more model of memory. Pulls
+in a reduced dtype (``bfloat16`` or ``float16`` transport, or snapshots) cast θ once into such a
+tensor: a reply and a θ⁽ⁱ⁾ may be one.
 
 Only tensors the server made for itself are ever reused: those lent to a reply (θ excepted), the
 copies detach makes, and those :meth:`SentParameters.adopt` names, and only once neither a reply
