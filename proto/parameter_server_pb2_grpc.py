@@ -99,7 +99,8 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request_iterator, context):
-        """A gradient computed on base_version, as a header then chunks.
+        """A gradient computed on base_version, as a header then chunks. It cannot wait for its turn
+        (see PushPull's await_ready): its chunks wait in the server's buffers instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -183,6 +183,9 @@ class WorkerClient:
         ``seq`` numbers the push for exactly-once delivery: retrying a push whose reply was lost
         with the same ``seq`` is applied at most once (the copy is answered with ``applied=False``).
         None takes :meth:`next_seq`.
+
+        Unlike :meth:`push_pull`, a push cannot wait for its turn: the server answers it only at its
+        end, so while it waits its chunks fill a receive window in the server's memory.
         """
         with self._cast_buffer() as cast:
             reply = self._push_stream(self._push_frames(grad, base_version, samples, loss, seq, cast),
