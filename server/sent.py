@@ -88,6 +88,12 @@ class SentParameters:
         with self._lock:
             return self._take_spare(dtype)
 
+    def buffer(self) -> torch.Tensor:
+        """A float32 tensor of θ's size that nobody holds: a spare, or a new one. Hand it back with
+        :meth:`recycle` (or :meth:`adopt`) for it to be reused."""
+        spare = self.spare()
+        return torch.empty_like(self._theta) if spare is None else spare
+
     def adopt(self, tensor: torch.Tensor) -> None:
         """``tensor`` is the server's own (nobody outside holds it): it is reused once no reply reads
         it and no worker keeps it."""
@@ -155,9 +161,7 @@ class SentParameters:
         with self._lock:
             if not self._is_read(self._theta):
                 return
-            copy = self._take_spare(torch.float32)
-        copy = torch.empty_like(self._theta) if copy is None else copy
-        copy.copy_(self._theta)
+        copy = self.buffer().copy_(self._theta)
         with self._lock:
             self._adopt(copy)
             for worker_id, kept in self._kept.items():

@@ -204,8 +204,7 @@ class ParameterServerState:
     def gradient_buffer(self) -> torch.Tensor:
         """A float32 tensor of θ's size to receive a gradient into: a spare of the tensors the server
         sends (:mod:`gapaware.server.sent`), or a new one. :meth:`recycle` it once applied."""
-        spare = self._sent.spare()
-        return torch.empty_like(self.theta) if spare is None else spare
+        return self._sent.buffer()
 
     def recycle(self, buffer: torch.Tensor) -> None:
         """A buffer from :meth:`gradient_buffer` is applied and nobody reads it any more: a spare."""
