@@ -13,6 +13,14 @@ does: a worker alone makes no copy at all (its reply is sent before it pushes, a
 is θ takes no memory. Replies therefore read their tensor through a :class:`Loan`, under a lock
 that detach takes only to switch the loan to its copy.
 
+**The gradient's buffer becomes the copy.** When the gradient being applied arrived in one of the
+server's own buffers (every streamed push), the update itself writes θ's old values into that
+buffer, each element once it has read the gradient's (``old_theta_into_grad`` of the policies),
+and the readers are switched to it. The copy then costs no pass of its own over memory and no
+model of memory: with a burst of workers each holding a different version, that is one model
+fewer at the peak. Replies wait for the update to end before they read on (an event loop awaits
+:meth:`Loan.readable`, without blocking).
+
 A fresh tensor per copy or cast costs the kernel a page fault and the zeroing of each page, which
 on a 100 MiB model took more CPU than sending it. So a tensor that nobody holds any more (no
 longer a worker's θ⁽ⁱ⁾ and no longer being sent) goes back to a short list of spares by dtype,
@@ -32,6 +40,7 @@ call) lets its tensor be freed as usual instead of holding it forever.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import weakref
 from collections.abc import Callable
@@ -53,17 +62,30 @@ class Loan:
     (:meth:`SentParameters.detach`), or a tensor of its own (a cast, DANA's θ̂). Read it only
     through :meth:`read`."""
 
-    __slots__ = ("_tensor", "_lock", "__weakref__")
+    __slots__ = ("_tensor", "_sent", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor, lock: threading.Lock) -> None:
+    def __init__(self, tensor: torch.Tensor, sent: SentParameters) -> None:
         self._tensor = tensor
-        self._lock = lock
+        self._sent = sent
 
     def read(self, fn: Callable[[torch.Tensor], T]) -> T:
         """``fn(tensor)``, with the tensor this reply sends held still meanwhile. What ``fn`` returns
-        must not read the tensor afterwards (copy what is kept): θ may change once it returns."""
-        with self._lock:
+        must not read the tensor afterwards (copy what is kept): θ may change once it returns.
+
+        While an update is still writing θ's old values into the tensor (:meth:`SentParameters.detach`
+        with ``into``), this waits for it; an event loop awaits :meth:`readable` first instead."""
+        with self._sent._filled:
+            self._sent._filled.wait_for(lambda: self._tensor is not self._sent._filling)
             return fn(self._tensor)
+
+    async def readable(self) -> None:
+        """Returns once :meth:`read` would not wait, without blocking the event loop meanwhile."""
+        with self._sent._filled:
+            if self._tensor is not self._sent._filling:
+                return
+            waiter = asyncio.get_running_loop().create_future()
+            self._sent._waiters.append(waiter)
+        await waiter
 
 
 class SentParameters:
@@ -82,6 +104,9 @@ class SentParameters:
         self._reusable: list[weakref.ref[torch.Tensor]] = []  # the server's own, not reused or dropped
         self._spares: list[torch.Tensor] = []
         self._lock = threading.Lock()
+        self._filling: torch.Tensor | None = None  # being written θ's old values by the update (detach)
+        self._filled = threading.Condition(self._lock)
+        self._waiters: list[asyncio.Future] = []  # readers on event loops awaiting _filling
 
     def spare(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """A tensor of ``dtype`` nobody holds, to write the next pull into; None when there is none."""
@@ -111,7 +136,7 @@ class SentParameters:
         """The loan through which a reply reads ``tensor`` (θ itself, or the server's own tensor,
         which is not reused before the loan is given back)."""
         with self._lock:
-            loan = Loan(tensor, self._lock)
+            loan = Loan(tensor, self)
             self._loans.append(weakref.ref(loan))
             if tensor is not self._theta:
                 self._adopt(tensor)
@@ -150,27 +175,44 @@ class SentParameters:
             if snapshot is not None:
                 self._release(snapshot)
 
-    def detach(self) -> None:
+    def detach(self, into: torch.Tensor | None = None) -> bool:
         """θ is about to change: every reply and θ⁽ⁱ⁾ still reading θ itself gets one copy of θ as it
         is now, shared by all of them. Nothing to do (no copy) when none reads θ.
 
         The caller holds the lock under which θ changes and pulls happen (the state's), so θ stays
         as it is and no reader is added meanwhile. The copy is made outside this object's lock:
         replies being framed wait for the switch to the copy, not for the copy.
+
+        With ``into`` (a float32 tensor of θ's size that the caller owns: the gradient about to be
+        applied) no copy is made here. The readers are switched to ``into`` at once, and True is
+        returned: the update is to write θ's old values into it as it goes (``old_theta_into_grad``
+        of :meth:`Policy.apply <gapaware.server.policies.base.Policy.apply>`), then call
+        :meth:`filled`. Replies wait to read it until then. That saves the copy's pass over memory
+        and, with a burst of pushes, the model of memory it would take: the gradient's buffer
+        becomes the copy. The caller still hands ``into`` back (:meth:`recycle`) once applied.
         """
         with self._lock:
             if not self._is_read(self._theta):
-                return
+                return False
+            if into is not None:
+                self._switch_readers(into)
+                self._filling = into
+                return True
         copy = self.buffer().copy_(self._theta)
         with self._lock:
             self._adopt(copy)
-            for worker_id, kept in self._kept.items():
-                if kept is self._theta:
-                    self._kept[worker_id] = copy
-            for loan in self._live_loans():
-                if loan._tensor is self._theta:
-                    loan._tensor = copy
+            self._switch_readers(copy)
             self._release(copy)  # back to the spares if its readers ended during the copy
+        return False
+
+    def filled(self) -> None:
+        """The tensor :meth:`detach` was given holds θ's old values: its readers may read it."""
+        with self._lock:
+            self._filling = None
+            self._filled.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.get_loop().call_soon_threadsafe(_wake, waiter)
 
     def held(self) -> int:
         """θ⁽ⁱ⁾ kept for workers."""
@@ -182,6 +224,15 @@ class SentParameters:
         with self._lock:
             distinct = {id(kept): kept for kept in self._kept.values() if kept is not self._theta}
             return sum(kept.nbytes for kept in distinct.values())
+
+    def _switch_readers(self, tensor: torch.Tensor) -> None:
+        """The θ⁽ⁱ⁾ and replies reading θ read ``tensor`` instead."""
+        for worker_id, kept in self._kept.items():
+            if kept is self._theta:
+                self._kept[worker_id] = tensor
+        for loan in self._live_loans():
+            if loan._tensor is self._theta:
+                loan._tensor = tensor
 
     def _take_spare(self, dtype: torch.dtype) -> torch.Tensor | None:
         for index, spare in enumerate(self._spares):
@@ -210,6 +261,11 @@ class SentParameters:
             self._reusable = _without(self._reusable, tensor)
             if sum(spare.dtype == tensor.dtype for spare in self._spares) < self._max_spares:
                 self._spares.append(tensor)
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():  # a reply cancelled while it waited
+        waiter.set_result(None)
 
 
 def _without(refs: list[weakref.ref[T]], item: T) -> list[weakref.ref[T]]:

@@ -62,10 +62,12 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
 
 @dataclass(frozen=True, slots=True)
 class Gradient:
-    """A received gradient and whether all its elements are finite (checked as it arrived)."""
+    """A received gradient, whether all its elements are finite (checked as it arrived), and whether
+    it is in the push's own buffer, which the update may overwrite (not read where it arrived)."""
 
     values: torch.Tensor
     finite: bool
+    spare: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +269,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 assembler.add(frame)
                 finite = finite and all_finite(assembler.tensor[checked:assembler.elements])
                 checked = assembler.elements
-            return Gradient(assembler.finish(), finite), received
+            values = assembler.finish()
+            return Gradient(values, finite, spare=values is out), received
         except CodecError as error:
             self._metrics.push_rejected(rejection_reason(error), received)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
@@ -278,7 +281,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     # For a whole message (at most 4 MiB) they run on the event loop (see _call).
     def _apply_push(self, header: pb.PushHeader, grad: Gradient) -> tuple[PushResult]:
         return (self._state.push(header.worker_id, grad.values, base_version=header.base_version,
-                                 samples=header.samples, loss=header.loss, seq=header.seq, finite=grad.finite),)
+                                 samples=header.samples, loss=header.loss, seq=header.seq, finite=grad.finite,
+                                 spare_grad=grad.spare),)
 
     def _pull_encoded(self, worker_id: int, dtype: int) -> tuple[int, EncodedTensor, Loan]:
         """The version, the stream's header and chunk layout for the parameters in ``dtype``, and the
@@ -331,9 +335,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             yield pb.PullFrame(header=pb.PullHeader(version=version, tensor=encoded.header,
                                                     finished=self._state.finished, push=push))
             frames = chunk_frames(encoded, frame)
-            for chunk, framed in zip(encoded.chunks, frames):
+            for chunk in encoded.chunks:
+                await loan.readable()  # an update may be writing the old θ into what the loan reads
                 self._metrics.sent(len(chunk))
-                yield framed
+                yield next(frames)
             for trailer in frames:
                 yield trailer
         finally:

@@ -234,7 +234,7 @@ class ParameterServerState:
                                 f"last sent {sent}: pull, then push a gradient computed on what was pulled")
 
     def push(self, worker_id: int, grad: torch.Tensor, *, base_version: int, samples: int = 0,
-             loss: float = math.nan, seq: int = 0, finite: bool | None = None) -> PushResult:
+             loss: float = math.nan, seq: int = 0, finite: bool | None = None, spare_grad: bool = False) -> PushResult:
         """Applies ``grad``, computed by ``worker_id`` on ``base_version``, with the run's policy.
 
         ``seq`` (from 1, increasing per worker; 0 turns the check off) makes the push exactly-once:
@@ -245,6 +245,11 @@ class ParameterServerState:
         or acknowledged with ``applied=False`` (``"skip"``), and counted in :attr:`nonfinite_pushes`.
         ``finite`` says whether ``grad`` is free of them when the caller checked already (the
         servicer does, chunk by chunk as they arrive); None checks here.
+
+        ``spare_grad`` says that ``grad`` is a buffer of :meth:`gradient_buffer` that nobody reads
+        after this push: the update may then leave θ's old values in it for the replies and θ⁽ⁱ⁾
+        still reading θ, instead of copying θ for them first (:meth:`SentParameters.detach`).
+        :meth:`recycle` it afterwards, as always.
         """
         if grad.shape != self.theta.shape:
             raise BadPush(f"gradient has {grad.numel()} elements, the model has {self.theta.numel()}")
@@ -258,13 +263,13 @@ class ParameterServerState:
                 raise BadPush(f"push {seq} of worker {worker_id} is older than its push {record.last_seq} "
                               "already answered: nothing applied")
             result = self._apply(record, grad, base_version=base_version, samples=samples, loss=loss,
-                                 finite=finite)
+                                 finite=finite, spare_grad=spare_grad)
             if seq:
                 record.last_seq, record.last_result = seq, result
             return result
 
     def _apply(self, record: WorkerRecord, grad: torch.Tensor, *, base_version: int, samples: int,
-               loss: float, finite: bool) -> PushResult:
+               loss: float, finite: bool, spare_grad: bool) -> PushResult:
         """The push of a new ``seq``, under the lock."""
         worker_id = record.worker_id
         self._check_push(record, base_version)
@@ -281,11 +286,19 @@ class ParameterServerState:
                 return PushResult(self.version, self.version - base_version, 1.0, False, False)
         staleness = self.version - base_version
         stale_theta = self._sent.take(worker_id)
-        self._sent.detach()  # the replies and other workers' θ⁽ⁱ⁾ still reading θ get a copy first
+        # The replies and other workers' θ⁽ⁱ⁾ still reading θ get a copy first, or the gradient's
+        # buffer once the update has written θ's old values into it.
+        filling = self._sent.detach(into=grad if spare_grad else None)
         try:
             gap = self.policy.apply(self.theta, grad, lr=self.lr(), staleness=staleness, stale_theta=stale_theta,
-                                    worker_id=worker_id)
+                                    worker_id=worker_id, old_theta_into_grad=filling)
+        except Exception:
+            if filling:  # refused before θ changed (an argument the policy rejects): θ is the old θ
+                grad.copy_(self.theta)
+            raise
         finally:
+            if filling:
+                self._sent.filled()
             if stale_theta is not None:
                 self._sent.release(stale_theta)
         record.pulled_version = None

@@ -280,6 +280,38 @@ def test_gap_aware_slices_agree_with_one_piece(monkeypatch):
         assert_numbers(theta, ref_theta)
 
 
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("fused_switch", ["1", "0"], ids=["fused", "torch"])
+@pytest.mark.parametrize("hyper", [{}, {"momentum": 0.9, "weight_decay": 0.01}, {"momentum": 0.9, "nesterov": True}],
+                         ids=["plain", "momentum+decay", "nesterov"])
+def test_an_update_can_leave_the_old_theta_in_the_gradient_and_changes_nothing_else(monkeypatch, name, fused_switch,
+                                                                                     hyper):
+    """``old_theta_into_grad``: the update writes θ as it was into the gradient's memory once read
+    (the server's copy of the old θ for its readers), and θ, the policy state and the Gap are
+    bit for bit those of the same update without it. Eleven elements in slices of 4, 4 and 3."""
+    monkeypatch.setattr(base, "CPU_CHUNK", 4)
+    monkeypatch.setenv("GAPAWARE_FUSED", fused_switch)
+    if name == "dana-ga" and hyper.get("nesterov"):
+        hyper = {"momentum": 0.9}
+    saving, plain = (make_policy(name, 11, **hyper) for _ in range(2))
+    theta, plain_theta = (torch.linspace(-1, 1, 11) for _ in range(2))
+    for step in range(3):
+        worker = step % 2
+        g = torch.sin(torch.arange(11.0) + step)
+        stale = saving.pull_view(theta, lr=0.1, worker_id=worker) + 0.05 * torch.cos(torch.arange(11.0) * 3)
+        before = theta.clone()
+        grad = g.clone()
+        gap = saving.apply(theta, grad, lr=0.1, staleness=2, stale_theta=stale.clone(), worker_id=worker,
+                           old_theta_into_grad=True)
+        plain_gap = plain.apply(plain_theta, g.clone(), lr=0.1, staleness=2, stale_theta=stale.clone(),
+                                worker_id=worker)
+        assert torch.equal(grad, before), "the gradient's memory holds θ as it was"
+        assert torch.equal(theta, plain_theta) and gap == plain_gap
+        assert not torch.equal(theta, before)
+    state, plain_state = saving.state_dict(), plain.state_dict()
+    assert state.keys() == plain_state.keys() and all(torch.equal(state[k], plain_state[k]) for k in state)
+
+
 # -- DANA ------------------------------------------------------------------------------------
 
 def test_dana_look_ahead_with_two_workers_and_forget():

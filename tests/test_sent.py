@@ -1,12 +1,15 @@
 """The tensors pulls send and keep: θ itself until it changes, then one copy for all who read it;
 other tensors reused only once neither a reply nor a worker's θ⁽ⁱ⁾ holds them."""
 import asyncio
+import concurrent.futures
 import gc
+import math
+import threading
 
 import pytest
 import torch
 
-from gapaware.common.codec import TensorAssembler
+from gapaware.common.codec import TensorAssembler, tensor_bytes
 from gapaware.common.wire import frame_parser
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.server.policies import fused
@@ -157,6 +160,82 @@ def test_a_gradient_buffer_once_applied_becomes_the_next_copy_of_theta_and_back(
     assert state.gradient_buffer() is not buffer, "it is read: not a spare"
 
 
+def test_a_detach_into_the_gradient_switches_every_reader_to_it_and_replies_wait_until_it_is_filled():
+    """``detach(into=...)``: no copy; the reply and both θ⁽ⁱ⁾ read the gradient's buffer at once, and
+    a reply reading it waits, in a thread or on an event loop, until the update has filled it."""
+    theta = torch.randn(NUMEL)
+    sent = SentParameters(theta)
+    loan = sent.lend(theta)
+    sent.keep(1, theta)
+    sent.keep(2, theta)
+    grad = torch.randn(NUMEL)
+    before = theta.clone()
+    assert sent.detach(into=grad) is True
+    assert sent.spare() is None, "no copy was made"
+    assert sent.take(1) is grad and sent.take(2) is grad
+
+    read_in_thread = concurrent.futures.ThreadPoolExecutor(1).submit(lent, loan)
+
+    async def on_loop() -> bool:
+        waiting = asyncio.ensure_future(loan.readable())
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and not read_in_thread.done(), "the buffer still holds the gradient"
+        await asyncio.get_running_loop().run_in_executor(None, fill)
+        await asyncio.wait_for(waiting, 5)
+        return True
+
+    def fill() -> None:  # what the update does, then the server's call once it is done
+        grad.copy_(theta)
+        theta.add_(1.0)
+        sent.filled()
+
+    assert asyncio.run(on_loop())
+    assert read_in_thread.result(timeout=5) is grad and torch.equal(grad, before)
+
+
+def test_a_detach_with_no_reader_leaves_the_gradient_alone():
+    theta = torch.randn(NUMEL)
+    sent = SentParameters(theta)
+    sent.keep(1, theta)
+    sent.release(sent.take(1))
+    assert sent.detach(into=torch.randn(NUMEL)) is False
+
+
+def test_a_gradient_applied_while_others_read_theta_becomes_their_copy_of_the_old_theta():
+    """A push of a gradient received into the server's own buffer (``spare_grad``) while a reply and
+    another worker's θ⁽ⁱ⁾ read θ: they read that buffer afterwards, holding θ as it was, and no other
+    model-sized tensor was taken; it becomes a spare once nobody reads it."""
+    state = small_state(policy="gap-aware")
+    first, second = (state.join("h", "cpu", None).worker_id for _ in range(2))
+    version, _ = state.pull(first)
+    _, loan = state.pull(second, lend=True)
+    before = state.theta.clone()
+    buffer = state.gradient_buffer()
+    buffer.copy_(torch.randn(state.layout.numel))
+    state.push(first, buffer, base_version=version, spare_grad=True)
+    state.recycle(buffer)
+    assert lent(loan) is buffer and torch.equal(buffer, before)
+    assert state._sent.spare() is None, "the gradient's buffer is the copy: nothing else was taken"
+    state.give_back(loan)
+    kept = state._sent.take(second)
+    assert kept is buffer
+    state._sent.release(kept)
+    assert state.gradient_buffer() is buffer, "read by nobody: the next push receives into it"
+
+
+def test_an_update_refused_after_the_switch_leaves_the_readers_the_unchanged_theta(monkeypatch):
+    state = small_state(policy="gap-aware")
+    first, second = (state.join("h", "cpu", None).worker_id for _ in range(2))
+    version, _ = state.pull(first)
+    _, loan = state.pull(second, lend=True)
+    before = state.theta.clone()
+    buffer = state.gradient_buffer().copy_(torch.randn(state.layout.numel))
+    monkeypatch.setattr(state, "lr", lambda: math.nan)
+    with pytest.raises(ValueError, match="learning rate"):
+        state.push(first, buffer, base_version=version, spare_grad=True)
+    assert lent(loan) is buffer and torch.equal(buffer, before) and torch.equal(state.theta, before)
+
+
 @pytest.mark.parametrize("policy, dtype, snapshot_dtype", [
     ("gap-aware", torch.float32, "float32"), ("dana-ga", torch.float32, "float32"), ("asgd", torch.float32, "float32"),
     ("dana", torch.float32, "float32"), ("gap-aware", torch.bfloat16, "float32"), ("gap-aware", torch.bfloat16, "bfloat16"),
@@ -245,10 +324,12 @@ def test_a_worker_alone_is_sent_theta_itself_and_its_pushes_give_what_copies_wou
 
 
 @pytest.mark.parametrize("policy", ["gap-aware", "asgd", "dana-ga"])
-def test_a_reply_being_sent_when_another_worker_pushes_sends_the_parameters_it_began_with(policy):
+@pytest.mark.parametrize("spare_grad", [False, True], ids=["copied", "into-gradient"])
+def test_a_reply_being_sent_when_another_worker_pushes_sends_the_parameters_it_began_with(policy, spare_grad):
     """Worker A's reply is framed chunk by chunk by the real servicer; halfway, worker B pushes and
     θ changes. A still receives, checksum and all, exactly what it was pulled, and the Gap of its
-    next push is measured against that."""
+    next push is measured against that: whether θ was copied for A, or the update left the old θ in
+    the buffer B's gradient arrived in."""
     state, reference = (small_state(5 << 18, policy=policy) for _ in range(2))  # 5 MiB: five chunks
     servicer = ParameterServerServicer(state)
     (a, b), (ref_a, ref_b) = ([s.join("h", "cpu", None).worker_id for _ in range(2)] for s in (state, reference))
@@ -266,7 +347,9 @@ def test_a_reply_being_sent_when_another_worker_pushes_sends_the_parameters_it_b
         parse = frame_parser(pb.PullFrame)
         async for index, raw in _enumerate(frames):
             if index == 2:  # two chunks sent: B's push lands
-                state.push(b, grad, base_version=version_b)
+                pushed = state.gradient_buffer().copy_(grad) if spare_grad else grad
+                state.push(b, pushed, base_version=version_b, spare_grad=spare_grad)
+                assert (lent(loan_a) is pushed) == (spare_grad and policy != "dana-ga")
                 assert not torch.equal(state.theta, expected)
             frame = parse(raw)
             if isinstance(frame, pb.TensorTrailer):
@@ -283,6 +366,44 @@ def test_a_reply_being_sent_when_another_worker_pushes_sends_the_parameters_it_b
     assert gap == reference.push(ref_a, later, base_version=version_a).mean_gap
     assert gap > 1 or not state.policy.needs_snapshot, "A's push was stale: its Gap must exceed 1"
     assert torch.equal(state.theta, reference.theta)
+
+
+def test_a_reply_waiting_for_an_update_to_fill_its_copy_leaves_the_event_loop_running():
+    """While an update writes the old θ into the buffer a reply is switched to, the reply's next
+    chunk waits without blocking the event loop, then carries θ as it was when pulled."""
+    state = small_state(5 << 18)
+    servicer = ParameterServerServicer(state)
+    worker = state.join("h", "cpu", None).worker_id
+    version, encoded, loan = servicer._pull_encoded(worker, pb.FLOAT32)
+    before = state.theta.clone()
+    buffer = state.gradient_buffer()
+
+    async def send() -> None:
+        frames = servicer._send_parameters(version, encoded, loan)
+        await anext(frames)  # the header
+        assert state._sent.detach(into=buffer), "the reply reads θ: it is switched to the buffer"
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        def update() -> None:  # what the update writes while it changes θ, then its call when done
+            buffer.copy_(state.theta)
+            state.theta.add_(1.0)
+            state._sent.filled()
+
+        ticker = asyncio.create_task(tick())
+        threading.Timer(0.5, update).start()
+        raw = await asyncio.wait_for(anext(frames), 5)
+        ticker.cancel()
+        assert ticks >= 10, "the event loop ran on while the reply waited for the update"
+        data = pb.PullFrame.FromString(raw).chunk.data
+        assert data == tensor_bytes(before)[:len(data)]
+
+    asyncio.run(send())
 
 
 async def _enumerate(frames):

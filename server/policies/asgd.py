@@ -10,6 +10,8 @@ With momentum and ``nesterov=True`` this is NAG-ASGD.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -31,13 +33,15 @@ class ASGD(Policy):
         self.momentum_buffer = torch.zeros(numel) if self.momentum > 0 else None
 
     def _apply(self, theta: Tensor, grad: Tensor, stale_theta: Tensor | None, *,
-               lr: float, staleness: int, worker_id: int) -> float:
+               lr: float, staleness: int, worker_id: int, old_theta_into_grad: bool) -> float:
         gap_sum = 0.0
         for part, scratch in self._parts(theta):
             buffer = None if self.momentum_buffer is None else self.momentum_buffer[part]
             stale = None if stale_theta is None else stale_theta[part]
             direction, part_gap_sum = self._direction(part, theta[part], grad[part], stale, buffer, scratch)
-            sgd_step(theta[part], direction, buffer, lr=lr, momentum=self.momentum, nesterov=self.nesterov)
+            step = functools.partial(sgd_step, theta[part], direction, buffer, lr=lr, momentum=self.momentum,
+                                     nesterov=self.nesterov)
+            self._step_keeping(step, theta[part], grad[part] if old_theta_into_grad else None, scratch[1])
             gap_sum += part_gap_sum
         return gap_sum / self.numel
 
@@ -46,7 +50,7 @@ class ASGD(Policy):
         """The direction ``d`` of one slice and the sum of the slice's Gaps (its length: no Gap here).
 
         ``momentum_buffer`` is the slice's buffer as it is before this update; ``d`` may be written
-        to the ``scratch`` tensors.
+        to the ``scratch`` tensors; the second is free again once this returns.
         """
         return weight_decayed(grad, theta, self.weight_decay, out=scratch[0]), float(theta.numel())
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -81,12 +81,17 @@ class Policy(abc.ABC):
 
     @torch.no_grad()
     def apply(self, theta: Tensor, grad: Tensor, *, lr: float, staleness: int,
-              stale_theta: Tensor | None = None, worker_id: int = 0) -> float:
+              stale_theta: Tensor | None = None, worker_id: int = 0, old_theta_into_grad: bool = False) -> float:
         """Apply one push from ``worker_id`` to ``theta`` in place; return the mean Gap of the update.
 
         ``lr`` is η for this update (after schedule and warm-up), ``staleness`` is τ, and
         ``stale_theta`` is θ⁽ⁱ⁾, required when :attr:`needs_snapshot`. Policies without a Gap
         return 1.0.
+
+        With ``old_theta_into_grad`` the update leaves θ as it was before it in ``grad``, each
+        element written once the update has read it: a copy of the old θ made in the same pass
+        over memory, for the server's readers of θ (:meth:`SentParameters.detach
+        <gapaware.server.sent.SentParameters.detach>`), with no buffer of its own.
         """
         self._check_vector("theta", theta)
         self._check_vector("grad", grad)
@@ -97,11 +102,12 @@ class Policy(abc.ABC):
             if stale_theta is None:
                 raise ValueError(f"Policy {self.name!r} needs stale_theta, the parameters the worker was sent")
             self._check_vector("stale_theta", stale_theta)
-        return self._apply(theta, grad, stale_theta, lr=lr, staleness=staleness, worker_id=worker_id)
+        return self._apply(theta, grad, stale_theta, lr=lr, staleness=staleness, worker_id=worker_id,
+                           old_theta_into_grad=old_theta_into_grad)
 
     @abc.abstractmethod
     def _apply(self, theta: Tensor, grad: Tensor, stale_theta: Tensor | None, *,
-               lr: float, staleness: int, worker_id: int) -> float:
+               lr: float, staleness: int, worker_id: int, old_theta_into_grad: bool) -> float:
         """:meth:`apply` after its arguments were checked."""
 
     @torch.no_grad()
@@ -158,6 +164,18 @@ class Policy(abc.ABC):
         for start in range(0, self.numel, size):
             length = min(size, self.numel - start)
             yield slice(start, start + length), (scratch[0][:length], scratch[1][:length])
+
+    @staticmethod
+    def _step_keeping(step: Callable[[], None], theta: Tensor, grad: Tensor | None, scratch: Tensor) -> None:
+        """Runs ``step`` (which changes the slice ``theta``); with ``grad`` (the slice's gradient, read
+        already), θ's values from before the step end up in ``grad``. They go through ``scratch`` (a
+        free scratch slice, in cache): the step may still read the gradient (``d = g`` when λ = 0)."""
+        if grad is None:
+            step()
+            return
+        old = scratch.copy_(theta)
+        step()
+        grad.copy_(old)
 
     def _check_vector(self, what: str, tensor: Tensor) -> None:
         if tensor.shape != (self.numel,):

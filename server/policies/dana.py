@@ -22,6 +22,8 @@ Choices beyond ALGORITHMS.md:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -68,7 +70,7 @@ class DanaZero(Policy):
         self.buffer_sum = torch.zeros(numel) if self.momentum > 0 else None
 
     def _apply(self, theta: Tensor, grad: Tensor, stale_theta: Tensor | None, *,
-               lr: float, staleness: int, worker_id: int) -> float:
+               lr: float, staleness: int, worker_id: int, old_theta_into_grad: bool) -> float:
         buffer = self._buffer(worker_id)
         gap_sum = 0.0
         for part, scratch in self._parts(theta):
@@ -76,7 +78,9 @@ class DanaZero(Policy):
             sum_part = None if self.buffer_sum is None else self.buffer_sum[part]
             stale = None if stale_theta is None else stale_theta[part]
             direction, part_gap_sum = self._direction(part, theta[part], grad[part], stale, worker_part, scratch)
-            dana_step(theta[part], direction, worker_part, sum_part, lr=lr, momentum=self.momentum)
+            step = functools.partial(dana_step, theta[part], direction, worker_part, sum_part, lr=lr,
+                                     momentum=self.momentum)
+            self._step_keeping(step, theta[part], grad[part] if old_theta_into_grad else None, scratch[1])
             gap_sum += part_gap_sum
         return gap_sum / self.numel
 
@@ -85,7 +89,7 @@ class DanaZero(Policy):
         """The direction ``d`` of one slice and the sum of the slice's Gaps (its length: no Gap here).
 
         ``buffer`` is the slice of the worker's ``vⁱ`` before this update; ``d`` may be written to
-        the ``scratch`` tensors.
+        the ``scratch`` tensors; the second is free again once this returns.
         """
         return weight_decayed(grad, theta, self.weight_decay, out=scratch[0]), float(theta.numel())
 

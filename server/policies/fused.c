@@ -25,7 +25,7 @@ enum step { STEP_PLAIN = 0, STEP_MOMENTUM = 1, STEP_NESTEROV = 2, STEP_DANA = 3 
 struct arguments {
     int64_t numel;
     float *theta;
-    const float *grad;
+    float *grad;               /* read; with old_theta_into_grad, θ's old values written after */
     const void *stale_theta;   /* float32, or bfloat16 when stale_bfloat16 */
     float *v;
     float *buffer;             /* GA: the master's buf; DANA: the worker's vⁱ; NULL for STEP_PLAIN */
@@ -34,6 +34,7 @@ struct arguments {
     int32_t stale_bfloat16;
     int32_t weight_decayed;    /* λ ≠ 0 */
     int32_t gap_is_one;        /* η_max = 0: the guard of ALGORITHMS.md */
+    int32_t old_theta_into_grad; /* leave θ as it was before the update in grad */
     float beta;                /* β */
     float one_minus_beta;      /* 1 − β, rounded from double as torch rounds the scalar */
     float eps_root_bias;       /* ε·√(1−βᵏ) */
@@ -54,12 +55,13 @@ INLINE float bfloat16_to_float(uint16_t bits)
     return value;
 }
 
-/* One element: updates v, the buffers and θ in place and returns its Gap. The constant flags
+/* One element: updates v, the buffers and θ in place and returns its Gap; with old_theta_into_grad
+   the element's θ from before the update replaces its gradient, once read. The constant flags
    select the variant; each comment names the torch operation the line reproduces. */
-INLINE float element(const struct arguments *a, int64_t i, float *restrict theta, const float *restrict grad,
+INLINE float element(const struct arguments *a, int64_t i, float *restrict theta, float *restrict grad,
                      const void *restrict stale_theta, float *restrict v, float *restrict buffer,
                      float *restrict buffer_sum, const int step, const int stale_bfloat16,
-                     const int weight_decayed, const int gap_is_one)
+                     const int weight_decayed, const int gap_is_one, const int old_theta_into_grad)
 {
     const float g = grad[i], th = theta[i];
     const float b = step == STEP_PLAIN ? 0.0f : buffer[i];
@@ -104,17 +106,19 @@ INLINE float element(const struct arguments *a, int64_t i, float *restrict theta
     }
     }
     theta[i] = updated;
+    if (old_theta_into_grad)
+        grad[i] = th;
     return gap;
 }
 
 /* The whole vector for one variant, vectorised by the compiler; returns the sum of the Gaps. */
 INLINE double walk(const struct arguments *arguments, const int step, const int stale_bfloat16,
-                   const int weight_decayed, const int gap_is_one)
+                   const int weight_decayed, const int gap_is_one, const int old_theta_into_grad)
 {
     const struct arguments local = *arguments;  /* a copy no store through the pointers below can change */
     const struct arguments *a = &local;
     float *restrict theta = a->theta;
-    const float *restrict grad = a->grad;
+    float *restrict grad = a->grad;
     const void *restrict stale_theta = a->stale_theta;
     float *restrict v = a->v;
     float *restrict buffer = a->buffer;
@@ -124,16 +128,23 @@ INLINE double walk(const struct arguments *arguments, const int step, const int 
 #pragma omp simd reduction(+:sum)
     for (int64_t i = 0; i < n; i++)
         sum += element(a, i, theta, grad, stale_theta, v, buffer, buffer_sum, step, stale_bfloat16,
-                       weight_decayed, gap_is_one);
+                       weight_decayed, gap_is_one, old_theta_into_grad);
     return sum;
 }
 
 /* Turn the run-time flags into constants one at a time, so that each variant is compiled
    without branches in its loop. */
+INLINE double by_saving(const struct arguments *a, const int step, const int stale_bfloat16,
+                        const int weight_decayed, const int gap_is_one)
+{
+    return a->old_theta_into_grad ? walk(a, step, stale_bfloat16, weight_decayed, gap_is_one, 1)
+                                  : walk(a, step, stale_bfloat16, weight_decayed, gap_is_one, 0);
+}
+
 INLINE double by_gap(const struct arguments *a, const int step, const int stale_bfloat16, const int weight_decayed)
 {
-    return a->gap_is_one ? walk(a, step, stale_bfloat16, weight_decayed, 1)
-                         : walk(a, step, stale_bfloat16, weight_decayed, 0);
+    return a->gap_is_one ? by_saving(a, step, stale_bfloat16, weight_decayed, 1)
+                         : by_saving(a, step, stale_bfloat16, weight_decayed, 0);
 }
 
 INLINE double by_decay(const struct arguments *a, const int step, const int stale_bfloat16)

@@ -100,6 +100,7 @@ class _Arguments(ctypes.Structure):
         ("stale_bfloat16", ctypes.c_int32),
         ("weight_decayed", ctypes.c_int32),
         ("gap_is_one", ctypes.c_int32),
+        ("old_theta_into_grad", ctypes.c_int32),
         ("beta", ctypes.c_float),
         ("one_minus_beta", ctypes.c_float),
         ("eps_root_bias", ctypes.c_float),
@@ -142,7 +143,8 @@ def applicable(theta: Tensor, grad: Tensor, stale_theta: Tensor | None, v: Tenso
 
 
 def gap_aware_update_(theta: Tensor, grad: Tensor, stale_theta: Tensor | None, v: Tensor, step: Step, *,
-                      scalars: tuple[float, float] | None, beta: float, weight_decay: float, lr: float) -> float:
+                      scalars: tuple[float, float] | None, beta: float, weight_decay: float, lr: float,
+                      old_theta_into_grad: bool = False) -> float:
     """One GA or DANA-GA push in place, in one pass; returns the sum of the Gaps.
 
     The same function as, on the whole vector, ``update_second_moment_(v, s, beta=β)``, then
@@ -150,7 +152,8 @@ def gap_aware_update_(theta: Tensor, grad: Tensor, stale_theta: Tensor | None, v
     ``dana_step``) with ``d`` at learning rate ``lr``, and ``gap.sum()``. ``scalars`` is what
     :func:`~.gap_aware.gap_scalars` returns for this update; None (``η_max = 0``), or a
     ``stale_theta`` of None (θ⁽ⁱ⁾ is θ itself), makes every Gap 1 and reads no θ⁽ⁱ⁾. Call only where
-    :func:`applicable` is True.
+    :func:`applicable` is True. With ``old_theta_into_grad`` each element of θ as it was before
+    the update is written into ``grad`` once read (:meth:`.base.Policy.apply`).
     """
     eps_root_bias, gap_scale = scalars or (0.0, 0.0)
     buffer, buffer_sum = step.buffer, step.buffer_sum
@@ -160,7 +163,8 @@ def gap_aware_update_(theta: Tensor, grad: Tensor, stale_theta: Tensor | None, v
         v=v.data_ptr(), buffer=None if buffer is None else buffer.data_ptr(),
         buffer_sum=None if buffer_sum is None else buffer_sum.data_ptr(), step=step.kind(),
         stale_bfloat16=stale_theta is not None and stale_theta.dtype == torch.bfloat16,
-        weight_decayed=weight_decay != 0, gap_is_one=scalars is None or stale_theta is None, beta=beta,
+        weight_decayed=weight_decay != 0, gap_is_one=scalars is None or stale_theta is None,
+        old_theta_into_grad=old_theta_into_grad, beta=beta,
         one_minus_beta=1 - beta, eps_root_bias=eps_root_bias, gap_scale=gap_scale, weight_decay=weight_decay,
         momentum=step.momentum, neg_lr=-lr, neg_lr_momentum=-lr * step.momentum)
     return kernel().gapaware_update(ctypes.byref(arguments))

@@ -119,14 +119,14 @@ class GapStatistics:
         return direction, gap.sum().item()
 
     def fused_update(self, theta: Tensor, grad: Tensor, stale_theta: Tensor | None, step: fused.Step, *,
-                     weight_decay: float, lr: float) -> float:
+                     weight_decay: float, lr: float, old_theta_into_grad: bool) -> float:
         """The whole push, :meth:`direction` on every slice then ``step``, in one pass of the fused
         kernel (:func:`.fused.gap_aware_update_`); returns the sum of the Gaps. A ``stale_theta`` of
         None is θ itself: every Gap is 1, as ``|θ − θ⁽ⁱ⁾| = 0`` makes it."""
         scalars = None if stale_theta is None else gap_scalars(k=self.k, lr_max=self.lr_max, beta=self.beta,
                                                                eps=self.eps)
         return fused.gap_aware_update_(theta, grad, stale_theta, self.v, step, scalars=scalars, beta=self.beta,
-                                       weight_decay=weight_decay, lr=lr)
+                                       weight_decay=weight_decay, lr=lr, old_theta_into_grad=old_theta_into_grad)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"beta": self.beta, "eps": self.eps}
@@ -165,7 +165,7 @@ class GapPenalty:
         return {**super().hyperparameters(), **self.statistics.hyperparameters()}
 
     def _apply(self, theta: Tensor, grad: Tensor, stale_theta: Tensor | None, *,
-               lr: float, staleness: int, worker_id: int) -> float:
+               lr: float, staleness: int, worker_id: int, old_theta_into_grad: bool) -> float:
         self.statistics.begin_update(lr)
         step = self._fused_step(worker_id)
         # θ⁽ⁱ⁾ may be θ itself: nothing changed since the worker was sent it (τ = 0, server/sent.py),
@@ -173,8 +173,9 @@ class GapPenalty:
         measured = None if stale_theta is theta else stale_theta
         if fused.applicable(theta, grad, measured, self.statistics.v, step):
             return self.statistics.fused_update(theta, grad, measured, step, weight_decay=self.weight_decay,
-                                                lr=lr) / self.numel
-        return super()._apply(theta, grad, stale_theta, lr=lr, staleness=staleness, worker_id=worker_id)
+                                                lr=lr, old_theta_into_grad=old_theta_into_grad) / self.numel
+        return super()._apply(theta, grad, stale_theta, lr=lr, staleness=staleness, worker_id=worker_id,
+                              old_theta_into_grad=old_theta_into_grad)
 
     def _fused_step(self, worker_id: int) -> fused.Step:
         """The step the base policy takes after the direction, for the fused kernel."""

@@ -27,6 +27,6 @@ class StalenessAware(ASGD):
     name = "staleness-aware"
 
     def _apply(self, theta: Tensor, grad: Tensor, stale_theta: Tensor | None, *,
-               lr: float, staleness: int, worker_id: int) -> float:
+               lr: float, staleness: int, worker_id: int, old_theta_into_grad: bool) -> float:
         return super()._apply(theta, grad, stale_theta, lr=staleness_aware_lr(lr, staleness),
-                              staleness=staleness, worker_id=worker_id)
+                              staleness=staleness, worker_id=worker_id, old_theta_into_grad=old_theta_into_grad)
