@@ -212,7 +212,10 @@ class SentParameters:
             self._filled.notify_all()
             waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            waiter.get_loop().call_soon_threadsafe(_wake, waiter)
+            try:
+                waiter.get_loop().call_soon_threadsafe(_wake, waiter)
+            except RuntimeError:  # its event loop has closed (the server is stopping): nobody waits
+                pass
 
     def held(self) -> int:
         """θ⁽ⁱ⁾ kept for workers."""

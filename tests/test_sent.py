@@ -193,6 +193,22 @@ def test_a_detach_into_the_gradient_switches_every_reader_to_it_and_replies_wait
     assert read_in_thread.result(timeout=5) is grad and torch.equal(grad, before)
 
 
+def test_an_update_ends_normally_when_a_reply_waiting_for_it_has_lost_its_event_loop():
+    theta = torch.randn(NUMEL)
+    sent = SentParameters(theta)
+    loan = sent.lend(theta)
+    assert sent.detach(into=torch.randn(NUMEL))
+    loop = asyncio.new_event_loop()
+    waiting = loop.create_task(loan.readable())
+    loop.run_until_complete(asyncio.sleep(0.01))  # the reply now awaits the update
+    assert not waiting.done()
+    waiting.cancel()
+    loop.run_until_complete(asyncio.gather(waiting, return_exceptions=True))
+    loop.close()  # the server stopped
+    sent.filled()
+    assert lent(loan) is not theta
+
+
 def test_a_detach_with_no_reader_leaves_the_gradient_alone():
     theta = torch.randn(NUMEL)
     sent = SentParameters(theta)
