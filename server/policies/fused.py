@@ -144,7 +144,7 @@ def applicable(theta: Tensor, grad: Tensor, stale_theta: Tensor | None, v: Tenso
 
 def gap_aware_update_(theta: Tensor, grad: Tensor, stale_theta: Tensor | None, v: Tensor, step: Step, *,
                       scalars: tuple[float, float] | None, beta: float, weight_decay: float, lr: float,
-                      old_theta_into_grad: bool = False) -> float:
+                      old_theta_into_grad: bool) -> float:
     """One GA or DANA-GA push in place, in one pass; returns the sum of the Gaps.
 
     The same function as, on the whole vector, ``update_second_moment_(v, s, beta=β)``, then
