@@ -11,10 +11,18 @@ lock, torch on one thread), each worker is its own process doing nothing but the
 and runs alternate (the system order rotates every repeat) so that drift in the machine's load
 hits all of them. Targets (issue 7), against RPC over TCP: float32 ≥ 1.2× at 1 MiB and ≥ 0.8×
 at 25 and 100 MiB; bfloat16 transport ≥ 1.3× at 25 and 100 MiB.
+
+A second table gives the CPU time per round trip of the server process and of the workers'
+processes in the same runs, every thread counted. On this benchmark's two shared cores their sum
+sets the rate once the workers outnumber the cores; between machines, the server's share alone
+would.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
+import math
 import multiprocessing
 import os
 import queue
@@ -45,17 +53,40 @@ RUN_TIMEOUT = 300.0
 CTX = multiprocessing.get_context("fork")
 
 
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    """One worker's measurement: round trips a second, round trips, and its CPU seconds over them."""
+
+    per_second: float
+    round_trips: int
+    cpu_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of a system: round trips a second summed over workers, and CPU milliseconds per round
+    trip of the server process and of the workers (summed over them)."""
+
+    per_second: float
+    server_cpu_ms: float
+    worker_cpu_ms: float
+
+
+FAILED = Run(math.nan, math.nan, math.nan)
+
+
 def _measure(step: Callable[[], None], barrier, seconds: float, results) -> None:
-    """Warm up, wait for every worker, then count round trips for ``seconds``; report the rate."""
+    """Warm up, wait for every worker, then count round trips for ``seconds``; report the rate, the
+    count and this process's CPU seconds over them (every thread: gRPC's as well as Python's)."""
     for _ in range(WARMUP_ROUND_TRIPS):
         step()
     barrier.wait(timeout=RUN_TIMEOUT)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     count = 0
     while time.perf_counter() - start < seconds:
         step()
         count += 1
-    results.put(count / (time.perf_counter() - start))
+    results.put(Rate(count / (time.perf_counter() - start), count, time.process_time() - cpu))
 
 
 def _gapaware_worker(address: str, transport_dtype: str, barrier, seconds: float, results) -> None:
@@ -101,23 +132,45 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_processes(processes: list, results, expected: int) -> float:
-    """Starts ``processes`` and returns the summed rate of the ``expected`` workers among them;
-    raises when one fails or the run overruns."""
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of process ``pid`` so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run_processes(processes: list, started, results, expected: int, server_pid: Callable[[], int]) -> Run:
+    """Starts ``processes`` and measures the ``expected`` workers among them, and the server whose
+    pid ``server_pid`` gives once they started: its CPU time from the moment the workers pass their
+    barrier (the event ``started``) to the last worker's report. Raises when one fails or the run
+    overruns."""
     deadline = time.monotonic() + RUN_TIMEOUT
-    rates = []
+    rates: list[Rate] = []
+
+    def wait(ready: Callable[[float], bool]) -> None:
+        """Calls ``ready(1.0)``, which blocks for up to a second, until it returns True; raises when a
+        process failed or the run overran meanwhile."""
+        while not ready(1.0):
+            if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in processes):
+                raise RuntimeError(f"run failed: exit codes {[p.exitcode for p in processes]}")
+
+    def collected(timeout: float) -> bool:
+        with contextlib.suppress(queue.Empty):
+            rates.append(results.get(timeout=timeout))
+        return len(rates) == expected
+
     try:
         for process in processes:
             process.start()
-        while len(rates) < expected:
-            try:
-                rates.append(results.get(timeout=1.0))
-            except queue.Empty:
-                if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in processes):
-                    raise RuntimeError(f"run failed: exit codes {[p.exitcode for p in processes]}") from None
+        wait(started.wait)
+        server_cpu = process_cpu_seconds(server_pid())
+        wait(collected)
+        server_cpu = process_cpu_seconds(server_pid()) - server_cpu
         for process in processes:
             process.join(timeout=60)
-        return sum(rates)
+        round_trips = sum(rate.round_trips for rate in rates)
+        return Run(sum(rate.per_second for rate in rates), 1e3 * server_cpu / round_trips,
+                   1e3 * sum(rate.cpu_seconds for rate in rates) / round_trips)
     finally:
         for process in processes:
             if process.is_alive():
@@ -125,51 +178,59 @@ def _run_processes(processes: list, results, expected: int) -> float:
                 process.join()
 
 
-def run(system: str, nbytes: int, workers: int, seconds: float = SECONDS) -> float:
-    """Round trips a second, summed over ``workers``, of ``system`` on a model of ``nbytes``."""
-    barrier, results = CTX.Barrier(workers), CTX.Queue()
+def run(system: str, nbytes: int, workers: int, seconds: float = SECONDS) -> Run:
+    """One run of ``system`` on a model of ``nbytes`` with ``workers``."""
+    started, results = CTX.Event(), CTX.Queue()
+    barrier = CTX.Barrier(workers, action=started.set)
     if system.startswith("gapaware"):
         dtype = "bfloat16" if system.endswith("bf16") else "float32"
         with gapaware_server(nbytes, "--policy", "asgd", "--momentum", "0.9", "--threads", "1") as server:
             processes = [CTX.Process(target=_gapaware_worker, args=(server.address, dtype, barrier, seconds, results))
                          for _ in range(workers)]
-            return _run_processes(processes, results, workers)
+            return _run_processes(processes, started, results, workers, lambda: server.proc.pid)
     if system == "grpc-floor":
         with FloorServer(nbytes) as server:
             processes = [CTX.Process(target=_floor_worker, args=(server.address, nbytes, barrier, seconds, results))
                          for _ in range(workers)]
-            return _run_processes(processes, results, workers)
+            return _run_processes(processes, started, results, workers, lambda: server.pid)
     transport = system.removeprefix("rpc-")
     port = _free_port()
     processes = [CTX.Process(target=_rpc_process, args=(rank, workers + 1, port, transport, nbytes // 4, barrier,
                                                          seconds, results))
                  for rank in range(workers + 1)]
-    return _run_processes(processes, results, workers)
+    return _run_processes(processes, started, results, workers, lambda: processes[0].pid)
 
 
 def main() -> None:
     print(f"end-to-end benchmark: {machine_line()}")
-    rates: dict[tuple[str, int, int], list[float]] = {}
+    runs: dict[tuple[str, int, int], list[Run]] = {}
     for repeat in range(REPEATS):
         order = SYSTEMS[repeat % len(SYSTEMS):] + SYSTEMS[:repeat % len(SYSTEMS)]
         for nbytes, workers in itertools.product(SIZES, WORKERS):
             for system in order:
                 try:
-                    rate = run(system, nbytes, workers)
+                    outcome = run(system, nbytes, workers)
                 except RuntimeError as error:
                     print(f"  {system} {size_label(nbytes)} × {workers}: {error}")
-                    rate = float("nan")
-                rates.setdefault((system, nbytes, workers), []).append(rate)
-    rows = []
+                    outcome = FAILED
+                runs.setdefault((system, nbytes, workers), []).append(outcome)
+    rows, cpu_rows = [], []
     for nbytes, workers in itertools.product(SIZES, WORKERS):
-        m = {system: median(rates[system, nbytes, workers]) for system in SYSTEMS}
+        m = {system: median([r.per_second for r in runs[system, nbytes, workers]]) for system in SYSTEMS}
         rows.append([size_label(nbytes), workers, *(m[s] for s in SYSTEMS), m["gapaware"] / m["rpc-tcp"],
                      m["gapaware-bf16"] / m["rpc-tcp"], m["gapaware"] / m["rpc-default"],
                      m["gapaware"] / m["grpc-floor"], m["grpc-floor"] / m["rpc-tcp"]])
+        cpu_rows.append([size_label(nbytes), workers, *(
+            median([getattr(r, field) for r in runs[system, nbytes, workers]])
+            for system in SYSTEMS for field in ("server_cpu_ms", "worker_cpu_ms"))])
     print_table(f"round trips/s summed over workers, median of {REPEATS} alternating runs of {SECONDS:g} s; "
                 "targets vs RPC over TCP: f32 ≥ 1.2 at 1 MiB, ≥ 0.8 at 25/100 MiB; bf16 ≥ 1.3 at 25/100 MiB",
                 ["model", "workers", *SYSTEMS, "f32 ÷ rpc-tcp", "bf16 ÷ rpc-tcp", "f32 ÷ rpc-default", "f32 ÷ floor",
                  "floor ÷ rpc-tcp"], rows)
+    print_table("CPU milliseconds per round trip, in the same runs (medians): the server process, and the workers' "
+                "processes summed; every thread counts",
+                ["model", "workers", *(f"{system} {part}" for system in SYSTEMS for part in ("server", "workers"))],
+                cpu_rows)
 
 
 if __name__ == "__main__":

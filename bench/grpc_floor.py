@@ -92,6 +92,10 @@ class FloorServer:
             raise RuntimeError(f"the gRPC floor server did not start (exit code {self._process.returncode})")
         self.address = f"127.0.0.1:{port}"
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def close(self) -> None:
         self._process.kill()
         self._process.wait()
