@@ -18,7 +18,7 @@ import sys
 
 import grpc
 
-from gapaware.common.allocator import keep_freed_memory
+from gapaware.common.allocator import keep_freed_memory, use_one_heap
 from gapaware.common.codec import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from gapaware.server.app import GRPC_OPTIONS, SERVER_HEAP_BLOCKS, ServerOptions, receive_window_options
 from gapaware.worker.client import CHANNEL_OPTIONS
@@ -42,6 +42,7 @@ def _travels_whole(nbytes: int) -> bool:
 
 async def _serve(nbytes: int) -> None:
     keep_freed_memory(SERVER_HEAP_BLOCKS)  # what `gapaware server` does
+    use_one_heap()
     frames, whole = _stream_frames(nbytes), bytes(nbytes)
 
     async def drain(requests) -> None:

@@ -20,7 +20,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gapaware.common.allocator import keep_freed_memory
+from gapaware.common.allocator import keep_freed_memory, use_one_heap
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters, load_flat_parameters
 from gapaware.common.security import ServerSecurity
@@ -227,4 +227,5 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
 
 def run_server(config: RunConfig, options: ServerOptions) -> dict:
     keep_freed_memory(below=SERVER_HEAP_BLOCKS)
+    use_one_heap()
     return asyncio.run(serve(config, options))
