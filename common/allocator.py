@@ -26,7 +26,7 @@ staying in the server's memory for good (the task's own parameters, for one).
 "arena") of its own, up to eight per core, and each keeps its own freed blocks: the server's gRPC
 threads, which receive the frames, and its event loop, which builds the replies, each held their
 own high-water mark of megabyte frames. With one heap for all threads, a burst of 16 workers
-pushing a 25 MiB model peaked at 13.8-19.8 model sizes above the runtime in fifteen runs, against
+pushing a 25 MiB model peaked at 13.8-19.9 model sizes above the runtime in twenty runs, against
 16.8-21.0 in four runs alternated with the first four of them (bench/memory.py); round trips were
 the same within the noise (1 MiB with 4 and 16 workers, 25 MiB with 4, bench/scale.py's 256
 clients). ``gapaware server`` calls it at start; ``MALLOC_ARENA_MAX=1`` does the same for a whole
