@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -75,8 +76,10 @@ def use_one_heap() -> bool:
     return mallopt is not None and bool(mallopt(M_ARENA_MAX, 1))
 
 
+@functools.cache
 def _mallopt():
-    """glibc's ``mallopt``, or None where the C library is not glibc."""
+    """glibc's ``mallopt``, or None where the C library is not glibc. Looked up once: finding the C
+    library runs ``ldconfig``, and ``gapaware server`` sets two options at start."""
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt
