@@ -74,18 +74,11 @@ class Loan:
 
         While an update is still writing θ's old values into the tensor (:meth:`SentParameters.detach`
         with ``into``), this waits for it; an event loop awaits :meth:`readable` first instead."""
-        with self._sent._filled:
-            self._sent._filled.wait_for(lambda: self._tensor is not self._sent._filling)
-            return fn(self._tensor)
+        return self._sent.read(self, fn)
 
     async def readable(self) -> None:
         """Returns once :meth:`read` would not wait, without blocking the event loop meanwhile."""
-        with self._sent._filled:
-            if self._tensor is not self._sent._filling:
-                return
-            waiter = asyncio.get_running_loop().create_future()
-            self._sent._waiters.append(waiter)
-        await waiter
+        await self._sent.readable(self)
 
 
 class SentParameters:
@@ -147,6 +140,22 @@ class SentParameters:
         with self._lock:
             self._loans = _without(self._loans, loan)
             self._release(loan._tensor)
+
+    def read(self, loan: Loan, fn: Callable[[torch.Tensor], T]) -> T:
+        """:meth:`Loan.read`: ``fn`` of the loan's tensor under this object's lock, once no update is
+        writing θ's old values into it (:meth:`filled`)."""
+        with self._filled:
+            self._filled.wait_for(lambda: loan._tensor is not self._filling)
+            return fn(loan._tensor)
+
+    async def readable(self, loan: Loan) -> None:
+        """:meth:`Loan.readable`: awaits :meth:`filled` if an update is writing into the loan's tensor."""
+        with self._lock:
+            if loan._tensor is not self._filling:
+                return
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+        await waiter
 
     def keep(self, worker_id: int, snapshot: torch.Tensor) -> None:
         """Keeps ``snapshot`` (θ itself, or a tensor nobody modifies) as ``worker_id``'s θ⁽ⁱ⁾, letting
