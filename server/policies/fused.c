@@ -134,8 +134,8 @@ INLINE double walk(const struct arguments *arguments, const int step, const int 
 
 /* Turn the run-time flags into constants one at a time, so that each variant is compiled
    without branches in its loop. */
-INLINE double by_saving(const struct arguments *a, const int step, const int stale_bfloat16,
-                        const int weight_decayed, const int gap_is_one)
+INLINE double by_old_theta(const struct arguments *a, const int step, const int stale_bfloat16,
+                           const int weight_decayed, const int gap_is_one)
 {
     return a->old_theta_into_grad ? walk(a, step, stale_bfloat16, weight_decayed, gap_is_one, 1)
                                   : walk(a, step, stale_bfloat16, weight_decayed, gap_is_one, 0);
@@ -143,8 +143,8 @@ INLINE double by_saving(const struct arguments *a, const int step, const int sta
 
 INLINE double by_gap(const struct arguments *a, const int step, const int stale_bfloat16, const int weight_decayed)
 {
-    return a->gap_is_one ? by_saving(a, step, stale_bfloat16, weight_decayed, 1)
-                         : by_saving(a, step, stale_bfloat16, weight_decayed, 0);
+    return a->gap_is_one ? by_old_theta(a, step, stale_bfloat16, weight_decayed, 1)
+                         : by_old_theta(a, step, stale_bfloat16, weight_decayed, 0);
 }
 
 INLINE double by_decay(const struct arguments *a, const int step, const int stale_bfloat16)
