@@ -132,7 +132,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def process_cpu_seconds(pid: int) -> float:
+def _process_cpu_seconds(pid: int) -> float:
     """User and system CPU seconds of process ``pid`` so far, all its threads."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
@@ -163,9 +163,9 @@ def _run_processes(processes: list, started, results, expected: int, server_pid:
         for process in processes:
             process.start()
         wait(started.wait)
-        server_cpu = process_cpu_seconds(server_pid())
+        server_cpu = _process_cpu_seconds(server_pid())
         wait(collected)
-        server_cpu = process_cpu_seconds(server_pid()) - server_cpu
+        server_cpu = _process_cpu_seconds(server_pid()) - server_cpu
         for process in processes:
             process.join(timeout=60)
         round_trips = sum(rate.round_trips for rate in rates)
