@@ -178,13 +178,16 @@ def _run_processes(processes: list, started, results, expected: int, server_pid:
                 process.join()
 
 
-def run(system: str, nbytes: int, workers: int, seconds: float = SECONDS) -> Run:
-    """One run of ``system`` on a model of ``nbytes`` with ``workers``."""
+def run(system: str, nbytes: int, workers: int, seconds: float = SECONDS, *,
+        server_prefix: tuple[str, ...] = ()) -> Run:
+    """One run of ``system`` on a model of ``nbytes`` with ``workers``; a gapaware server runs under the
+    command ``server_prefix`` when given."""
     started, results = CTX.Event(), CTX.Queue()
     barrier = CTX.Barrier(workers, action=started.set)
     if system.startswith("gapaware"):
         dtype = "bfloat16" if system.endswith("bf16") else "float32"
-        with gapaware_server(nbytes, "--policy", "asgd", "--momentum", "0.9", "--threads", "1") as server:
+        with gapaware_server(nbytes, "--policy", "asgd", "--momentum", "0.9", "--threads", "1",
+                             prefix=server_prefix) as server:
             processes = [CTX.Process(target=_gapaware_worker, args=(server.address, dtype, barrier, seconds, results))
                          for _ in range(workers)]
             return _run_processes(processes, started, results, workers, lambda: server.proc.pid)

@@ -36,11 +36,12 @@ def machine_line() -> str:
 
 
 @contextlib.contextmanager
-def gapaware_server(nbytes: int, *flags: str) -> Iterator[ServerProcess]:
-    """A ``gapaware server`` holding a flat model of ``nbytes`` that never ends by itself."""
+def gapaware_server(nbytes: int, *flags: str, prefix: tuple[str, ...] = ()) -> Iterator[ServerProcess]:
+    """A ``gapaware server`` holding a flat model of ``nbytes`` that never ends by itself, run under
+    the command ``prefix`` when given (as :class:`ServerProcess` does)."""
     with tempfile.TemporaryDirectory(prefix="gapaware-bench-") as workdir:
         server = ServerProcess(Path(workdir), "--task", TASKS[nbytes], "--max-updates", "1000000000",
-                               "--eval-every", "1000000000", "--log-level", "warning", *flags)
+                               "--eval-every", "1000000000", "--log-level", "warning", *flags, prefix=prefix)
         try:
             yield server
         finally:

@@ -5,9 +5,15 @@ import re
 import subprocess
 import sys
 
+import grpc
 import pytest
+import torch
 
-BENCHMARKS = ["transport", "server_update", "end_to_end", "scale", "memory", "overlap"]
+from bench.free_work import FREE_SERVER, free_arithmetic
+from bench.harness import gapaware_server
+from gapaware import WorkerClient
+
+BENCHMARKS = ["transport", "server_update", "end_to_end", "scale", "memory", "overlap", "free_work"]
 
 
 def table_rows(output: str) -> list[list[str]]:
@@ -29,3 +35,27 @@ def test_benchmark_runs_and_prints_finite_figures(name):
     assert "nan" not in {cell for row in rows for cell in row}, done.stdout
     if name == "scale":
         assert rows[0][-1] == "0", f"the load generator saw errors:\n{done.stdout}"
+
+
+def _push_nan(prefix: tuple[str, ...] = ()):
+    """Pushes an all-NaN gradient to a fresh server run under ``prefix``; returns the push's result,
+    the version before, the version and parameters after, and the parameters before."""
+    with gapaware_server(64 * 1024, "--policy", "asgd", prefix=prefix) as server, \
+            WorkerClient(server.address) as client:
+        client.join()
+        version, theta = client.pull()
+        result, new_version, after = client.push_pull(torch.full_like(theta, math.nan), version)
+        return result, version, new_version, after, theta
+
+
+def test_free_work_bound_runs_gapaware_without_its_arithmetic():
+    """bench.free_work measures what it says: its server and client skip the finiteness check and the
+    update (θ stays as it was, the NaN gradient counts as applied) and agree on checksums of 0, while
+    the same push to a plain server is refused."""
+    with pytest.raises(grpc.RpcError) as refused:
+        _push_nan()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with free_arithmetic():
+        result, version, new_version, after, theta = _push_nan(prefix=FREE_SERVER)
+    assert result.applied and new_version == version + 1
+    assert torch.equal(after, theta)
