@@ -75,6 +75,11 @@ class Run:
 FAILED = Run(math.nan, math.nan, math.nan)
 
 
+def median_run(runs: list[Run]) -> Run:
+    """The median of each of the runs' figures."""
+    return Run(*(median([getattr(r, field.name) for r in runs]) for field in dataclasses.fields(Run)))
+
+
 def _measure(step: Callable[[], None], barrier, seconds: float, results) -> None:
     """Warm up, wait for every worker, then count round trips for ``seconds``; report the rate, the
     count and this process's CPU seconds over them (every thread: gRPC's as well as Python's)."""
@@ -219,13 +224,13 @@ def main() -> None:
                 runs.setdefault((system, nbytes, workers), []).append(outcome)
     rows, cpu_rows = [], []
     for nbytes, workers in itertools.product(SIZES, WORKERS):
-        m = {system: median([r.per_second for r in runs[system, nbytes, workers]]) for system in SYSTEMS}
+        medians = {system: median_run(runs[system, nbytes, workers]) for system in SYSTEMS}
+        m = {system: medians[system].per_second for system in SYSTEMS}
         rows.append([size_label(nbytes), workers, *(m[s] for s in SYSTEMS), m["gapaware"] / m["rpc-tcp"],
                      m["gapaware-bf16"] / m["rpc-tcp"], m["gapaware"] / m["rpc-default"],
                      m["gapaware"] / m["grpc-floor"], m["grpc-floor"] / m["rpc-tcp"]])
         cpu_rows.append([size_label(nbytes), workers, *(
-            median([getattr(r, field) for r in runs[system, nbytes, workers]])
-            for system in SYSTEMS for field in ("server_cpu_ms", "worker_cpu_ms"))])
+            cpu for system in SYSTEMS for cpu in (medians[system].server_cpu_ms, medians[system].worker_cpu_ms))])
     print_table(f"round trips/s summed over workers, median of {REPEATS} alternating runs of {SECONDS:g} s; "
                 "targets vs RPC over TCP: f32 ≥ 1.2 at 1 MiB, ≥ 0.8 at 25/100 MiB; bf16 ≥ 1.3 at 25/100 MiB",
                 ["model", "workers", *SYSTEMS, "f32 ÷ rpc-tcp", "bf16 ÷ rpc-tcp", "f32 ÷ rpc-default", "f32 ÷ floor",

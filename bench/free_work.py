@@ -36,7 +36,7 @@ from unittest import mock
 import crc32c
 import torch
 
-from bench.end_to_end import FAILED, Run, run
+from bench.end_to_end import FAILED, Run, median_run, run
 from bench.harness import machine_line, median, print_table, quick_or, size_label
 from bench.models import MIB
 from gapaware.cli import main as gapaware_main
@@ -131,18 +131,16 @@ def main() -> None:
     rows, work_rows, cpu_rows = [], [], []
     for case in CASES:
         nbytes, workers, dtype, target = case
-        rate = {system: median([r.per_second for r in runs[system, *case]]) for system in SYSTEMS}
+        medians = {system: median_run(runs[system, *case]) for system in SYSTEMS}
+        rate = {system: medians[system].per_second for system in SYSTEMS}
         work = work_ms(nbytes, dtype)
-        floor = Run(rate["grpc-floor"], *(median([getattr(r, field) for r in runs["grpc-floor", *case]])
-                                          for field in ("server_cpu_ms", "worker_cpu_ms")))
-        bound = floor_plus_work(floor, workers, sum(work.values()))
+        bound = floor_plus_work(medians["grpc-floor"], workers, sum(work.values()))
         rows.append([size_label(nbytes), workers, dtype, *(rate[s] for s in SYSTEMS), bound,
                      *(rate[s] / rate["rpc-tcp"] for s in ("gapaware", "gapaware-free", "grpc-floor")),
                      bound / rate["rpc-tcp"], target])
         work_rows.append([size_label(nbytes), workers, dtype, *(work[piece] for piece in WORK), sum(work.values())])
         cpu_rows.append([size_label(nbytes), workers, dtype, *(
-            median([getattr(r, field) for r in runs[system, *case]])
-            for system in SYSTEMS for field in ("server_cpu_ms", "worker_cpu_ms"))])
+            cpu for system in SYSTEMS for cpu in (medians[system].server_cpu_ms, medians[system].worker_cpu_ms))])
     print_table(f"round trips/s summed over workers, median of {REPEATS} alternating runs; \"free\": no checksums, "
                 "finiteness check or update; the floor sends the transport dtype's bytes; \"floor + work\": a model, "
                 "the floor's rate slowed by the work measured alone",
