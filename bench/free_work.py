@@ -13,8 +13,7 @@
    measured alone in this process, over and over on the same tensors (caches as warm as they get):
    the four checksums of a round trip (the push and the reply, each made and checked), the
    finiteness check, the update (SGD with momentum, as benchmark 3 runs), and one copy or cast of
-   the tensor per message per side (the server reads a whole float32 gradient where it arrived:
-   three). One worker waits for all of it in turn: 1 ÷ (1 ÷ floor rate + work). Several share the
+   the tensor per message per side. One worker waits for all of it in turn: 1 ÷ (1 ÷ floor rate + work). Several share the
    CPU the floor got: floor rate × floor CPU ÷ (floor CPU + work), per round trip. Both are
    optimistic: warm caches, no Python, no bookkeeping, every copy fused into the framing.
 
@@ -40,8 +39,9 @@ from bench.end_to_end import FAILED, Run, median_run, run
 from bench.harness import machine_line, median, print_table, quick_or, size_label
 from bench.models import MIB
 from gapaware.cli import main as gapaware_main
-from gapaware.common.codec import MAX_CHUNK_BYTES, tensor_bytes
-from gapaware.server import servicer, state
+from gapaware.common import transport
+from gapaware.common.transport import tensor_bytes
+from gapaware.server import push
 from gapaware.server.policies.asgd import ASGD
 
 CASES = quick_or([(64 * 1024, 2, "float32", 1.2), (64 * 1024, 2, "bfloat16", 1.3)],
@@ -60,9 +60,9 @@ def free_arithmetic() -> Iterator[None]:
     """This process (and those it forks meanwhile) with gapaware's checksums, finiteness check and
     update replaced by no-ops: every checksum is 0, every gradient finite, and θ never changes."""
     with mock.patch.object(crc32c, "crc32c", lambda data, value=0: value), \
-            mock.patch.object(servicer, "all_finite", lambda tensor: True), \
-            mock.patch.object(state, "all_finite", lambda tensor: True), \
-            mock.patch.object(ASGD, "_apply", lambda self, theta, grad, stale_theta, **kwargs: 1.0):
+            mock.patch.object(transport, "all_finite", lambda tensor: True), \
+            mock.patch.object(push, "all_finite", lambda tensor: True), \
+            mock.patch.object(ASGD, "apply", lambda self, theta, grad, **kwargs: 1.0):
         yield
 
 
@@ -85,14 +85,13 @@ def work_ms(nbytes: int, dtype: str) -> dict[str, float]:
     theta, grad, received = torch.randn(numel), torch.randn(numel) * 1e-3, torch.empty(numel)
     sent = torch.empty(numel, dtype=sent_dtype)
     policy = ASGD(numel, momentum=0.9)
-    whole = dtype == "float32" and nbytes <= MAX_CHUNK_BYTES
     out_ms = _alone_ms(lambda: sent.copy_(theta))
     in_ms = _alone_ms(lambda: received.copy_(sent))
     return {
         "checksums": 4 * _alone_ms(lambda: crc32c.crc32c(tensor_bytes(sent))),
-        "finiteness": _alone_ms(lambda: state.all_finite(grad)),
+        "finiteness": _alone_ms(lambda: transport.all_finite(grad)),
         "update": _alone_ms(lambda: policy.apply(theta, grad, lr=1e-9, staleness=0)),
-        "copies": 2 * out_ms + (1 if whole else 2) * in_ms,
+        "copies": 2 * (out_ms + in_ms),
     }
 
 

@@ -19,7 +19,7 @@ import sys
 import grpc
 
 from gapaware.common.allocator import keep_freed_memory, use_one_heap
-from gapaware.common.codec import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+from gapaware.common.transport import DEFAULT_CHUNK_BYTES
 from gapaware.server.app import GRPC_OPTIONS, SERVER_HEAP_BLOCKS, ServerOptions, receive_window_options
 from gapaware.worker.client import CHANNEL_OPTIONS
 
@@ -35,15 +35,10 @@ def _stream_frames(nbytes: int) -> list[bytes]:
     return [bytes(min(DEFAULT_CHUNK_BYTES, nbytes - start)) for start in range(0, nbytes, DEFAULT_CHUNK_BYTES)]
 
 
-def _travels_whole(nbytes: int) -> bool:
-    """Whether gapaware sends a tensor of ``nbytes`` as one message (``PullWhole``, ``PushPullWhole``)."""
-    return nbytes <= MAX_CHUNK_BYTES
-
-
 async def _serve(nbytes: int) -> None:
     keep_freed_memory(SERVER_HEAP_BLOCKS)  # what `gapaware server` does
     use_one_heap()
-    frames, whole = _stream_frames(nbytes), bytes(nbytes)
+    frames = _stream_frames(nbytes)
 
     async def drain(requests) -> None:
         async for _ in requests:
@@ -53,25 +48,20 @@ async def _serve(nbytes: int) -> None:
         for frame in frames:
             yield frame
 
-    async def push(requests, context) -> bytes:
+    async def push(requests, context):
         await drain(requests)
-        return b""
+        yield b""
 
     async def push_pull(requests, context):
         await drain(requests)
         for frame in frames:
             yield frame
 
-    async def whole_reply(request, context) -> bytes:
-        return whole
-
     plain = {"request_deserializer": _unchanged, "response_serializer": _unchanged}
     handler = grpc.method_handlers_generic_handler(SERVICE, {
         "Pull": grpc.unary_stream_rpc_method_handler(pull, **plain),
-        "PullWhole": grpc.unary_unary_rpc_method_handler(whole_reply, **plain),
-        "Push": grpc.stream_unary_rpc_method_handler(push, **plain),
+        "Push": grpc.stream_stream_rpc_method_handler(push, **plain),
         "PushPull": grpc.stream_stream_rpc_method_handler(push_pull, **plain),
-        "PushPullWhole": grpc.unary_unary_rpc_method_handler(whole_reply, **plain),
     })
     server = grpc.aio.server(options=GRPC_OPTIONS + receive_window_options(ServerOptions.receive_window_mib))
     server.add_generic_rpc_handlers((handler,))
@@ -110,38 +100,28 @@ class FloorServer:
 
 
 class FloorClient:
-    """gapaware's calls for a tensor of ``nbytes``, sent from prebuilt messages, replies dropped.
-
-    As in ``WorkerClient``: a pull and a push-and-pull travel as one message each way when the tensor
-    fits one (``PullWhole``, ``PushPullWhole``), otherwise as streams of chunks; a push always streams."""
+    """gapaware's calls for a tensor of ``nbytes`` (streams of chunks, as ``WorkerClient`` sends them),
+    sent from prebuilt messages, replies dropped."""
 
     def __init__(self, address: str, nbytes: int) -> None:
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._whole = _travels_whole(nbytes)
-        self._frames, self._message = _stream_frames(nbytes), bytes(nbytes)
+        self._frames = _stream_frames(nbytes)
         plain = {"request_serializer": _unchanged, "response_deserializer": _unchanged}
         self._pull = self._channel.unary_stream(f"/{SERVICE}/Pull", **plain)
-        self._pull_whole = self._channel.unary_unary(f"/{SERVICE}/PullWhole", **plain)
-        self._push = self._channel.stream_unary(f"/{SERVICE}/Push", **plain)
+        self._push = self._channel.stream_stream(f"/{SERVICE}/Push", **plain)
         self._push_pull = self._channel.stream_stream(f"/{SERVICE}/PushPull", **plain)
-        self._push_pull_whole = self._channel.unary_unary(f"/{SERVICE}/PushPullWhole", **plain)
 
     def pull(self) -> None:
-        if self._whole:
-            self._pull_whole(b"")
-        else:
-            for _ in self._pull(b""):
-                pass
+        for _ in self._pull(b""):
+            pass
 
     def push(self) -> None:
-        self._push(iter(self._frames))
+        for _ in self._push(iter(self._frames)):
+            pass
 
     def push_pull(self) -> None:
-        if self._whole:
-            self._push_pull_whole(self._message)
-        else:
-            for _ in self._push_pull(iter(self._frames)):
-                pass
+        for _ in self._push_pull(iter(self._frames)):
+            pass
 
     def close(self) -> None:
         self._channel.close()

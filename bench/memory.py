@@ -45,7 +45,7 @@ def peak_rss(nbytes: int, workers: int, snapshot_dtype: str, flags: tuple[str, .
                          *flags, *SERVER_FLAGS) as server:
         # Streamed calls whatever the model's size: a small model would otherwise travel whole
         # (PullWhole/PushPullWhole), and the runtime baseline would not run the same code.
-        clients = [WorkerClient(server.address, one_message_bytes=0) for _ in range(workers)]
+        clients = [WorkerClient(server.address) for _ in range(workers)]
         try:
             versions = []
             for client in clients:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bench.harness import gapaware_server, machine_line, print_table, quick_or, size_label
-from gapaware.common.codec import TensorAssembler, chunk_messages, encode
+from gapaware.common.transport import Assembler, ChunkView, encode
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 
@@ -29,7 +29,7 @@ CALL_TIMEOUT = 60.0
 
 
 class Client:
-    """One worker on its own channel: join, pull, then PushPull round trips."""
+    """One worker on its own channel: join, pull, then push-and-pull round trips."""
 
     def __init__(self, address: str) -> None:
         self.channel = grpc.aio.insecure_channel(address)
@@ -47,27 +47,26 @@ class Client:
     async def _receive(self, call) -> tuple[int, torch.Tensor]:
         header, assembler = None, None
         async for frame in call:
-            if header is None:
+            kind = frame.WhichOneof("frame")
+            if kind == "header":
                 header = frame.header
-                assembler = TensorAssembler(header.tensor, expected_numel=self.numel)
-            elif frame.WhichOneof("frame") == "trailer":
-                assembler.add_trailer(frame.trailer)
-            else:
-                assembler.add(frame.chunk)
+                assembler = Assembler(header.tensor, numel=self.numel)
+            elif kind == "chunk":
+                assembler.add(ChunkView(frame.chunk.index, memoryview(frame.chunk.data), frame.chunk.crc32c))
         return header.version, assembler.finish()
 
     def _frames(self):
-        encoded = encode(self.grad)
+        header, chunks = encode(self.grad)
         yield pb.PushFrame(header=pb.PushHeader(worker_id=self.info.worker_id, base_version=self.version,
-                                                tensor=encoded.header, samples=1))
-        for chunk in chunk_messages(encoded):
-            yield pb.PushFrame(chunk=chunk)
+                                                tensor=header, samples=1, pull=True))
+        for chunk in chunks:
+            yield pb.PushFrame.FromString(chunk)
 
     async def run(self, until: float) -> None:
         while time.perf_counter() < until:
             start = time.perf_counter()
             try:
-                self.version, _ = await self._receive(self.stub.PushPull(self._frames(), timeout=CALL_TIMEOUT))
+                self.version, _ = await self._receive(self.stub.Push(self._frames(), timeout=CALL_TIMEOUT))
             except grpc.aio.AioRpcError as error:
                 self.errors.append(f"{error.code().name}: {error.details()}")
                 return

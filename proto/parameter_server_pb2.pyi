@@ -19,32 +19,24 @@ BFLOAT16: DType
 FLOAT16: DType
 
 class TensorHeader(_message.Message):
-    __slots__ = ("dtype", "numel", "chunk_count", "crc32c", "crc_in_trailer")
+    __slots__ = ("dtype", "numel", "chunk_count")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUMEL_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
-    CRC32C_FIELD_NUMBER: _ClassVar[int]
-    CRC_IN_TRAILER_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     numel: int
     chunk_count: int
-    crc32c: int
-    crc_in_trailer: bool
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., numel: _Optional[int] = ..., chunk_count: _Optional[int] = ..., crc32c: _Optional[int] = ..., crc_in_trailer: _Optional[bool] = ...) -> None: ...
-
-class TensorTrailer(_message.Message):
-    __slots__ = ("crc32c",)
-    CRC32C_FIELD_NUMBER: _ClassVar[int]
-    crc32c: int
-    def __init__(self, crc32c: _Optional[int] = ...) -> None: ...
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., numel: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("index", "data")
+    __slots__ = ("index", "data", "crc32c")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     index: int
     data: bytes
-    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class ParamSpec(_message.Message):
     __slots__ = ("name", "shape")
@@ -73,22 +65,20 @@ class JoinRequest(_message.Message):
     def __init__(self, layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "run_config_json", "layout", "version", "finished", "lease_seconds", "sends_ready")
+    __slots__ = ("worker_id", "run_config_json", "layout", "version", "finished", "lease_seconds")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    SENDS_READY_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     run_config_json: str
     layout: ParamLayout
     version: int
     finished: bool
     lease_seconds: float
-    sends_ready: bool
-    def __init__(self, worker_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., version: _Optional[int] = ..., finished: _Optional[bool] = ..., lease_seconds: _Optional[float] = ..., sends_ready: _Optional[bool] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., version: _Optional[int] = ..., finished: _Optional[bool] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("worker_id", "dtype")
@@ -129,62 +119,42 @@ class PushReady(_message.Message):
     def __init__(self) -> None: ...
 
 class PullFrame(_message.Message):
-    __slots__ = ("header", "chunk", "trailer", "ready")
+    __slots__ = ("header", "chunk", "ready")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
-    TRAILER_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     header: PullHeader
     chunk: Chunk
-    trailer: TensorTrailer
     ready: PushReady
-    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[TensorTrailer, _Mapping]] = ..., ready: _Optional[_Union[PushReady, _Mapping]] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., ready: _Optional[_Union[PushReady, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull_dtype", "await_ready")
+    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull", "pull_dtype")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
     PULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
-    AWAIT_READY_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     base_version: int
     seq: int
     samples: int
     loss: float
     tensor: TensorHeader
+    pull: bool
     pull_dtype: DType
-    await_ready: bool
-    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull_dtype: _Optional[_Union[DType, str]] = ..., await_ready: _Optional[bool] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull: _Optional[bool] = ..., pull_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class PushFrame(_message.Message):
-    __slots__ = ("header", "chunk", "trailer")
+    __slots__ = ("header", "chunk")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
-    TRAILER_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     chunk: Chunk
-    trailer: TensorTrailer
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[TensorTrailer, _Mapping]] = ...) -> None: ...
-
-class WholePull(_message.Message):
-    __slots__ = ("header", "data")
-    HEADER_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    header: PullHeader
-    data: bytes
-    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
-
-class WholePush(_message.Message):
-    __slots__ = ("header", "data")
-    HEADER_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    header: PushHeader
-    data: bytes
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id",)

@@ -35,47 +35,32 @@ class ParameterServerStub:
             channel: A grpc.Channel.
         """
         self.Join = channel.unary_unary(
-                '/gapaware.v1.ParameterServer/Join',
+                '/gapaware.v2.ParameterServer/Join',
                 request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.JoinRequest.SerializeToString,
                 response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.JoinReply.FromString,
                 _registered_method=True)
         self.Pull = channel.unary_stream(
-                '/gapaware.v1.ParameterServer/Pull',
+                '/gapaware.v2.ParameterServer/Pull',
                 request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.PullRequest.SerializeToString,
                 response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.PullFrame.FromString,
                 _registered_method=True)
-        self.Push = channel.stream_unary(
-                '/gapaware.v1.ParameterServer/Push',
-                request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.PushFrame.SerializeToString,
-                response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.PushReply.FromString,
-                _registered_method=True)
-        self.PushPull = channel.stream_stream(
-                '/gapaware.v1.ParameterServer/PushPull',
+        self.Push = channel.stream_stream(
+                '/gapaware.v2.ParameterServer/Push',
                 request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.PushFrame.SerializeToString,
                 response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.PullFrame.FromString,
-                _registered_method=True)
-        self.PullWhole = channel.unary_unary(
-                '/gapaware.v1.ParameterServer/PullWhole',
-                request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.PullRequest.SerializeToString,
-                response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.WholePull.FromString,
-                _registered_method=True)
-        self.PushPullWhole = channel.unary_unary(
-                '/gapaware.v1.ParameterServer/PushPullWhole',
-                request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.WholePush.SerializeToString,
-                response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.WholePull.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
-                '/gapaware.v1.ParameterServer/Heartbeat',
+                '/gapaware.v2.ParameterServer/Heartbeat',
                 request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
         self.Leave = channel.unary_unary(
-                '/gapaware.v1.ParameterServer/Leave',
+                '/gapaware.v2.ParameterServer/Leave',
                 request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.LeaveReply.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
-                '/gapaware.v1.ParameterServer/Status',
+                '/gapaware.v2.ParameterServer/Status',
                 request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.StatusRequest.SerializeToString,
                 response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.StatusReply.FromString,
                 _registered_method=True)
@@ -99,30 +84,10 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request_iterator, context):
-        """A gradient computed on base_version, as a header then chunks. It cannot wait for its turn
-        (see PushPull's await_ready): its chunks wait in the server's buffers instead.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PushPull(self, request_iterator, context):
-        """Push, then pull the parameters the update produced: one round trip a step. A header
-        with await_ready is answered with a ready frame before the chunks are sent.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PullWhole(self, request, context):
-        """Pull for a model of at most 4 MiB in the transport dtype, in one message.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PushPullWhole(self, request, context):
-        """PushPull for a model of at most 4 MiB in both transport dtypes, one message each way.
+        """A gradient computed on base_version: the worker sends its header, the server answers with a
+        ready frame once it has room for the gradient, the worker then sends the chunks. The reply's
+        header says what happened to the push; with PushHeader.pull it also carries the parameters
+        the update produced, as chunks after it: one round trip a step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,25 +127,10 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     request_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.PullRequest.FromString,
                     response_serializer=gapaware_dot_proto_dot_parameter__server__pb2.PullFrame.SerializeToString,
             ),
-            'Push': grpc.stream_unary_rpc_method_handler(
+            'Push': grpc.stream_stream_rpc_method_handler(
                     servicer.Push,
                     request_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.PushFrame.FromString,
-                    response_serializer=gapaware_dot_proto_dot_parameter__server__pb2.PushReply.SerializeToString,
-            ),
-            'PushPull': grpc.stream_stream_rpc_method_handler(
-                    servicer.PushPull,
-                    request_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.PushFrame.FromString,
                     response_serializer=gapaware_dot_proto_dot_parameter__server__pb2.PullFrame.SerializeToString,
-            ),
-            'PullWhole': grpc.unary_unary_rpc_method_handler(
-                    servicer.PullWhole,
-                    request_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.PullRequest.FromString,
-                    response_serializer=gapaware_dot_proto_dot_parameter__server__pb2.WholePull.SerializeToString,
-            ),
-            'PushPullWhole': grpc.unary_unary_rpc_method_handler(
-                    servicer.PushPullWhole,
-                    request_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.WholePush.FromString,
-                    response_serializer=gapaware_dot_proto_dot_parameter__server__pb2.WholePull.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -199,9 +149,9 @@ def add_ParameterServerServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'gapaware.v1.ParameterServer', rpc_method_handlers)
+            'gapaware.v2.ParameterServer', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('gapaware.v1.ParameterServer', rpc_method_handlers)
+    server.add_registered_method_handlers('gapaware.v2.ParameterServer', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -222,7 +172,7 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/gapaware.v1.ParameterServer/Join',
+            '/gapaware.v2.ParameterServer/Join',
             gapaware_dot_proto_dot_parameter__server__pb2.JoinRequest.SerializeToString,
             gapaware_dot_proto_dot_parameter__server__pb2.JoinReply.FromString,
             options,
@@ -249,7 +199,7 @@ class ParameterServer:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/gapaware.v1.ParameterServer/Pull',
+            '/gapaware.v2.ParameterServer/Pull',
             gapaware_dot_proto_dot_parameter__server__pb2.PullRequest.SerializeToString,
             gapaware_dot_proto_dot_parameter__server__pb2.PullFrame.FromString,
             options,
@@ -273,93 +223,12 @@ class ParameterServer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/gapaware.v1.ParameterServer/Push',
-            gapaware_dot_proto_dot_parameter__server__pb2.PushFrame.SerializeToString,
-            gapaware_dot_proto_dot_parameter__server__pb2.PushReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PushPull(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/gapaware.v1.ParameterServer/PushPull',
+            '/gapaware.v2.ParameterServer/Push',
             gapaware_dot_proto_dot_parameter__server__pb2.PushFrame.SerializeToString,
             gapaware_dot_proto_dot_parameter__server__pb2.PullFrame.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PullWhole(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/gapaware.v1.ParameterServer/PullWhole',
-            gapaware_dot_proto_dot_parameter__server__pb2.PullRequest.SerializeToString,
-            gapaware_dot_proto_dot_parameter__server__pb2.WholePull.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PushPullWhole(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/gapaware.v1.ParameterServer/PushPullWhole',
-            gapaware_dot_proto_dot_parameter__server__pb2.WholePush.SerializeToString,
-            gapaware_dot_proto_dot_parameter__server__pb2.WholePull.FromString,
             options,
             channel_credentials,
             insecure,
@@ -384,7 +253,7 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/gapaware.v1.ParameterServer/Heartbeat',
+            '/gapaware.v2.ParameterServer/Heartbeat',
             gapaware_dot_proto_dot_parameter__server__pb2.HeartbeatRequest.SerializeToString,
             gapaware_dot_proto_dot_parameter__server__pb2.HeartbeatReply.FromString,
             options,
@@ -411,7 +280,7 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/gapaware.v1.ParameterServer/Leave',
+            '/gapaware.v2.ParameterServer/Leave',
             gapaware_dot_proto_dot_parameter__server__pb2.LeaveRequest.SerializeToString,
             gapaware_dot_proto_dot_parameter__server__pb2.LeaveReply.FromString,
             options,
@@ -438,7 +307,7 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/gapaware.v1.ParameterServer/Status',
+            '/gapaware.v2.ParameterServer/Status',
             gapaware_dot_proto_dot_parameter__server__pb2.StatusRequest.SerializeToString,
             gapaware_dot_proto_dot_parameter__server__pb2.StatusReply.FromString,
             options,

@@ -48,7 +48,7 @@ GRPC_OPTIONS = [
 
 SERVER_HEAP_BLOCKS = 8 * 1024 * 1024 + 1
 """Freed blocks up to gRPC's largest message (8 MiB) stay in the server's heap for the next call;
-model-sized tensors are reused explicitly (:mod:`gapaware.server.sent`), so bigger blocks go back to
+model-sized tensors are reused explicitly (:mod:`gapaware.server.model_store`), so bigger blocks go back to
 the kernel when freed rather than staying in the server's memory for good."""
 
 
@@ -56,10 +56,9 @@ def receive_window_options(mib: int) -> list[tuple[str, int]]:
     """gRPC options for a fixed receive window of ``mib`` MiB per stream; 0 keeps gRPC's automatic
     window (bandwidth-delay-product probing).
 
-    gRPC fills a stream's window before the servicer reads it. The servicer receives
-    GRADIENTS_IN_MEMORY pushes at a time; a PushPull that asks to be admitted (``await_ready``) sends
-    nothing until its turn, but any other push that waits fills its window, so the window bounds
-    that memory. Before pushes were admitted, the automatic window grew larger on loopback: a burst
+    gRPC fills a stream's window before the servicer reads it. A push sends nothing but its header
+    until it is admitted (:mod:`gapaware.server.admission`); the window bounds what any other stream
+    can make the server buffer. Before pushes were admitted, the automatic window grew larger on loopback: a burst
     of 64 pushes of 25 MiB peaked at 88.8 model sizes against 82.7 with 4 MiB windows
     (bench/memory.py), and 100 MiB pushes went faster with the fixed window. A window caps one
     stream at window ÷ round-trip time: 4 MiB gives 4 GB/s at 1 ms, 400 MB/s at 10 ms; across

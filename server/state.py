@@ -1,76 +1,31 @@
-"""The parameter server's state: parameters, version, policy, membership and progress.
+"""The parameter server, free of gRPC: one lock around the workers, the model and the updater.
 
-Everything here is plain Python and torch, free of gRPC, so it can be driven by the
-servicer, the simulator and the tests alike. One lock makes every update atomic;
-receiving a gradient (the slow part) happens outside it, in the servicer.
+:class:`ParameterServerState` is what the servicer, the simulator and the tests drive. Each concern
+lives in a module of its own: who is training (:mod:`~gapaware.server.registry`), θ and the workers'
+θ⁽ⁱ⁾ (:mod:`~gapaware.server.model_store`), how a push changes θ (:mod:`~gapaware.server.updater`).
+A push arrives checked (:class:`~gapaware.server.push.AdmittedPush`); receiving it, the slow part,
+happens outside the lock, in the servicer.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
-import math
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from gapaware.common.choices import NONFINITE_ACTIONS
-from gapaware.common.config import RunConfig, learning_rate
+from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
 from gapaware.server.checkpoint import Checkpoint
-from gapaware.server.errors import BadPush, InvalidLayout, LayoutMismatch, NonFiniteGradient, StaleSnapshot
-from gapaware.server.membership import Membership, WorkerRecord, first_worker_id
-from gapaware.server.policies import POLICIES, Policy, make_policy
-from gapaware.server.sent import Loan, SentParameters
+from gapaware.server.errors import InvalidLayout, LayoutMismatch
+from gapaware.server.model_store import ModelStore
+from gapaware.server.push import AdmittedPush, admit
+from gapaware.server.registry import WorkerRecord, WorkerRegistry, first_worker_id
+from gapaware.server.updater import Updater, Window
 
 log = logging.getLogger("gapaware.server")
-
-
-@dataclass
-class Window:
-    """Sums over the pushes applied since the last evaluation."""
-
-    pushes: int = 0
-    staleness: float = 0.0
-    gap: float = 0.0
-    loss: float = 0.0
-    staleness_counts: list[int] = field(default_factory=list)  # [i]: pushes of staleness i
-
-    def add(self, staleness: int, gap: float, loss: float) -> None:
-        self.pushes += 1
-        self.staleness += staleness
-        self.gap += gap
-        self.loss += loss
-        if staleness >= len(self.staleness_counts):
-            self.staleness_counts.extend([0] * (staleness + 1 - len(self.staleness_counts)))
-        self.staleness_counts[staleness] += 1
-
-    def means(self) -> dict[str, float]:
-        n = max(1, self.pushes)
-        return {"mean_staleness": self.staleness / n, "mean_gap": self.gap / n, "train_loss": self.loss / n}
-
-
-def policy_for(config: RunConfig, numel: int) -> Policy:
-    """The policy object ``config`` names, with the hyper-parameters that policy takes."""
-    hyper = {"momentum": config.momentum, "nesterov": config.nesterov, "weight_decay": config.weight_decay}
-    accepted = inspect.signature(POLICIES[config.policy]).parameters
-    hyper.update({k: v for k, v in (("beta", config.ga_beta), ("eps", config.ga_eps)) if k in accepted})
-    return make_policy(config.policy, numel, **hyper)
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """True when no element is NaN or ±Inf.
-
-    A NaN or an infinity makes the sum NaN or infinite, so a finite sum proves every element
-    finite in one streaming pass with no temporary. ``torch.isfinite(t).all()`` builds several
-    tensors of the input's size: on 25 M elements 133 ms against 5.5 ms for the sum, most of it
-    the kernel zeroing fresh pages. Only a non-finite sum (a bad gradient, or finite elements
-    whose float32 sum overflows) pays for the exact element-wise test.
-    """
-    return math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all())
 
 
 class ParameterServerState:
@@ -78,32 +33,51 @@ class ParameterServerState:
                  nonfinite: str = "reject") -> None:
         if theta.dim() != 1 or theta.numel() != layout.numel or theta.dtype != torch.float32:
             raise ValueError(f"theta must be a flat float32 tensor of {layout.numel} elements")
-        if nonfinite not in NONFINITE_ACTIONS:
-            raise ValueError(f"Invalid non-finite action: {nonfinite!r} (choose from {', '.join(NONFINITE_ACTIONS)})")
-        self.nonfinite = nonfinite
-        self.nonfinite_pushes = 0
         self.config = config
         self.layout = layout
-        self.theta = theta
-        self.policy = policy_for(config, layout.numel)
         self.train_size = train_size
-        self.total_updates = config.total_updates(train_size)
-        self.version = 0
-        self.samples = 0
+        self.model = ModelStore(theta, getattr(torch, config.snapshot_dtype))
+        self.updater = Updater(config, layout.numel, config.total_updates(train_size), nonfinite)
+        self.workers = WorkerRegistry()
         self.finished = False
         self.incarnation = 0
-        self.members = Membership()
         self.started = time.monotonic()
-        self._sent = SentParameters(theta)
-        self._snapshot_dtype = getattr(torch, config.snapshot_dtype)
-        self._window = Window()
-        self._totals = Window()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        # The versions that threads in wait_for_version wait for: a push wakes them only once one
-        # is reached. Waking them on every push (the evaluator and the checkpointer wait for the whole
-        # run) cost each push a thread switch away from the event loop's thread.
+        # The versions threads wait for in wait_for_version: a push wakes them only once one is reached,
+        # rather than costing every push a thread switch.
         self._awaited_versions: list[float] = []
+
+    # The run's progress, read without the lock (each is one attribute read).
+    @property
+    def theta(self) -> torch.Tensor:
+        return self.model.theta
+
+    @property
+    def policy(self):
+        return self.updater.policy
+
+    @property
+    def version(self) -> int:
+        return self.updater.version
+
+    @property
+    def samples(self) -> int:
+        return self.updater.samples
+
+    @property
+    def total_updates(self) -> int:
+        return self.updater.total_updates
+
+    @property
+    def nonfinite_pushes(self) -> int:
+        return self.updater.nonfinite_pushes
+
+    def lr(self) -> float:
+        return self.updater.lr()
+
+    def epoch(self) -> float:
+        return self.samples / self.train_size if self.train_size else 0.0
 
     # -- membership -------------------------------------------------------------------------
     def join(self, hostname: str, device: str, layout: ParamLayout | None, *, fingerprint: str = "") -> WorkerRecord:
@@ -122,192 +96,95 @@ class ParameterServerState:
                                  f"layout fingerprint {fingerprint[:16]}..., the server's is "
                                  f"{self.layout.fingerprint[:16]}...")
         with self._lock:
-            record = self.members.add(hostname, device)
+            record = self.workers.add(hostname, device)
         log.info("worker %d joined from %s (%s)", record.worker_id, hostname, device)
         return record
 
     def leave(self, worker_id: int) -> WorkerRecord:
         with self._lock:
-            record = self.members.remove(worker_id)
+            record = self.workers.remove(worker_id)
             self._forget(worker_id)
         log.info("worker %d left after %d pushes", worker_id, record.pushes)
         return record
 
     def reap(self, lease_seconds: float) -> list[WorkerRecord]:
         """Forgets the workers not heard from (join, pull, push, heartbeat) for ``lease_seconds``:
-        their records, parameter snapshots and per-worker policy state. Returns their records."""
+        their records, θ⁽ⁱ⁾ and per-worker policy state. Returns their records."""
         with self._lock:
-            expired = self.members.silent_since(time.monotonic() - lease_seconds)
+            expired = self.workers.silent_since(time.monotonic() - lease_seconds)
             for worker_id in expired:
                 self._forget(worker_id)
-            return [self.members.remove(worker_id) for worker_id in expired]
+            return [self.workers.remove(worker_id) for worker_id in expired]
 
     def _forget(self, worker_id: int) -> None:
-        self._sent.forget(worker_id)
+        self.model.forget(worker_id)
         self.policy.forget_worker(worker_id)
 
     def heartbeat(self, worker_id: int) -> bool:
         with self._lock:
-            self.members.get(worker_id)
+            self.workers.get(worker_id)
             return self.finished
 
-    # -- the update path --------------------------------------------------------------------
-    def lr(self) -> float:
-        return learning_rate(self.config, self.version, self.total_updates)
-
-    def pull(self, worker_id: int, *, lend: bool = False,
-             dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor | Loan]:
-        """What ``worker_id`` is sent, in ``dtype`` (the transport dtype): the version and a tensor
-        nobody modifies afterwards.
-
-        For policies that measure a Gap the worker's θ⁽ⁱ⁾ is kept: in float32, or in bfloat16 with
-        ``snapshot_dtype="bfloat16"`` (half the memory; the Gap is then measured against θ⁽ⁱ⁾
-        rounded to bfloat16, as ALGORITHMS.md allows). A float32 θ⁽ⁱ⁾ is θ itself until θ next
-        changes (:mod:`gapaware.server.sent`); a reduced-dtype pull casts θ once, straight into the
-        tensor sent, which is also the θ⁽ⁱ⁾ when that has the same dtype.
-
-        With ``lend=True`` the pull is lent instead, as a :class:`~gapaware.server.sent.Loan` that the
-        caller reads while it sends it and then hands back with :meth:`give_back`. A float32 loan
-        reads θ itself, with no copy, for as long as θ stays as it was sent.
-        """
+    def live_workers(self) -> list[WorkerRecord]:
         with self._lock:
-            record = self.members.get(worker_id)
-            snapshot_dtype = self._snapshot_dtype if self.policy.needs_snapshot else None
-            view = self.theta if self.policy.pulls_theta else \
-                self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id,
-                                      out=self._sent.spare() if lend else None)
-            snapshot = None if snapshot_dtype is None else view if snapshot_dtype == torch.float32 else \
-                self._cast(view, snapshot_dtype, reuse=lend or snapshot_dtype != dtype)
-            sent = view if dtype == torch.float32 else snapshot if snapshot is not None and snapshot.dtype == dtype \
-                else self._cast(view, dtype, reuse=lend)
-            if not lend and sent is self.theta:  # the caller keeps it, and θ changes: a copy, its θ⁽ⁱ⁾ too
-                sent = self.theta.clone()
-                snapshot = sent if snapshot is self.theta else snapshot
+            return list(self.workers)
+
+    # -- the update path --------------------------------------------------------------------
+    def pull(self, worker_id: int, dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor]:
+        """The version and what ``worker_id`` is sent, in the transport ``dtype``: a tensor nobody
+        modifies afterwards. For policies that measure a Gap it is kept as the worker's θ⁽ⁱ⁾."""
+        version, sent, _ = self.pull_to_send(worker_id, dtype)
+        return version, sent
+
+    def pull_to_send(self, worker_id: int, dtype: torch.dtype) -> tuple[int, torch.Tensor, bool]:
+        """:meth:`pull`, and whether the caller may hand the tensor to :meth:`ModelStore.recycle` once
+        it is sent."""
+        with self._lock:
+            record = self.workers.get(worker_id)
+            parameters = self.theta if self.policy.pulls_theta else \
+                self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id)
+            sent, reusable = self.model.sent_copy(worker_id, parameters, dtype,
+                                                  keep_snapshot=self.policy.needs_snapshot)
             record.pulled_version = self.version
-            if snapshot is not None:
-                self._sent.keep(worker_id, snapshot)
-            if view is not sent and view is not self.theta:  # DANA's θ̂, only cast from: the server's own
-                self._sent.recycle(view)
-            return self.version, self._sent.lend(sent) if lend else sent
+            return self.version, sent, reusable
 
-    def _cast(self, source: torch.Tensor, dtype: torch.dtype, *, reuse: bool) -> torch.Tensor:
-        """``source`` in ``dtype``. With ``reuse`` it is written into a spare tensor of that dtype when
-        there is one, and is the server's own (:meth:`SentParameters.adopt`): reused once nobody holds
-        it. Without, it is a new tensor, for a caller that keeps it."""
-        if not reuse:
-            return source.to(dtype)
-        spare = self._sent.spare(dtype)
-        cast = source.to(dtype) if spare is None else spare.copy_(source)
-        self._sent.adopt(cast)
-        return cast
-
-    def gradient_buffer(self) -> torch.Tensor:
-        """A float32 tensor of θ's size to receive a gradient into: a spare of the tensors the server
-        sends (:mod:`gapaware.server.sent`), or a new one. :meth:`recycle` it once applied."""
-        return self._sent.buffer()
-
-    def recycle(self, buffer: torch.Tensor) -> None:
-        """A buffer from :meth:`gradient_buffer` is applied and nobody reads it any more: a spare."""
-        self._sent.recycle(buffer)
-
-    def give_back(self, loan: Loan) -> None:
-        """The caller of ``pull(lend=True)`` no longer reads ``loan``. Takes no lock of the update
-        path, so the event loop can call it."""
-        self._sent.give_back(loan)
+    def admit(self, worker_id: int, grad: torch.Tensor, *, base_version: int, **details) -> AdmittedPush:
+        """A push of ``grad`` checked against this server's model (:func:`gapaware.server.push.admit`)."""
+        return admit(worker_id, grad, numel=self.layout.numel, base_version=base_version, **details)
 
     def check_push(self, worker_id: int, base_version: int, seq: int = 0) -> None:
         """Refuses, before any of its gradient is received, a push that :meth:`push` would refuse
-        whatever the gradient: unknown worker, base version from the future, stale snapshot. A
-        retry of the push answered last (same ``seq``) passes: :meth:`push` answers it again."""
+        whatever the gradient: unknown worker, base version from the future, stale snapshot. A retry
+        of the push answered last passes: :meth:`push` answers it again."""
         with self._lock:
-            record = self.members.get(worker_id)
-            if not (seq and seq == record.last_seq and record.last_result is not None):
-                self._check_push(record, base_version)
+            record = self.workers.get(worker_id)
+            if self.workers.replay(record, seq) is None:
+                self.workers.check_base(record, base_version, self.version)
 
-    def _check_push(self, record: WorkerRecord, base_version: int) -> None:
-        if base_version > self.version:
-            raise BadPush(f"base version {base_version} is ahead of the server's version {self.version}: "
-                          "the gradient was computed on parameters this server never sent")
-        if record.pulled_version != base_version:
-            sent = "nothing since its last push" if record.pulled_version is None else f"version {record.pulled_version}"
-            raise StaleSnapshot(f"gradient computed on version {base_version} but worker {record.worker_id} was "
-                                f"last sent {sent}: pull, then push a gradient computed on what was pulled")
-
-    def push(self, worker_id: int, grad: torch.Tensor, *, base_version: int, samples: int = 0,
-             loss: float = math.nan, seq: int = 0, finite: bool | None = None, spare_grad: bool = False) -> PushResult:
-        """Applies ``grad``, computed by ``worker_id`` on ``base_version``, with the run's policy.
-
-        ``seq`` (from 1, increasing per worker; 0 turns the check off) makes the push exactly-once:
-        a copy of the last push answered (a retry whose reply was lost) gets that push's answer
-        again with ``applied=False`` and changes nothing; an older one is refused.
-
-        A gradient with NaN or Inf elements changes nothing: it is refused (``nonfinite="reject"``)
-        or acknowledged with ``applied=False`` (``"skip"``), and counted in :attr:`nonfinite_pushes`.
-        ``finite`` says whether ``grad`` is free of them when the caller checked already (the
-        servicer does, chunk by chunk as they arrive); None checks here.
-
-        ``spare_grad`` says that ``grad`` is a buffer of :meth:`gradient_buffer` that nobody reads
-        after this push: the update may then leave θ's old values in it for the replies and θ⁽ⁱ⁾
-        still reading θ, instead of copying θ for them first (:meth:`SentParameters.detach`).
-        :meth:`recycle` it afterwards, as always.
-        """
-        if grad.shape != self.theta.shape:
-            raise BadPush(f"gradient has {grad.numel()} elements, the model has {self.theta.numel()}")
-        if finite is None:
-            finite = all_finite(grad)
+    def push(self, push: AdmittedPush) -> PushResult:
+        """Applies ``push`` with the run's policy; exactly once per ``seq`` (a retried copy of the
+        last push answered gets its answer again, with ``applied=False``)."""
         with self._lock:
-            record = self.members.get(worker_id)
-            if seq and seq == record.last_seq and record.last_result is not None:
-                return dataclasses.replace(record.last_result, finished=self.finished, applied=False)
-            if seq and seq < record.last_seq:
-                raise BadPush(f"push {seq} of worker {worker_id} is older than its push {record.last_seq} "
-                              "already answered: nothing applied")
-            result = self._apply(record, grad, base_version=base_version, samples=samples, loss=loss,
-                                 finite=finite, spare_grad=spare_grad)
-            if seq:
-                record.last_seq, record.last_result = seq, result
+            record = self.workers.get(push.worker_id)
+            answered = self.workers.replay(record, push.seq)
+            if answered is not None:
+                return dataclasses.replace(answered, finished=self.finished, applied=False)
+            self.workers.check_base(record, push.base_version, self.version)
+            result = self._apply(record, push)
+            self.workers.answered(record, push.seq, result)
             return result
 
-    def _apply(self, record: WorkerRecord, grad: torch.Tensor, *, base_version: int, samples: int,
-               loss: float, finite: bool, spare_grad: bool) -> PushResult:
-        """The push of a new ``seq``, under the lock."""
-        worker_id = record.worker_id
-        self._check_push(record, base_version)
-        if self.finished:
-            return PushResult(self.version, self.version - base_version, 1.0, True, False)
-        if not finite:
-            self.nonfinite_pushes += 1
-            if self.nonfinite == "reject":
-                bad = int((~torch.isfinite(grad)).sum())
-                raise NonFiniteGradient(
-                    f"gradient has {bad} NaN or Inf elements (of {grad.numel()}): nothing was applied; "
-                    "lower the learning rate or clip gradients, or start the server with --nonfinite skip")
-            if self.nonfinite == "skip":
-                return PushResult(self.version, self.version - base_version, 1.0, False, False)
-        staleness = self.version - base_version
-        stale_theta = self._sent.take(worker_id)
-        # The replies and other workers' θ⁽ⁱ⁾ still reading θ get a copy first, or the gradient's
-        # buffer once the update has written θ's old values into it.
-        filling = self._sent.detach(into=grad if spare_grad else None)
-        try:
-            gap = self.policy.apply(self.theta, grad, lr=self.lr(), staleness=staleness, stale_theta=stale_theta,
-                                    worker_id=worker_id, old_theta_into_grad=filling)
-        except Exception:
-            if filling:  # refused before θ changed (an argument the policy rejects): θ is the old θ
-                grad.copy_(self.theta)
-            raise
-        finally:
-            if filling:
-                self._sent.filled()
-            if stale_theta is not None:
-                self._sent.release(stale_theta)
+    def _apply(self, record: WorkerRecord, push: AdmittedPush) -> PushResult:
+        """A new push of a worker that may push, under the lock."""
+        staleness = self.version - push.base_version
+        if self.finished or self.updater.drops(push):
+            return PushResult(self.version, staleness, 1.0, self.finished, False)
+        stale_theta = self.model.take_snapshot(record.worker_id)
+        staleness, gap = self.updater.apply(self.theta, push, stale_theta)
+        self.model.recycle(stale_theta)
         record.pulled_version = None
         record.pushes += 1
         record.last_gap = gap
-        self.version += 1
-        self.samples += samples
-        self._window.add(staleness, gap, loss)
-        self._totals.add(staleness, gap, loss)
         if self.version >= self.total_updates:
             self.finished = True
         if self.finished or any(self.version >= awaited for awaited in self._awaited_versions):
@@ -323,13 +200,14 @@ class ParameterServerState:
     def take_window(self) -> dict:
         """Means over the pushes since the previous call, and how many pushes had each staleness."""
         with self._lock:
-            window, self._window = self._window, Window()
+            window = self.updater.take_window()
         return {**window.means(), "staleness_counts": window.staleness_counts}
 
     def totals(self) -> dict[str, float]:
         """The run so far: pushes applied and their mean staleness, Gap and training loss."""
         with self._lock:
-            return {"pushes": self._totals.pushes, **{f"run_{k}": v for k, v in self._totals.means().items()}}
+            totals = self.updater.totals
+            return {"pushes": totals.pushes, **{f"run_{k}": v for k, v in totals.means().items()}}
 
     def wait_for_version(self, version: int, timeout: float) -> int:
         """Blocks until the version reaches ``version``, the run finishes or ``timeout`` passes."""
@@ -347,20 +225,14 @@ class ParameterServerState:
             self._changed.notify_all()
 
     def snapshot_bytes(self) -> int:
-        """Memory held by the workers' θ⁽ⁱ⁾ (policies with a Gap only): a θ⁽ⁱ⁾ that is still θ itself
-        takes none, and one copy shared by several workers counts once."""
-        return self._sent.held_bytes()
-
-    def live_workers(self) -> list[WorkerRecord]:
+        """Memory held by the workers' θ⁽ⁱ⁾ (policies with a Gap only)."""
         with self._lock:
-            return list(self.members)
-
-    def epoch(self) -> float:
-        return self.samples / self.train_size if self.train_size else 0.0
+            return self.model.held_bytes()
 
     def held_snapshots(self) -> int:
         """Parameter snapshots θ⁽ⁱ⁾ held for workers (at most one per live worker)."""
-        return self._sent.held()
+        with self._lock:
+            return self.model.held()
 
     # -- crash safety -----------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
@@ -369,7 +241,8 @@ class ParameterServerState:
         with self._lock:
             return Checkpoint(version=self.version, samples=self.samples, incarnation=self.incarnation,
                               config=self.config, theta=self.theta.clone(),
-                              policy_state=self.policy.state_dict(), totals=dataclasses.asdict(self._totals))
+                              policy_state=self.policy.state_dict(),
+                              totals=dataclasses.asdict(self.updater.totals))
 
     def restore(self, checkpoint: Checkpoint, incarnation: int) -> None:
         """Continues the run saved in ``checkpoint`` as server incarnation ``incarnation``.
@@ -388,11 +261,10 @@ class ParameterServerState:
             self.policy.load_state_dict(checkpoint.policy_state)
             for worker_id in self.policy.worker_ids():
                 self.policy.forget_worker(worker_id)
-            self._sent.detach()
             self.theta.copy_(checkpoint.theta)
-            self.version = checkpoint.version
-            self.samples = checkpoint.samples
-            self._totals = Window(**checkpoint.totals)
+            self.updater.version = checkpoint.version
+            self.updater.samples = checkpoint.samples
+            self.updater.totals = Window(**checkpoint.totals)
             self.incarnation = incarnation
-            self.members = Membership(first_id=first_worker_id(incarnation))
+            self.workers = WorkerRegistry(first_id=first_worker_id(incarnation))
             self.finished = self.version >= self.total_updates

@@ -41,4 +41,5 @@ class LocalMaster:
 
     def push(self, worker: int, grad: Tensor, *, base_version: int, samples: int = 0,
              loss: float = math.nan) -> PushResult:
-        return self.state.push(self._ids[worker], grad, base_version=base_version, samples=samples, loss=loss)
+        return self.state.push(self.state.admit(self._ids[worker], grad, base_version=base_version, samples=samples,
+                                                loss=loss))

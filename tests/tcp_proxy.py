@@ -1,8 +1,9 @@
 """A loopback TCP proxy that can lose the server's replies, for exactly-once tests.
 
-While ``dropping`` is set, every byte from the server to the client is discarded, so a request
-reaches the server and is acted upon but its reply never arrives; :meth:`cut` then closes every
-connection (the client sees ``UNAVAILABLE``) and lets replies through again.
+After :meth:`drop_replies_after` the client has sent the bytes it names, every byte from the server
+to the client is discarded, so a request reaches the server and is acted upon but its reply never
+arrives (a push's ready frame, which comes before its gradient, still gets through); :meth:`cut`
+then closes every connection (the client sees ``UNAVAILABLE``) and lets replies through again.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class ReplyDroppingProxy:
         self.address = f"127.0.0.1:{self.port}"
         self.dropping = threading.Event()
         self.dropped_bytes = 0
+        self._forwarded = 0             # bytes from the client to the server
+        self._drop_from: float = float("inf")
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -37,9 +40,12 @@ class ReplyDroppingProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, is_reply: bool) -> None:
         try:
             while data := source.recv(65536):
-                if is_reply and self.dropping.is_set():
+                if is_reply and self._forwarded >= self._drop_from:
+                    self.dropping.set()
                     self.dropped_bytes += len(data)
                     continue
+                if not is_reply:
+                    self._forwarded += len(data)
                 sink.sendall(data)
         except OSError:
             pass
@@ -49,6 +55,10 @@ class ReplyDroppingProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def drop_replies_after(self, request_bytes: int) -> None:
+        """Replies are dropped once the client has sent ``request_bytes`` more from now on."""
+        self._drop_from = self._forwarded + request_bytes
 
     def cut(self) -> None:
         """Closes every connection through the proxy, then lets replies through again."""
@@ -61,6 +71,7 @@ class ReplyDroppingProxy:
                 pass
             sock.close()
         self.dropping.clear()
+        self._drop_from = float("inf")
 
     def close(self) -> None:
         self._listener.close()

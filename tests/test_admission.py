@@ -1,4 +1,4 @@
-"""A streamed PushPull is admitted before its chunks travel (``PushHeader.await_ready``).
+"""A push is admitted before its chunks travel: the server's ready frame lets them go.
 
 The server receives GRADIENTS_IN_MEMORY pushes at a time. A push that waits for one of them sends
 only its header: its chunks stay at the worker until the server's ready frame, instead of filling a
@@ -16,12 +16,11 @@ import pytest
 import torch
 
 from gapaware import WorkerClient
-from gapaware.common.codec import chunk_messages, encode
-from gapaware.common.wire import chunk_frames
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
-from gapaware.server.servicer import GRADIENTS_IN_MEMORY
+from gapaware.server.admission import GRADIENTS_IN_MEMORY
 from gapaware.worker import client as client_module
+from tests.frames import encode_messages
 from tests.inprocess import small_state
 
 NUMEL = 3000
@@ -29,36 +28,44 @@ CHUNK_BYTES = 4096  # three chunks
 
 
 def held_push(stub, worker_id: int, grad: torch.Tensor, release: threading.Event):
-    """A PushPull that asks to be admitted, sends its header, and its chunks only once ``release`` is set."""
-    encoded = encode(grad, chunk_bytes=CHUNK_BYTES)
+    """A push that asks for the parameters after it, sends its header, and its chunks only once
+    ``release`` is set."""
+    encoded = encode_messages(grad, chunk_bytes=CHUNK_BYTES)
 
     def frames():
         yield pb.PushFrame(header=pb.PushHeader(worker_id=worker_id, base_version=0, tensor=encoded.header,
-                                                await_ready=True))
+                                                pull=True))
         release.wait(timeout=30)
-        yield from (pb.PushFrame(chunk=chunk) for chunk in chunk_messages(encoded))
+        yield from (pb.PushFrame(chunk=chunk) for chunk in encoded.chunks)
 
-    return stub.PushPull(frames(), timeout=30)
+    return stub.Push(frames(), timeout=30)
 
 
 def test_a_waiting_push_sends_no_chunk_until_the_server_admits_it(inprocess_servers, monkeypatch):
     server = inprocess_servers(small_state(NUMEL))
     chunks_started = threading.Event()
 
-    def watched_chunk_frames(*args, **kwargs):
-        chunks_started.set()
-        return chunk_frames(*args, **kwargs)
+    real_encode = client_module.encode
 
-    monkeypatch.setattr(client_module, "chunk_frames", watched_chunk_frames)
+    def watched_encode(*args, **kwargs):
+        header, chunks = real_encode(*args, **kwargs)
+
+        def watched():
+            for chunk in chunks:
+                chunks_started.set()
+                yield chunk
+        return header, watched()
+
+    monkeypatch.setattr(client_module, "encode", watched_encode)
     release = threading.Event()
     with grpc.insecure_channel(server.address) as channel, \
-            WorkerClient(server.address, chunk_bytes=CHUNK_BYTES, one_message_bytes=0, timeout=30) as third:
+            WorkerClient(server.address, chunk_bytes=CHUNK_BYTES, timeout=30) as third:
         stub = pb_grpc.ParameterServerStub(channel)
         holders = [stub.Join(pb.JoinRequest(hostname=f"holder-{i}"), timeout=30).worker_id
                    for i in range(GRADIENTS_IN_MEMORY)]
         for worker_id in holders:
             list(stub.Pull(pb.PullRequest(worker_id=worker_id), timeout=30))  # version 0, as the pushes say
-        assert third.join().sends_ready
+        third.join()
         version, _ = third.pull()
         calls = [held_push(stub, worker_id, torch.ones(NUMEL), release) for worker_id in holders]
         for call in calls:
@@ -87,7 +94,7 @@ def test_a_push_refused_before_admission_ends_its_sender_at_once(inprocess_serve
     """The refused push's request thread, waiting for a ready frame that will not come, ends with the
     call instead of at its deadline."""
     server = inprocess_servers(small_state(NUMEL))
-    with WorkerClient(server.address, chunk_bytes=CHUNK_BYTES, one_message_bytes=0, timeout=30) as client, \
+    with WorkerClient(server.address, chunk_bytes=CHUNK_BYTES, timeout=30) as client, \
             grpc.insecure_channel(server.address) as channel:
         worker_id = client.join().worker_id
         version, _ = client.pull()
@@ -105,10 +112,10 @@ def test_a_push_refused_before_admission_ends_its_sender_at_once(inprocess_serve
 
 
 def _waiting_senders() -> int:
-    """Threads inside a push's wait for its ready frame."""
+    """Threads inside a push's request stream (which waits for its ready frame)."""
     waiting = 0
     for frame in sys._current_frames().values():
-        while frame is not None and frame.f_code is not client_module._Admission.wait.__code__:
+        while frame is not None and frame.f_code.co_name != "requests":
             frame = frame.f_back
         waiting += frame is not None
     return waiting

@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from gapaware import WorkerClient
-from gapaware.common.codec import chunk_messages, encode
+from gapaware.common.transport import all_finite
 from gapaware.common.layout import ParamLayout
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.app import ServerOptions
 from gapaware.server.policies import POLICIES
-from gapaware.server.state import all_finite
+from gapaware.server.servicer import SERVICE_NAME
 from gapaware.worker.client import CHANNEL_OPTIONS
+from tests.frames import encode_messages, push_stream
 from tests.inprocess import StateSnapshot, small_state
 
 NUMEL = 3000
@@ -35,15 +36,8 @@ def gradient(seed: int = 1) -> torch.Tensor:
 
 
 def push_frames(worker_id: int, base_version: int, grad: torch.Tensor, **header) -> list[pb.PushFrame]:
-    """A valid push stream; ``header`` overrides PushHeader fields, ``tensor`` TensorHeader fields."""
-    encoded = encode(grad, chunk_bytes=CHUNK_BYTES)
-    tensor = pb.TensorHeader()
-    tensor.CopyFrom(encoded.header)
-    for name, value in header.pop("tensor", {}).items():
-        setattr(tensor, name, value)
-    fields = {"worker_id": worker_id, "base_version": base_version, "seq": 0, "samples": 32, "loss": 1.0, **header}
-    return [pb.PushFrame(header=pb.PushHeader(tensor=tensor, **fields)),
-            *(pb.PushFrame(chunk=chunk) for chunk in chunk_messages(encoded))]
+    """A valid push stream of three chunks; ``header`` overrides PushHeader fields, ``tensor`` TensorHeader's."""
+    return push_stream(worker_id, base_version, grad, chunk_bytes=CHUNK_BYTES, **header)
 
 
 class Harness:
@@ -82,7 +76,7 @@ class Harness:
         self.assert_worker_can_still_push()
 
     def push_refused(self, frames: list[pb.PushFrame], code: grpc.StatusCode, message: str) -> None:
-        self.refused(lambda: self.stub.Push(iter(frames), timeout=20), code, message)
+        self.refused(lambda: list(self.stub.Push(iter(frames), timeout=20)), code, message)
 
     def assert_worker_can_still_push(self) -> None:
         result = self.worker.push(gradient(), base_version=self.version)
@@ -131,43 +125,15 @@ def test_dtype_that_does_not_match_the_bytes(harness):
 def test_checksum_that_does_not_match(harness):
     h = harness()
     frames = h.frames()
-    h.push_refused(h.frames(tensor={"crc32c": frames[0].header.tensor.crc32c ^ 1}), INVALID, "checksum mismatch")
+    frames[2].chunk.crc32c ^= 1
+    h.push_refused(frames, INVALID, "checksum mismatch in chunk 1")
 
 
-def trailed(frames: list[pb.PushFrame], crc_delta: int = 0) -> list[pb.PushFrame]:
-    """``frames`` with the checksum moved from the header to a trailer (plus ``crc_delta``, xored)."""
-    header = pb.PushFrame()
-    header.CopyFrom(frames[0])
-    crc, header.header.tensor.crc32c, header.header.tensor.crc_in_trailer = header.header.tensor.crc32c, 0, True
-    return [header, *frames[1:], pb.PushFrame(trailer=pb.TensorTrailer(crc32c=crc ^ crc_delta))]
-
-
-def test_trailer_checksum_that_does_not_match(harness):
-    h = harness()
-    h.push_refused(trailed(h.frames(), crc_delta=1), INVALID, "checksum mismatch: payload CRC-32C")
-
-
-def test_trailer_announced_but_missing(harness):
-    h = harness()
-    h.push_refused(trailed(h.frames())[:-1], INVALID, "stream ended without the trailer its header announced")
-
-
-def test_chunk_after_the_trailer(harness):
-    h = harness()
-    frames = trailed(h.frames())
-    h.push_refused([*frames[:-2], frames[-1], frames[-2]], INVALID, "chunk 2 arrived after the trailer")
-
-
-def test_trailer_not_announced(harness):
+def test_chunk_of_a_partial_element(harness):
     h = harness()
     frames = h.frames()
-    h.push_refused([*frames, trailed(frames)[-1]], INVALID, "the header carries the checksum and announced none")
-
-
-def test_whole_push_announcing_a_trailer(harness):
-    h = harness()
-    h.refused(lambda: h.stub.PushPullWhole(whole_push(trailed(h.frames())[:-1]), timeout=20), INVALID,
-              "stream ended without the trailer its header announced")
+    frames[1].chunk.data = frames[1].chunk.data[:-1]
+    h.push_refused(frames, INVALID, "chunk 0 has 4095 bytes (1 to 4194304 allowed, whole elements of 4 bytes)")
 
 
 def test_corrupted_payload(harness):
@@ -176,7 +142,7 @@ def test_corrupted_payload(harness):
     data = bytearray(frames[2].chunk.data)
     data[100] ^= 0x40
     frames[2].chunk.data = bytes(data)
-    h.push_refused(frames, INVALID, "checksum mismatch")
+    h.push_refused(frames, INVALID, "checksum mismatch in chunk 1")
 
 
 def test_chunks_out_of_order(harness):
@@ -223,7 +189,7 @@ def test_header_that_lies_about_the_element_count(harness):
 def test_second_header_inside_a_push(harness):
     h = harness()
     frames = h.frames()
-    h.push_refused([*frames[:2], frames[0], *frames[2:]], INVALID, "a second header arrived inside a push")
+    h.push_refused([*frames[:2], frames[0], *frames[2:]], INVALID, "a header arrived among the chunks")
 
 
 def test_push_that_starts_with_a_chunk(harness):
@@ -233,7 +199,7 @@ def test_push_that_starts_with_a_chunk(harness):
 
 def test_empty_push(harness):
     h = harness()
-    h.push_refused([], INVALID, "empty push")
+    h.push_refused([], INVALID, "a push must start with a header")
 
 
 def test_header_without_chunks(harness):
@@ -297,16 +263,12 @@ def test_all_finite_agrees_with_the_elementwise_test(values, finite):
     assert all_finite(tensor) is finite is bool(torch.isfinite(tensor).all())
 
 
-def test_non_finite_element_split_across_two_chunks_is_found(harness):
-    """Chunks of 4093 bytes: element 1023 (bytes 4092-4095) starts in the first chunk and ends in
-    the second; the check runs chunk by chunk as they arrive, on the elements completed so far."""
+def test_non_finite_element_in_a_later_chunk_is_found(harness):
+    """The check runs chunk by chunk as they arrive: an infinity in the last chunk is found too."""
     h = harness()
     grad = gradient()
-    grad[1023] = float("inf")
-    encoded = encode(grad, chunk_bytes=4093)
-    frames = [pb.PushFrame(header=pb.PushHeader(worker_id=h.worker_id, base_version=h.version, tensor=encoded.header)),
-              *(pb.PushFrame(chunk=chunk) for chunk in chunk_messages(encoded))]
-    h.push_refused(frames, INVALID, "gradient has 1 NaN or Inf elements (of 3000)")
+    grad[2100] = float("inf")
+    h.push_refused(h.frames(grad), INVALID, "gradient has 1 NaN or Inf elements (of 3000)")
 
 
 def test_non_finite_gradient_is_skipped_and_counted_under_skip(harness):
@@ -341,20 +303,16 @@ def test_worker_pushing_twice_at_once(harness):
         release.wait(timeout=20)
         yield from frames[1:]
 
-    first = h.stub.Push.future(held(h.frames()), timeout=30)
+    first = h.stub.Push(held(h.frames()), timeout=30)
     with h.unchanged():
-        deadline = time.monotonic() + 20
-        while True:  # a probe that would fail anyway, until the server holds the first push
-            with pytest.raises(grpc.RpcError) as probe:
-                h.stub.Push(iter(h.frames(tensor={"crc32c": 0})), timeout=20)
-            if probe.value.code() == grpc.StatusCode.ABORTED or time.monotonic() > deadline:
-                break
+        assert next(first).WhichOneof("frame") == "ready"  # the server holds the first push
         with pytest.raises(grpc.RpcError) as second:
-            h.stub.Push(iter(h.frames(gradient(2))), timeout=20)
+            list(h.stub.Push(iter(h.frames(gradient(2))), timeout=20))
     assert second.value.code() == grpc.StatusCode.ABORTED
     assert "already has a push in progress" in second.value.details()
     release.set()
-    assert first.result().applied and first.result().version == h.version + 1
+    (reply,) = list(first)
+    assert reply.header.push.applied and reply.header.push.version == h.version + 1
     h.version, _ = h.worker.pull()
     h.assert_worker_can_still_push()
 
@@ -372,7 +330,7 @@ def test_more_concurrent_calls_than_allowed(harness):
     try:
         with h.unchanged():
             started = time.monotonic()
-            holders = [h.stub.Push.future(held(header), timeout=30) for header in headers]
+            holders = [h.stub.Push(held(header), timeout=30) for header in headers]
             ids = {header.header.worker_id for header in headers}
             deadline = started + 20
             while time.monotonic() < deadline:  # until the server checked all three headers
@@ -384,7 +342,9 @@ def test_more_concurrent_calls_than_allowed(harness):
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
             release.set()
             for holder in holders:
-                assert holder.exception().code() == INVALID and "stream ended" in holder.exception().details()
+                with pytest.raises(grpc.RpcError) as ended:
+                    list(holder)
+                assert ended.value.code() == INVALID and "stream ended" in ended.value.details()
     finally:
         release.set()
         for client in others:
@@ -402,7 +362,7 @@ def test_pull_with_an_unknown_dtype_changes_nothing(harness):
 
 def test_push_pull_with_an_unknown_reply_dtype_applies_nothing(harness):
     h = harness()
-    h.refused(lambda: list(h.stub.PushPull(iter(h.frames(pull_dtype=9)), timeout=20)),
+    h.refused(lambda: list(h.stub.Push(iter(h.frames(pull=True, pull_dtype=9)), timeout=20)),
               INVALID, "reply dtype: unknown tensor dtype 9")
 
 
@@ -440,12 +400,13 @@ def test_refused_pushes_leave_the_next_updates_as_if_they_never_came(inprocess_s
             if bad:
                 nan = gradient(3)
                 nan[0] = float("nan")
-                for frames in (push_frames(stale_id, stale_version, nan),
-                               push_frames(stale_id, stale_version, gradient(3), tensor={"crc32c": 1}),
+                corrupt = push_frames(stale_id, stale_version, gradient(3))
+                corrupt[1].chunk.crc32c ^= 1
+                for frames in (push_frames(stale_id, stale_version, nan), corrupt,
                                push_frames(stale_id, stale_version + 9, gradient(3)),
                                push_frames(stale_id, stale_version, gradient(3))[:-1]):
                     with pytest.raises(grpc.RpcError):
-                        h.stub.Push(iter(frames), timeout=20)
+                        list(h.stub.Push(iter(frames), timeout=20))
             assert stale.push(gradient(4), base_version=stale_version).staleness == 1
             assert h.worker.push(gradient(5), base_version=h.version).staleness == 1
         h.close()
@@ -461,76 +422,16 @@ def test_bytes_that_do_not_parse(harness):
     garbage = b"\xff\xff\xff"
     with grpc.insecure_channel(h.server.address) as channel:
         def method(kind: str, name: str):
-            return getattr(channel, kind)(f"/gapaware.v1.ParameterServer/{name}")
+            return getattr(channel, kind)(f"/{SERVICE_NAME}/{name}")
 
-        for call in (lambda: method("stream_unary", "Push")(iter([garbage]), timeout=20),
-                     lambda: method("stream_unary", "Push")(iter([h.frames()[0].SerializeToString(), garbage]),
-                                                            timeout=20),
-                     lambda: list(method("stream_stream", "PushPull")(iter([garbage]), timeout=20)),
+        for call in (lambda: list(method("stream_stream", "Push")(iter([garbage]), timeout=20)),
+                     lambda: list(method("stream_stream", "Push")(iter([h.frames()[0].SerializeToString(), garbage]),
+                                                                  timeout=20)),
                      lambda: list(method("unary_stream", "Pull")(garbage, timeout=20)),
-                     lambda: method("unary_unary", "PullWhole")(garbage, timeout=20),
-                     lambda: method("unary_unary", "PushPullWhole")(garbage, timeout=20),
                      lambda: method("unary_unary", "Join")(garbage, timeout=20),
                      lambda: method("unary_unary", "Status")(garbage, timeout=20)):
             h.refused(call, INVALID, "does not parse")
     assert len(h.state.live_workers()) == 2
-
-
-def whole_push(frames: list[pb.PushFrame]) -> pb.WholePush:
-    """The push of ``frames`` as one message: the header announcing one chunk, then all the bytes."""
-    header = pb.PushHeader()
-    header.CopyFrom(frames[0].header)
-    header.tensor.chunk_count = 1
-    return pb.WholePush(header=header, data=b"".join(frame.chunk.data for frame in frames[1:]))
-
-
-def test_whole_push_that_does_not_match_its_checksum(harness):
-    h = harness()
-    frames = h.frames(tensor={"crc32c": h.frames()[0].header.tensor.crc32c ^ 1})
-    h.refused(lambda: h.stub.PushPullWhole(whole_push(frames), timeout=20), INVALID, "checksum mismatch")
-
-
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_whole_push_is_rejected_and_counted(harness, value):
-    """A whole float32 push is read where it arrived, not copied: it is checked all the same."""
-    h = harness()
-    grad = gradient()
-    grad[2999] = value
-    h.refused(lambda: h.stub.PushPullWhole(whole_push(h.frames(grad)), timeout=20), INVALID,
-              "gradient has 1 NaN or Inf elements (of 3000)")
-    assert h.worker.status().nonfinite_pushes == 1
-
-
-def test_whole_push_announcing_several_chunks(harness):
-    h = harness()
-    message = whole_push(h.frames())
-    message.header.tensor.chunk_count = 3
-    h.refused(lambda: h.stub.PushPullWhole(message, timeout=20), INVALID,
-              "stream ended after 1 of 3 chunks")
-
-
-def test_whole_calls_refuse_a_model_over_one_message(inprocess_servers):
-    """1.1 M float32 parameters take 4.4 MB: more than one message's 4 MiB, but not in bfloat16."""
-    numel = 1_100_000
-    server = inprocess_servers(small_state(numel))
-    with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 16 << 20)]) as channel, \
-            WorkerClient(server.address, timeout=20) as worker:
-        stub = pb_grpc.ParameterServerStub(channel)
-        worker_id = worker.join().worker_id
-        version, theta = worker.pull()  # streamed: the client sees the model does not fit
-        before = StateSnapshot.of(server.state)
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.PullWhole(pb.PullRequest(worker_id=worker_id), timeout=20)
-        assert refused.value.code() == INVALID and "more than the 4194304 one message carries" in refused.value.details()
-        encoded = encode(torch.zeros(numel), pb.BFLOAT16, chunk_bytes=numel * 2)
-        header = pb.PushHeader(worker_id=worker_id, base_version=version, tensor=encoded.header, pull_dtype=pb.FLOAT32)
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.PushPullWhole(pb.WholePush(header=header, data=bytes(encoded.chunks[0])), timeout=20)
-        assert refused.value.code() == INVALID and "in the reply dtype" in refused.value.details()
-        before.assert_same(StateSnapshot.of(server.state))
-        header.pull_dtype = pb.BFLOAT16
-        reply = stub.PushPullWhole(pb.WholePush(header=header, data=bytes(encoded.chunks[0])), timeout=20)
-        assert reply.header.push.applied and len(reply.data) == numel * 2
 
 
 def test_push_that_stalls_between_chunks(harness):
@@ -542,7 +443,7 @@ def test_push_that_stalls_between_chunks(harness):
         release.wait(timeout=20)
 
     try:
-        h.refused(lambda: h.stub.Push(stalled(h.frames()), timeout=20), grpc.StatusCode.DEADLINE_EXCEEDED,
+        h.refused(lambda: list(h.stub.Push(stalled(h.frames()), timeout=20)), grpc.StatusCode.DEADLINE_EXCEEDED,
                   "push stalled: no chunk for 0.3s")
     finally:
         release.set()

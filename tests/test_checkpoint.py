@@ -10,7 +10,7 @@ from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.server.checkpointer import Checkpointer, CheckpointOptions
 from gapaware.server.checkpoint import CheckpointDirectory, CorruptCheckpoint, read_checkpoint, write_checkpoint
-from gapaware.server.membership import first_worker_id
+from gapaware.server.registry import first_worker_id
 from gapaware.server.resume import ResumeError, check_fresh_directory, find_resume_point, resolve_config
 from gapaware.server.state import ParameterServerState
 from gapaware.server.policies import POLICIES
@@ -30,7 +30,7 @@ def drive(state: ParameterServerState, workers: list[int], steps: int, seed: int
     versions = {w: state.pull(w)[0] for w in workers}
     for step in range(steps):
         worker = workers[step % len(workers)]
-        state.push(worker, torch.randn(NUMEL, generator=gen), base_version=versions[worker], samples=32, loss=0.5)
+        state.push(state.admit(worker, torch.randn(NUMEL, generator=gen), base_version=versions[worker], samples=32, loss=0.5))
         versions[worker] = state.pull(worker)[0]
 
 

@@ -20,9 +20,9 @@ STEPS = 12
 
 
 def _work(address: str, index: int, log: list, errors: list, transport: str, numel: int) -> None:
-    """One worker: half of them stream (pushes in 4 KiB chunks, 64 KiB for the large model), half send
-    whole messages. A gradient is logged as the server receives it (rounded to the transport dtype)."""
-    streamed = dict(one_message_bytes=0, chunk_bytes=4096 if numel == SMALL else 1 << 16) if index % 2 else {}
+    """One worker: half of them push in small chunks (4 KiB, 64 KiB for the large model), half in the
+    default 1 MiB. A gradient is logged as the server receives it (rounded to the transport dtype)."""
+    streamed = dict(chunk_bytes=4096 if numel == SMALL else 1 << 16) if index % 2 else {}
     try:
         with WorkerClient(address, timeout=60, transport_dtype=transport, **streamed) as client:
             worker_id = client.join().worker_id
@@ -73,7 +73,7 @@ def test_concurrent_run_equals_its_sequential_replay(inprocess_servers, policy, 
 
     replay_pulls_at(0)
     for _, worker_id, base, grad, version in pushes:
-        result = replay.push(ids[worker_id], grad, base_version=base)
+        result = replay.push(replay.admit(ids[worker_id], grad, base_version=base))
         assert result.version == version
         replay_pulls_at(version)
     assert torch.equal(server.state.theta, replay.theta)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from gapaware import WorkerClient
-from gapaware.common.codec import chunk_messages, encode
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.errors import BadPush
 from gapaware.worker.retry import RetryPolicy, call_with_retries
+from tests.frames import encode_messages
 from tests.tcp_proxy import ReplyDroppingProxy
 from tests.test_checkpoint import NUMEL, make_state
 
@@ -20,16 +20,16 @@ def test_state_applies_a_repeated_seq_once_and_refuses_an_older_one():
     state = make_state("gap-aware")
     worker = state.join("h", "cpu", None).worker_id
     version, _ = state.pull(worker)
-    first = state.push(worker, torch.ones(NUMEL), base_version=version, seq=1)
+    first = state.push(state.admit(worker, torch.ones(NUMEL), base_version=version, seq=1))
     theta = state.theta.clone()
-    again = state.push(worker, torch.ones(NUMEL), base_version=version, seq=1)
+    again = state.push(state.admit(worker, torch.ones(NUMEL), base_version=version, seq=1))
     assert first.applied and not again.applied
     assert (again.version, again.staleness, again.mean_gap) == (first.version, first.staleness, first.mean_gap)
     assert state.version == 1 and state.totals()["pushes"] == 1 and torch.equal(state.theta, theta)
     state.pull(worker)
-    assert state.push(worker, torch.ones(NUMEL), base_version=1, seq=2).applied
+    assert state.push(state.admit(worker, torch.ones(NUMEL), base_version=1, seq=2)).applied
     with pytest.raises(BadPush, match="older than its push 2"):
-        state.push(worker, torch.ones(NUMEL), base_version=2, seq=1)
+        state.push(state.admit(worker, torch.ones(NUMEL), base_version=2, seq=1))
     assert state.version == 2
 
 
@@ -55,7 +55,7 @@ def test_push_whose_reply_is_lost_and_is_retried_counts_once(servers):
                 attempts.append(seq)
                 return worker.push_pull(grad, version, samples=32, seq=seq)
 
-            proxy.dropping.set()
+            proxy.drop_replies_after(grad.numel() * 4)  # the reply after the gradient is lost
             pusher = threading.Thread(target=lambda: results.append(call_with_retries(
                 push, RetryPolicy(initial_backoff=0.2, max_backoff=1.0, give_up_after=30), what="push")))
             pusher.start()
@@ -86,7 +86,7 @@ def test_push_cut_off_mid_stream_changes_nothing(servers):
         info = client.join()
         version, theta = client.pull()
         before = client.status()
-        encoded = encode(torch.ones_like(theta), pb.FLOAT32, chunk_bytes=4096)
+        encoded = encode_messages(torch.ones_like(theta), pb.FLOAT32, chunk_bytes=4096)
         assert encoded.header.chunk_count > 3
         sent_two = threading.Event()
         never = threading.Event()
@@ -94,7 +94,7 @@ def test_push_cut_off_mid_stream_changes_nothing(servers):
         def frames():
             yield pb.PushFrame(header=pb.PushHeader(worker_id=info.worker_id, base_version=version, seq=1,
                                                     tensor=encoded.header))
-            for index, chunk in enumerate(chunk_messages(encoded)):
+            for index, chunk in enumerate(encoded.chunks):
                 if index == 2:
                     sent_two.set()
                     never.wait(30)
@@ -102,7 +102,8 @@ def test_push_cut_off_mid_stream_changes_nothing(servers):
                 yield pb.PushFrame(chunk=chunk)
 
         channel = grpc.insecure_channel(server.address)
-        call = pb_grpc.ParameterServerStub(channel).Push.future(frames(), timeout=30)
+        call = pb_grpc.ParameterServerStub(channel).Push(frames(), timeout=30)
+        assert next(call).WhichOneof("frame") == "ready"
         assert sent_two.wait(10)
         time.sleep(0.3)
         call.cancel()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import os
 
-import crc32c
 import grpc
 import pytest
 import torch
@@ -18,10 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gapaware import WorkerClient
-from gapaware.common.codec import CodecError, TensorAssembler
+from gapaware.common.transport import Assembler, ChunkView, TransportError
 from gapaware.common.layout import ParamLayout
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
+from gapaware.server.servicer import SERVICE_NAME
 from gapaware.worker.client import CHANNEL_OPTIONS
 from tests.inprocess import InProcessServer, StateSnapshot, small_state
 from tests.test_bad_input import CHUNK_BYTES, push_frames
@@ -44,7 +44,7 @@ class Target:
         self.server = InProcessServer(small_state(NUMEL, policy="dana-ga", momentum=0.9))
         self.channel = grpc.insecure_channel(self.server.address, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.ParameterServerStub(self.channel)
-        self.raw_push = self.channel.stream_unary("/gapaware.v1.ParameterServer/Push")
+        self.raw_push = self.channel.stream_stream(f"/{SERVICE_NAME}/Push")
         self.worker = WorkerClient(self.server.address, chunk_bytes=CHUNK_BYTES, timeout=20)
         self.worker_id = self.worker.join().worker_id
         self.version, _ = self.worker.pull()
@@ -67,19 +67,19 @@ header_changes = st.fixed_dictionaries({}, optional={
     "base_version": st.integers(0, UINT64),
     "samples": st.integers(0, UINT32),
     "loss": st.floats(allow_nan=True, allow_infinity=True),
+    "pull": st.booleans(),
     "pull_dtype": st.integers(0, 6),
 })
 tensor_changes = st.fixed_dictionaries({}, optional={
     "dtype": st.integers(0, 6),
     "numel": st.one_of(st.integers(NUMEL - 2, NUMEL + 2), st.integers(0, UINT64)),
     "chunk_count": st.one_of(st.integers(0, 6), st.integers(0, UINT32)),
-    "crc32c": st.integers(0, UINT32),
-    "crc_in_trailer": st.booleans(),  # True: the true checksum follows the chunks in a trailer
 })
 frame_edits = st.lists(st.one_of(
-    st.tuples(st.just("drop"), st.integers(0, 4)),          # 4: the trailer, when there is one
-    st.tuples(st.just("duplicate"), st.integers(0, 4)),
-    st.tuples(st.just("swap"), st.integers(0, 4), st.integers(0, 4)),
+    st.tuples(st.just("drop"), st.integers(0, 3)),
+    st.tuples(st.just("duplicate"), st.integers(0, 3)),
+    st.tuples(st.just("swap"), st.integers(0, 3), st.integers(0, 3)),
+    st.tuples(st.just("recrc"), st.integers(1, 3), st.integers(0, UINT32)),
     st.tuples(st.just("reindex"), st.integers(0, 3), st.integers(0, UINT32)),
     st.tuples(st.just("flip"), st.integers(1, 3), st.integers(0, 4095), st.integers(1, 255)),
     st.tuples(st.just("truncate"), st.integers(1, 3), st.integers(0, 4096)),
@@ -87,7 +87,7 @@ frame_edits = st.lists(st.one_of(
     st.tuples(st.just("nonfinite"), st.integers(0, NUMEL - 1), st.sampled_from(["nan", "inf", "-inf"])),
 ), max_size=3)
 requests = st.one_of(
-    st.tuples(st.sampled_from(["push", "push_pull"]), header_changes, tensor_changes, frame_edits),
+    st.tuples(st.just("push"), header_changes, tensor_changes, frame_edits),
     st.tuples(st.just("raw"), st.lists(st.binary(max_size=64), max_size=4)),
     st.tuples(st.just("pull"), st.integers(0, UINT64), st.integers(0, 6)),
     st.tuples(st.just("join"), st.lists(st.tuples(st.text(max_size=8), st.lists(st.integers(0, 5000), max_size=3)),
@@ -103,8 +103,6 @@ def mutated_push(target: Target, header: dict, tensor: dict, edits: list) -> lis
     frames = push_frames(target.worker_id, target.version, grad)
     _set(frames[0].header, header)
     _set(frames[0].header.tensor, tensor)
-    if frames[0].header.tensor.crc_in_trailer:
-        frames.append(pb.PushFrame(trailer=pb.TensorTrailer(crc32c=crc32c.crc32c(grad.numpy().tobytes()))))
     for edit in edits:
         kind, at = edit[0], edit[1] % len(frames) if frames else 0
         if not frames or kind == "nonfinite":
@@ -122,6 +120,8 @@ def mutated_push(target: Target, header: dict, tensor: dict, edits: list) -> lis
             data = bytearray(chunk.data)
             if kind == "reindex":
                 chunk.index = edit[2]
+            elif kind == "recrc":
+                chunk.crc32c = edit[2]
             elif kind == "flip" and data:
                 data[edit[2] % len(data)] ^= edit[3]
             elif kind == "truncate":
@@ -133,40 +133,35 @@ def mutated_push(target: Target, header: dict, tensor: dict, edits: list) -> lis
     return frames
 
 
-def really_valid(frames: list[pb.PushFrame], target: Target, replies_with_pull: bool) -> bool:
-    """Whether the stream is one the server should accept: checked with the codec, independently."""
+def really_valid(frames: list[pb.PushFrame], target: Target) -> bool:
+    """Whether the stream is one the server should accept: checked with the transport, independently."""
     if not frames or frames[0].WhichOneof("frame") != "header":
         return False
     header = frames[0].header
     if (header.worker_id, header.base_version) != (target.worker_id, target.version):
         return False
-    if replies_with_pull and header.pull_dtype not in (pb.DTYPE_UNSPECIFIED, pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16):
+    if header.pull and header.pull_dtype not in (pb.DTYPE_UNSPECIFIED, pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16):
         return False
     try:
-        assembler = TensorAssembler(header.tensor, expected_numel=NUMEL)
+        assembler = Assembler(header.tensor, numel=NUMEL)
         for frame in frames[1:]:
-            kind = frame.WhichOneof("frame")
-            if kind == "chunk":
-                assembler.add(frame.chunk)
-            elif kind == "trailer":
-                assembler.add_trailer(frame.trailer)
-            else:
+            if frame.WhichOneof("frame") != "chunk":
                 return False
+            assembler.add(ChunkView(frame.chunk.index, memoryview(frame.chunk.data), frame.chunk.crc32c))
         return bool(torch.isfinite(assembler.finish()).all())
-    except CodecError:
+    except TransportError:
         return False
 
 
 def send(target: Target, request: tuple) -> bool | None:
     """Sends one request; True when the server accepted a push it should have, None for no push."""
     kind = request[0]
-    if kind in ("push", "push_pull"):
+    if kind == "push":
         frames = mutated_push(target, *request[1:])
-        call = target.stub.Push if kind == "push" else lambda it, **kw: list(target.stub.PushPull(it, **kw))
-        call(iter(frames), timeout=20)
-        return really_valid(frames, target, replies_with_pull=kind == "push_pull")
+        list(target.stub.Push(iter(frames), timeout=20))
+        return really_valid(frames, target)
     if kind == "raw":
-        target.raw_push(iter(request[1]), timeout=20)
+        list(target.raw_push(iter(request[1]), timeout=20))
         return False
     if kind == "pull":
         if request[1] == target.worker_id:  # pulling for our own worker is valid and changes nothing
@@ -228,7 +223,7 @@ def test_mutated_requests_are_refused_precisely_and_change_nothing():
 
 
 def test_refused_streams_release_their_buffers(inprocess_servers):
-    """Full-size gradients with a wrong checksum, refused after the whole tensor was buffered."""
+    """Full-size gradients whose last chunk has a wrong checksum, refused once the whole tensor was buffered."""
     numel = 8 * 2**20  # 32 MiB of float32
     server = inprocess_servers(small_state(numel, policy="asgd", momentum=0.0))
     with WorkerClient(server.address, chunk_bytes=2**20, timeout=60) as client:
@@ -239,12 +234,13 @@ def test_refused_streams_release_their_buffers(inprocess_servers):
         del theta
         with grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel:
             stub = pb_grpc.ParameterServerStub(channel)
-            frames = push_frames(1, version, torch.ones(numel), tensor={"crc32c": 12345})
+            frames = push_frames(1, version, torch.ones(numel))
+            frames[-1].chunk.crc32c ^= 1
             gc.collect()
             before = rss_bytes()
             for _ in range(6):
                 with pytest.raises(grpc.RpcError) as refused:
-                    stub.Push(iter(frames), timeout=60)
+                    list(stub.Push(iter(frames), timeout=60))
                 assert "checksum mismatch" in refused.value.details()
             gc.collect()
             grown = rss_bytes() - before

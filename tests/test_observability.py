@@ -62,7 +62,7 @@ def test_metrics_scraped_from_a_live_run_move_with_every_push(servers, tmp_path)
         with pytest.raises(grpc.RpcError):
             second.push(torch.zeros_like(theta1), base_version=v2)          # refused: nothing pulled since
         version, _ = first.pull()
-        for _ in range(4):                                                   # four fresh updates via PushPull
+        for _ in range(4):                                                   # four fresh updates via push-and-pull
             _, version, _ = first.push_pull(torch.zeros_like(theta1), base_version=version)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not server.records("eval"):
@@ -120,7 +120,7 @@ def test_metrics_scraped_from_a_live_run_move_with_every_push(servers, tmp_path)
 def test_health_is_serving_then_not_serving_while_the_server_shuts_down(servers):
     server = servers("--task", "digits-mlp", "--max-updates", "100")
     database = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(server.address))
-    assert {"gapaware.v1.ParameterServer", "grpc.health.v1.Health"} <= set(database.get_services())
+    assert {"gapaware.v2.ParameterServer", "grpc.health.v1.Health"} <= set(database.get_services())
     assert check_health(server.address) == "SERVING"
     assert CliRunner().invoke(main, ["health", "--server", server.address]).exit_code == 0
 

@@ -33,7 +33,7 @@ def test_bfloat16_snapshots_take_half_the_memory_and_feed_the_gap_rounded(policy
         grad = torch.randn(numel, generator=torch.Generator().manual_seed(worker)) * 0.1
         expected_gap = reference.apply(theta, grad, lr=half.lr(), staleness=half.version, stale_theta=pulled,
                                        worker_id=worker)
-        result = half.push(worker, grad, base_version=0, samples=1)
+        result = half.push(half.admit(worker, grad, base_version=0, samples=1))
         assert result.mean_gap == pytest.approx(expected_gap, rel=1e-12)
         assert torch.equal(half.theta, theta)
     assert result.mean_gap > 1.0, "the last push was stale: its Gap must exceed 1"
@@ -57,7 +57,7 @@ def test_recycled_bfloat16_snapshots_still_feed_each_worker_its_own_rounded_thet
         grad = torch.randn(numel, generator=torch.Generator().manual_seed(step)) * 0.1
         expected_gap = reference.apply(theta, grad, lr=state.lr(), staleness=state.version - version,
                                        stale_theta=stale_theta, worker_id=worker)
-        assert state.push(worker, grad, base_version=version, samples=1).mean_gap == pytest.approx(expected_gap, rel=1e-12)
+        assert state.push(state.admit(worker, grad, base_version=version, samples=1)).mean_gap == pytest.approx(expected_gap, rel=1e-12)
         assert torch.equal(state.theta, theta)
         version, view = state.pull(worker)
         pulled[worker] = version, view.to(torch.bfloat16).float()

@@ -11,7 +11,7 @@ from cryptography import x509
 
 from gapaware import WorkerClient
 from gapaware.cli import main
-from gapaware.common.codec import encode
+from gapaware.common.transport import encode
 from gapaware.common.security import ClientSecurity, SecurityConfigError, ServerSecurity, is_loopback, load_token
 from gapaware.local_run import LocalSecurity
 from gapaware.proto import parameter_server_pb2 as pb
@@ -65,13 +65,12 @@ def test_token_is_required_on_every_call_and_compared_exactly(inprocess_servers)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, wrong
         assert ("requires a token" if wrong is None else "wrong token") in error.details()
     guess = [("authorization", "Bearer guess")]
-    frames = [pb.PushFrame(header=pb.PushHeader(worker_id=1, tensor=encode(torch.zeros(50)).header))]
+    frames = [pb.PushFrame(header=pb.PushHeader(worker_id=1, tensor=encode(torch.zeros(50))[0]))]
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
         for call in (lambda: stub.Status(pb.StatusRequest(), metadata=guess),
                      lambda: list(stub.Pull(pb.PullRequest(worker_id=1), metadata=guess)),
-                     lambda: stub.Push(iter(frames), metadata=guess),
-                     lambda: list(stub.PushPull(iter(frames), metadata=guess))):
+                     lambda: list(stub.Push(iter(frames), metadata=guess))):
             with pytest.raises(grpc.RpcError) as refused:
                 call()
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -279,10 +278,10 @@ def test_refused_calls_are_logged_at_most_once_per_interval(caplog):
     refusals = RefusalLog(interval=10.0, clock=lambda: now[0])
     with caplog.at_level("WARNING", logger="gapaware.server.auth"):
         for _ in range(50):
-            refusals.refused("/gapaware.v1.ParameterServer/Status", "ipv4:10.0.0.9:5000", "wrong token")
+            refusals.refused("/gapaware.v2.ParameterServer/Status", "ipv4:10.0.0.9:5000", "wrong token")
             now[0] += 0.01
         now[0] += 10.0
-        refusals.refused("/gapaware.v1.ParameterServer/Status", "ipv4:10.0.0.9:5000", "wrong token")
+        refusals.refused("/gapaware.v2.ParameterServer/Status", "ipv4:10.0.0.9:5000", "wrong token")
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 2, lines
     assert "more calls refused" not in lines[0] and "(49 more calls refused since the last line)" in lines[1]

@@ -1,0 +1,265 @@
+"""Flat tensors to checked frames and back: the one tensor transport of server and worker.
+
+A tensor travels as a :class:`~gapaware.proto.parameter_server_pb2.TensorHeader` (dtype, element
+count, chunk count) and then chunks of raw little-endian bytes, at most :data:`MAX_CHUNK_BYTES`
+and a whole number of elements each, every chunk with the CRC-32C of its own bytes. The receiver
+checks each chunk as it arrives (:class:`Assembler`), so a corrupt byte is refused where it is,
+before the tensor is complete. The transport dtype (float32, bfloat16, float16) is a choice made
+here, not a branch in server or worker: :func:`encode` casts on the way out and the assembler
+casts back to float32 on the way in.
+
+One specialised path: chunk frames are written and read in protobuf's wire format by this module
+(:func:`chunk_frame`, :func:`frame_parser`) rather than through message objects, which copy every
+chunk's bytes twice more on the way out and once more on the way in; ``bench/transport.py``
+measures what that is worth (docs/PERFORMANCE.md). Headers, and any frame the fast path does not
+recognise, go through the generated classes, so a peer that builds ordinary messages
+interoperates: the contract is the ``.proto``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import crc32c
+import torch
+from google.protobuf.message import Message
+
+from gapaware.proto import parameter_server_pb2 as pb
+
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+
+DTYPES = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
+DTYPE_NAMES = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}
+
+_FRAME_CHUNK_TAG = 0x12  # the frame's field 2 (chunk), length-delimited
+_INDEX_TAG = 0x08        # Chunk.index, field 1, varint
+_DATA_TAG = 0x12         # Chunk.data, field 2, length-delimited
+_CRC_TAG = 0x1D          # Chunk.crc32c, field 3, fixed32
+
+
+class TransportError(ValueError):
+    """A tensor stream that does not match its header: the message says what is wrong."""
+
+
+def dtype_from_name(name: str) -> int:
+    try:
+        return DTYPE_NAMES[name]
+    except KeyError:
+        raise ValueError(f"Invalid transport dtype: {name!r} (choose from {', '.join(DTYPE_NAMES)})") from None
+
+
+def itemsize(dtype: int) -> int:
+    if dtype not in DTYPES:
+        raise TransportError(f"unknown tensor dtype {dtype} (expected one of {sorted(DTYPES)})")
+    return DTYPES[dtype].itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkView:
+    """A received chunk: its index, a view of its bytes inside the received frame, and its checksum."""
+
+    index: int
+    data: memoryview
+    crc32c: int
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(tensor.view(torch.uint8).numpy())
+
+
+def encode(tensor: torch.Tensor, dtype: int = pb.FLOAT32,
+           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[pb.TensorHeader, Iterator[bytes]]:
+    """The header of a flat tensor in the transport ``dtype``, and its serialized chunk frames.
+
+    The frames are made one at a time as they are taken, each read from ``tensor`` (or from its cast
+    to ``dtype``, made here once) at that moment: the caller keeps ``tensor`` unchanged until the
+    last frame is taken. ``chunk_bytes`` is rounded down to whole elements.
+    """
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"Invalid chunk size: {chunk_bytes} (1 to {MAX_CHUNK_BYTES} bytes)")
+    if tensor.dim() != 1:
+        raise ValueError(f"expected a flat tensor, got shape {tuple(tensor.shape)}")
+    size = itemsize(dtype)
+    chunk_bytes = max(size, chunk_bytes // size * size)
+    flat = tensor.detach().to("cpu", DTYPES[dtype]).contiguous()
+    raw = tensor_bytes(flat)
+    header = pb.TensorHeader(dtype=dtype, numel=flat.numel(), chunk_count=math.ceil(len(raw) / chunk_bytes))
+
+    def frames() -> Iterator[bytes]:
+        for index, start in enumerate(range(0, len(raw), chunk_bytes)):
+            yield chunk_frame(index, raw[start:start + chunk_bytes])
+
+    return header, frames()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def chunk_frame(index: int, data: memoryview) -> bytes:
+    """The serialized ``PushFrame``/``PullFrame`` holding ``Chunk(index, data, crc32c(data))``, byte for
+    byte what protobuf writes (fields at proto3's default, 0, are left out), with one copy of ``data``."""
+    crc = crc32c.crc32c(data)
+    index_field = bytes((_INDEX_TAG,)) + _varint(index) if index else b""
+    crc_field = bytes((_CRC_TAG,)) + crc.to_bytes(4, "little") if crc else b""
+    data_prefix = bytes((_DATA_TAG,)) + _varint(len(data))
+    chunk_length = len(index_field) + len(data_prefix) + len(data) + len(crc_field)
+    return b"".join((bytes((_FRAME_CHUNK_TAG,)), _varint(chunk_length), index_field, data_prefix, data, crc_field))
+
+
+def serialize_frame(frame: bytes | Message) -> bytes:
+    """gRPC serializer for frames: chunks from :func:`chunk_frame` as they are, messages serialized."""
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
+def _chunk_in_place(view: memoryview) -> ChunkView | None:
+    """The chunk of a frame that is one chunk field of known fields, read in place; else None."""
+    try:
+        if view[0] != _FRAME_CHUNK_TAG:
+            return None
+        length, pos = _read_varint(view, 1)
+        if pos + length != len(view):
+            return None
+        index, crc, data = 0, 0, view[pos:pos]
+        while pos < len(view):
+            tag, pos = _read_varint(view, pos)
+            if tag == _INDEX_TAG:
+                index, pos = _read_varint(view, pos)
+            elif tag == _DATA_TAG:
+                size, pos = _read_varint(view, pos)
+                if pos + size > len(view):
+                    return None
+                data, pos = view[pos:pos + size], pos + size
+            elif tag == _CRC_TAG and pos + 4 <= len(view):
+                crc, pos = int.from_bytes(view[pos:pos + 4], "little"), pos + 4
+            else:
+                return None
+        return ChunkView(index, data, crc)
+    except IndexError:
+        return None
+
+
+def frame_parser(frame_type: type[Message]) -> Callable[[bytes], Message | ChunkView | None]:
+    """gRPC deserializer for ``frame_type`` (``PushFrame`` or ``PullFrame``): a :class:`ChunkView` for
+    a chunk, the member's message for a header or a ready frame, None for a frame holding nothing."""
+
+    def parse(raw: bytes) -> Message | ChunkView | None:
+        in_place = _chunk_in_place(memoryview(raw))
+        if in_place is not None:
+            return in_place
+        frame = frame_type.FromString(raw)
+        kind = frame.WhichOneof("frame")
+        if kind == "chunk":
+            return ChunkView(frame.chunk.index, memoryview(frame.chunk.data), frame.chunk.crc32c)
+        return None if kind is None else getattr(frame, kind)
+
+    return parse
+
+
+class Assembler:
+    """Receives the chunks that follow a header into a float32 tensor, checking each as it arrives.
+
+    ``numel`` is the element count the receiver needs (the model's size): a header claiming any other
+    count is refused before a byte is allocated, so a lying header cannot make the receiver reserve
+    memory. The tensor is written into ``out`` (a flat contiguous float32 CPU tensor of ``numel``
+    elements, which a receiver may reuse across transfers) or a new one. With ``check_finite`` each
+    chunk is checked for NaN and Inf while it is in cache (:attr:`finite`). A stream refused half-way
+    leaves ``out`` partly overwritten.
+    """
+
+    def __init__(self, header: pb.TensorHeader, *, numel: int, out: torch.Tensor | None = None,
+                 check_finite: bool = False) -> None:
+        self._dtype = DTYPES.get(header.dtype)
+        if self._dtype is None:
+            raise TransportError(f"unknown tensor dtype {header.dtype} (expected one of {sorted(DTYPES)})")
+        if header.numel != numel:
+            raise TransportError(f"tensor has {header.numel} elements but {numel} are expected")
+        self._nbytes = numel * self._dtype.itemsize
+        fewest = -(-self._nbytes // MAX_CHUNK_BYTES)
+        most = numel
+        if not fewest <= header.chunk_count <= most:
+            raise TransportError(f"header announces {header.chunk_count} chunks for {self._nbytes} bytes (between "
+                                 f"{fewest} and {most} needed with chunks of at most {MAX_CHUNK_BYTES} bytes)")
+        if out is None:
+            out = torch.empty(numel)
+        elif out.shape != (numel,) or out.dtype != torch.float32 or out.device.type != "cpu" \
+                or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous flat float32 CPU tensor of {numel} elements, "
+                             f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}")
+        self._chunk_count = header.chunk_count
+        self._out = out
+        self._check_finite = check_finite
+        self.finite = True
+        self._elements = 0
+        self._next_index = 0
+
+    def add(self, frame: object) -> None:
+        """Takes the next frame of the stream, which must be its next chunk."""
+        if not isinstance(frame, ChunkView):
+            what = "a header" if isinstance(frame, (pb.PushHeader, pb.PullHeader)) else "a frame with no chunk"
+            raise TransportError(f"{what} arrived among the chunks")
+        if frame.index != self._next_index:
+            raise TransportError(f"chunk {frame.index} arrived where chunk {self._next_index} was expected")
+        if self._next_index >= self._chunk_count:
+            raise TransportError(f"more chunks than the {self._chunk_count} the header announced")
+        length = len(frame.data)
+        if not 0 < length <= MAX_CHUNK_BYTES or length % self._dtype.itemsize:
+            raise TransportError(f"chunk {frame.index} has {length} bytes (1 to {MAX_CHUNK_BYTES} allowed, whole "
+                                 f"elements of {self._dtype.itemsize} bytes)")
+        elements = length // self._dtype.itemsize
+        if self._elements + elements > self._out.numel():
+            raise TransportError(f"chunks carry more than the {self._nbytes} bytes the header announced")
+        if crc32c.crc32c(frame.data) != frame.crc32c:
+            raise TransportError(f"checksum mismatch in chunk {frame.index}: its bytes are not those that were sent")
+        target = self._out[self._elements:self._elements + elements]
+        target.copy_(_read_only_tensor(frame.data, self._dtype))
+        if self._check_finite and self.finite:
+            self.finite = all_finite(target)
+        self._elements += elements
+        self._next_index += 1
+
+    def finish(self) -> torch.Tensor:
+        """The received tensor (float32), once every chunk has arrived."""
+        if self._next_index != self._chunk_count or self._elements != self._out.numel():
+            raise TransportError(f"stream ended after {self._next_index} of {self._chunk_count} chunks "
+                                 f"({self._elements * self._dtype.itemsize} of {self._nbytes} bytes)")
+        return self._out
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or ±Inf.
+
+    A NaN or an infinity makes the sum NaN or infinite, so a finite sum proves every element finite
+    in one streaming pass with no temporary; only a non-finite sum (a bad tensor, or finite elements
+    whose float32 sum overflows) pays for the exact element-wise test, which allocates.
+    """
+    return math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all())
+
+
+def _read_only_tensor(data: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over ``data`` (received bytes, which are immutable), without a copy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # that the bytes are not writable: the tensor is only read
+        return torch.frombuffer(data, dtype=dtype)
