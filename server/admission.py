@@ -31,14 +31,20 @@ class PushAdmission:
     async def admitted(self, worker_id: int) -> AsyncIterator[torch.Tensor]:
         """A gradient buffer for the worker's push, once a slot is free. A second push of the same
         worker while its first is in flight is refused (:class:`PushInFlight`). The buffer is a spare
-        again once the block ends normally; after an error a pool thread may still be reading it."""
+        again once the block ends, unless the call was cancelled: an update in a pool thread may then
+        still be reading it, and it is left to the garbage collector."""
         if worker_id in self._in_flight:
             raise PushInFlight(worker_id)
         self._in_flight.add(worker_id)
         try:
             async with self._slots:
                 buffer = self._model.spare()
-                yield buffer
-                self._model.recycle(buffer)
+                try:
+                    yield buffer
+                except asyncio.CancelledError:
+                    buffer = None
+                    raise
+                finally:
+                    self._model.recycle(buffer)
         finally:
             self._in_flight.discard(worker_id)

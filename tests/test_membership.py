@@ -19,7 +19,7 @@ def test_reaping_forgets_only_silent_workers_and_frees_their_state(policy):
         state.push(state.admit(worker, torch.ones(NUMEL), base_version=state.pull(worker)[0]))
         state.pull(worker)
     assert state.held_snapshots() == 2
-    state.members.get(silent).last_seen = time.monotonic() - 10
+    state.workers.get(silent).last_seen = time.monotonic() - 10
     assert [r.worker_id for r in state.reap(lease_seconds=5)] == [silent]
     assert state.held_snapshots() == 1
     assert [w.worker_id for w in state.live_workers()] == [alive]
