@@ -5,7 +5,7 @@ grpc.aio server and a sync client that do nothing with the bytes.
 
 gapaware's server and client check, copy and apply every byte they move; this server answers with
 prebuilt messages and drops what it receives, and its client drops the replies. It runs with the
-options, receive windows and heap settings of ``gapaware server`` and ``WorkerClient``. What
+options and receive windows of ``gapaware server`` and ``WorkerClient``. What
 separates it from raw TCP is the cost of gRPC itself (Python gRPC copies every message into and out
 of ``bytes``, and runs the server's side of every call on one event loop); what separates gapaware
 from it is gapaware's own work. Benchmarks 1 and 3 measure it beside gapaware, in the same runs.
@@ -18,9 +18,8 @@ import sys
 
 import grpc
 
-from gapaware.common.allocator import keep_freed_memory, use_one_heap
 from gapaware.common.codec import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
-from gapaware.server.app import GRPC_OPTIONS, SERVER_HEAP_BLOCKS, ServerOptions, receive_window_options
+from gapaware.server.app import GRPC_OPTIONS, ServerOptions, receive_window_options
 from gapaware.worker.client import CHANNEL_OPTIONS
 
 SERVICE = "gapaware.bench.Floor"
@@ -41,8 +40,6 @@ def _travels_whole(nbytes: int) -> bool:
 
 
 async def _serve(nbytes: int) -> None:
-    keep_freed_memory(SERVER_HEAP_BLOCKS)  # what `gapaware server` does
-    use_one_heap()
     frames, whole = _stream_frames(nbytes), bytes(nbytes)
 
     async def drain(requests) -> None:

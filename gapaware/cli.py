@@ -15,7 +15,6 @@ from gapaware.cli_security import (
     client_security_from_options, client_security_options, local_security_options, server_security_from_options,
     server_security_options,
 )
-from gapaware.common.allocator import enable_huge_pages
 from gapaware.common.choices import NONFINITE_ACTIONS, POLICY_NAMES
 from gapaware.common.config import SCHEDULES, SNAPSHOT_DTYPES, RunConfig
 
@@ -169,7 +168,6 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
            checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, max_concurrent_rpcs, threads,
            chunk_timeout, receive_window_mib, log_level, **values) -> None:
     """Run the parameter server until the run ends."""
-    enable_huge_pages()
     from gapaware.server.app import ServerOptions, run_server
     from gapaware.server.checkpointer import CheckpointOptions
     from gapaware.server.observability import tensorboard_writer_class
@@ -231,7 +229,6 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
 def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, prefetch_batches, procs,
            rpc_timeout, retry_initial_backoff, retry_max_backoff, retry_give_up_after, log_level, **values) -> None:
     """Join a server and train until the run ends (SIGTERM/SIGINT: leave and exit 0)."""
-    enable_huge_pages()
     from gapaware.worker.loop import WorkerOptions, run_worker
     from gapaware.worker.procs import run_worker_processes
     from gapaware.worker.retry import RetryPolicy

@@ -20,7 +20,6 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gapaware.common.allocator import keep_freed_memory, use_one_heap
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters, load_flat_parameters
 from gapaware.common.security import ServerSecurity
@@ -44,12 +43,6 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
 ]
-
-
-SERVER_HEAP_BLOCKS = 8 * 1024 * 1024 + 1
-"""Freed blocks up to gRPC's largest message (8 MiB) stay in the server's heap for the next call;
-model-sized tensors are reused explicitly (:mod:`gapaware.server.sent`), so bigger blocks go back to
-the kernel when freed rather than staying in the server's memory for good."""
 
 
 def receive_window_options(mib: int) -> list[tuple[str, int]]:
@@ -226,6 +219,4 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
 
 
 def run_server(config: RunConfig, options: ServerOptions) -> dict:
-    keep_freed_memory(below=SERVER_HEAP_BLOCKS)
-    use_one_heap()
     return asyncio.run(serve(config, options))

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from gapaware.common.allocator import keep_freed_memory
 from gapaware.common.config import RunConfig
 from gapaware.common.data import batches
 from gapaware.common.layout import ParamLayout, flat_gradients, load_flat_parameters
@@ -130,7 +129,6 @@ class _Registration:
 
 def run_worker(options: WorkerOptions) -> WorkerSummary:
     torch.set_num_threads(options.threads)
-    keep_freed_memory()
     with stop_on_signals(threading.Event()) as stop, \
             WorkerClient(options.server, transport_dtype=options.transport_dtype,
                          timeout=options.rpc_timeout, **options.security.client_kwargs()) as client:
