@@ -22,7 +22,7 @@ from torch import Tensor
 
 from gapaware.common.config import RunConfig
 from gapaware.common.results import PushResult
-from gapaware.server.app import build_state
+from gapaware.server.build import build_state
 from gapaware.server.policies import POLICIES
 from gapaware.simulator.clock import CompletionQueue, WorkerClocks
 from gapaware.simulator.gradients import GradientSource

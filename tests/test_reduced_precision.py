@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gapaware.common.config import RunConfig
-from gapaware.server.app import build_state
+from gapaware.server.build import build_state
 from gapaware.server.policies import make_policy
 from tests.processes import start_worker
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from gapaware.cli import SIMULATED_POLICY_NAMES, main
 from gapaware.common.config import RunConfig
-from gapaware.server.app import build_state
+from gapaware.server.build import build_state
 from gapaware.simulator.clock import CompletionQueue, WorkerClocks
 from gapaware.simulator.master import LocalMaster
 from gapaware.simulator.report import RESULT_COLUMNS

@@ -16,7 +16,7 @@ from gapaware import WorkerClient
 from gapaware.cli import config_to_flags
 from gapaware.common.layout import ParamLayout
 from gapaware.common.tasks import load_task
-from gapaware.server.app import build_state
+from gapaware.server.build import build_state
 from gapaware.simulator.clock import WorkerClocks
 from gapaware.simulator.gradients import GradientSource
 from gapaware.simulator.master import LocalMaster
