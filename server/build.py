@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters, load_flat_parameters
+from gapaware.common.registry import DEFAULTS
 from gapaware.common.tasks import Task, load_task
 from gapaware.server.state import ParameterServerState
 
 
-def build_state(config: RunConfig, *, nonfinite: str = "reject") -> tuple[Task, ParameterServerState]:
+def build_state(config: RunConfig, *, nonfinite: str = DEFAULTS.nonfinite) -> tuple[Task, ParameterServerState]:
     """The task (for layout and evaluation) and the server state with the seeded initial parameters."""
     task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)
     layout = ParamLayout.from_module(task.model)

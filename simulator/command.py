@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 import torch
 
+from gapaware.common.registry import SYNCHRONOUS_SGD
 from gapaware.common.tasks import TaskError, load_task
 from gapaware.simulator.report import accuracy_table, write_report
-from gapaware.simulator.runner import SYNCHRONOUS, RunResult, SimulationSettings, run_config
+from gapaware.simulator.runner import RunResult, SimulationSettings, run_config
 from gapaware.simulator.sweep import available_cores, grid, run_sweep
 
 
@@ -58,9 +59,9 @@ def run_simulation(settings: SimulationSettings, *, policies: Sequence[str], wor
     started = time.monotonic()
     results = run_sweep(settings, specs, jobs=jobs)
     elapsed = time.monotonic() - started
-    asynchronous = [r.updates for r in results if r.policy != SYNCHRONOUS][:1]
+    asynchronous = [r.updates for r in results if r.policy != SYNCHRONOUS_SGD][:1]
     updates = [f"asynchronous: {count}" for count in asynchronous] + \
-        [f"SSGD at N={r.workers}: {r.updates}" for r in results if r.policy == SYNCHRONOUS and r.seed == 0]
+        [f"SSGD at N={r.workers}: {r.updates}" for r in results if r.policy == SYNCHRONOUS_SGD and r.seed == 0]
     preamble = "\n".join([
         f"Command: `{command_line(settings, policies=policies, workers=workers, seeds=seeds)}`",
         "",
