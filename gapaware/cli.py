@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import sys
@@ -15,6 +14,7 @@ from gapaware.cli_security import (
     client_security_from_options, client_security_options, local_security_options, server_security_from_options,
     server_security_options,
 )
+from gapaware.command_line import flags
 from gapaware.common.config import RunConfig
 from gapaware.common.registry import (
     DEFAULTS, NESTEROV_ASGD, NONFINITE_ACTIONS, POLICY_NAMES, SCHEDULES, SIMULATED_POLICY_NAMES, SNAPSHOT_DTYPES,
@@ -99,22 +99,6 @@ def config_from_options(values: dict) -> RunConfig:
         return RunConfig(max_updates=max_updates or 0, epochs=epochs or 0.0, **kwargs)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-
-
-def config_to_flags(config: RunConfig) -> list[str]:
-    """The ``server`` command-line flags that reproduce ``config``."""
-    flags = []
-    for name, value in json.loads(config.to_json()).items():
-        flag = "--" + name.replace("_", "-")
-        if value is None or (name in ("max_updates", "epochs") and not value):
-            continue
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            flags += [flag, ",".join(str(v) for v in value)]
-        else:
-            flags += [flag, str(value)]
-    return flags
 
 
 def _setup_logging(level: str) -> None:
@@ -272,12 +256,8 @@ def _device_for(device: str, index: int) -> str:
 
 def _flags_of(ctx: click.Context, skip: str) -> list[str]:
     """The current command's options as flags that reproduce them, without ``skip`` and --device."""
-    flags = []
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if isinstance(param, click.Option) and param.name not in (skip, "device") and value is not None:
-            flags += [param.opts[0], str(value)]
-    return flags
+    return flags({param.opts[0].lstrip("-"): ctx.params.get(param.name) for param in ctx.command.params
+                  if isinstance(param, click.Option) and param.name not in (skip, "device")})
 
 
 @main.command()
@@ -389,7 +369,7 @@ def _simulated_policies(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--gamma-shape", type=float, default=DEFAULTS.gamma_shape, show_default=True,
               help="Shape k of the gamma distribution of a worker's time per batch (mean 1, coefficient "
                    "of variation 1/sqrt(k)).")
-@click.option("--heterogeneous", is_flag=True,
+@click.option("--heterogeneous/--no-heterogeneous", default=False,
               help="Draw each worker's own mean time per batch too (gamma, mean 1, same shape): some "
                    "machines stay slower, as in a non-dedicated cloud.")
 @click.option("--eval-points", type=click.IntRange(min=1), default=DEFAULTS.eval_points, show_default=True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import click
 import grpc
 from tqdm import tqdm
 
-from gapaware.cli import config_to_flags
+from gapaware.command_line import config_flags, flags, gapaware_command
 from gapaware.common.config import RunConfig
 from gapaware.common.security import ClientSecurity, SecurityConfigError, ServerSecurity, load_token
 from gapaware.worker.client import WorkerClient
@@ -47,31 +46,19 @@ class LocalSecurity:
         ServerSecurity(self.tls_cert, self.tls_key, self.tls_client_ca)  # refuses incomplete TLS files
 
     def server_flags(self) -> list[str]:
-        return _flags(tls_cert=self.tls_cert, tls_key=self.tls_key, tls_client_ca=self.tls_client_ca,
-                      token_file=self.token_file)
+        return flags({"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_client_ca": self.tls_client_ca,
+                      "token_file": self.token_file})
 
     def worker_flags(self) -> list[str]:
         mutual = self.tls_client_ca is not None
-        return _flags(tls_ca=self.tls_ca, tls_cert=self.tls_cert if mutual else None,
-                      tls_key=self.tls_key if mutual else None, token_file=self.token_file)
+        return flags({"tls_ca": self.tls_ca, "tls_cert": self.tls_cert if mutual else None,
+                      "tls_key": self.tls_key if mutual else None, "token_file": self.token_file})
 
     def client(self) -> ClientSecurity:
         """The security of this process's own client (the progress bar)."""
         mutual = self.tls_client_ca is not None
         return ClientSecurity(tls_ca=self.tls_ca, tls_cert=self.tls_cert if mutual else None,
                               tls_key=self.tls_key if mutual else None, token=load_token(self.token_file))
-
-
-def _flags(**paths: Path | None) -> list[str]:
-    flags = []
-    for name, path in paths.items():
-        if path is not None:
-            flags += ["--" + name.replace("_", "-"), str(path)]
-    return flags
-
-
-def _gapaware(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gapaware", *args]
 
 
 def _wait_for_port(ready_file: Path, server: subprocess.Popen, log_path: Path) -> int:
@@ -104,7 +91,7 @@ def run_local(config: RunConfig, workers: int, out: Path | None,
     click.echo(f"gapaware train: task {config.task}, policy {config.policy}, {workers} workers; logs in {out}")
     with server_log.open("w") as log:
         server = subprocess.Popen(
-            _gapaware("server", *config_to_flags(config), "--host", "127.0.0.1", "--port", "0",
+            gapaware_command("server", *config_flags(config), "--host", "127.0.0.1", "--port", "0",
                       "--ready-file", str(ready_file), "--metrics-file", str(metrics_file), "--linger", "5",
                       *security.server_flags()),
             stdout=log, stderr=subprocess.STDOUT,
@@ -115,7 +102,7 @@ def run_local(config: RunConfig, workers: int, out: Path | None,
         address = f"127.0.0.1:{port}"
         for i in range(workers):
             with (out / f"worker-{i}.log").open("w") as log:
-                procs.append(subprocess.Popen(_gapaware("worker", "--server", address, *security.worker_flags()),
+                procs.append(subprocess.Popen(gapaware_command("worker", "--server", address, *security.worker_flags()),
                                               stdout=log, stderr=subprocess.STDOUT))
         _show_progress(address, server, security.client())
         server.wait()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gapaware import WorkerClient
-from gapaware.cli import config_to_flags
+from gapaware.command_line import config_flags
 from gapaware.common.layout import ParamLayout
 from gapaware.common.registry import SYNCHRONOUS_SGD
 from gapaware.common.tasks import load_task
@@ -74,7 +74,7 @@ def test_simulator_and_real_server_reach_identical_parameters(servers, policy, w
     local = drive(local_master, spec, config, state.total_updates)
     _, local_theta = local_master.pull(0)  # what a worker is sent: θ, or DANA's look-ahead from θ and Σvʲ
 
-    server = servers(*config_to_flags(config))
+    server = servers(*config_flags(config))
     remote = GrpcMaster(server.address, workers, ParamLayout.from_module(task.model))
     try:
         over_grpc = drive(remote, spec, config, state.total_updates)
