@@ -1,7 +1,7 @@
 """The floor under gapaware's transport: gapaware's calls, with messages of the same sizes, through a
 grpc.aio server and a sync client that do nothing with the bytes.
 
-    python -m bench.grpc_floor NBYTES    # serves, and prints its port on the first line
+    python -m bench.grpc_floor NBYTES READY_FILE    # serves, and writes {"port": N} into READY_FILE
 
 gapaware's server and client check, copy and apply every byte they move; this server answers with
 prebuilt messages and drops what it receives, and its client drops the replies. It runs with the
@@ -13,12 +13,15 @@ from it is gapaware's own work. Benchmarks 1 and 3 measure it beside gapaware, i
 from __future__ import annotations
 
 import asyncio
-import subprocess
+import json
 import sys
+import tempfile
+from pathlib import Path
 
 import grpc
 
 from gapaware.common.codec import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+from gapaware.processes import NotReady, spawn_ready
 from gapaware.server.app import GRPC_OPTIONS, ServerOptions, receive_window_options
 from gapaware.worker.client import CHANNEL_OPTIONS
 
@@ -39,7 +42,7 @@ def _travels_whole(nbytes: int) -> bool:
     return nbytes <= MAX_CHUNK_BYTES
 
 
-async def _serve(nbytes: int) -> None:
+async def _serve(nbytes: int, ready_file: Path) -> None:
     frames, whole = _stream_frames(nbytes), bytes(nbytes)
 
     async def drain(requests) -> None:
@@ -74,7 +77,7 @@ async def _serve(nbytes: int) -> None:
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    print(port, flush=True)
+    ready_file.write_text(json.dumps({"port": port}))
     await server.wait_for_termination()
 
 
@@ -82,13 +85,16 @@ class FloorServer:
     """The floor's server, a process of its own, for tensors of ``nbytes``."""
 
     def __init__(self, nbytes: int) -> None:
-        self._process = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", str(nbytes)],
-                                         stdout=subprocess.PIPE, text=True)
-        port = self._process.stdout.readline().strip()
-        if not port.isdigit():
-            self.close()
-            raise RuntimeError(f"the gRPC floor server did not start (exit code {self._process.returncode})")
-        self.address = f"127.0.0.1:{port}"
+        self._workdir = tempfile.TemporaryDirectory(prefix="gapaware-floor-")
+        workdir = Path(self._workdir.name)
+        ready_file = workdir / "floor.ready"
+        try:
+            self._process, ready = spawn_ready([sys.executable, "-m", "bench.grpc_floor", str(nbytes), str(ready_file)],
+                                               ready_file, workdir / "floor.log")
+        except NotReady:
+            self._workdir.cleanup()
+            raise
+        self.address = f"127.0.0.1:{ready['port']}"
 
     @property
     def pid(self) -> int:
@@ -97,7 +103,7 @@ class FloorServer:
     def close(self) -> None:
         self._process.kill()
         self._process.wait()
-        self._process.stdout.close()
+        self._workdir.cleanup()
 
     def __enter__(self) -> FloorServer:
         return self
@@ -151,4 +157,4 @@ class FloorClient:
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve(int(sys.argv[1])))
+    asyncio.run(_serve(int(sys.argv[1]), Path(sys.argv[2])))
