@@ -37,7 +37,6 @@ from bench.grpc_floor import FloorClient, FloorServer
 from bench.harness import gapaware_server, machine_line, median, print_table, quick_or, size_label
 from bench.models import MIB
 from gapaware import WorkerClient
-from gapaware.common.allocator import keep_freed_memory
 
 SIZES = [int(mib) * MIB for mib in os.environ["BENCH_MIB"].split(",")] if os.environ.get("BENCH_MIB") \
     else quick_or([64 * 1024], [MIB, 25 * MIB, 100 * MIB])
@@ -96,7 +95,6 @@ def _measure(step: Callable[[], None], barrier, seconds: float, results) -> None
 
 def _gapaware_worker(address: str, transport_dtype: str, barrier, seconds: float, results) -> None:
     torch.set_num_threads(1)
-    keep_freed_memory()  # what `gapaware worker` does
     with WorkerClient(address, transport_dtype=transport_dtype) as client:
         client.join()
         version, theta = client.pull()
@@ -111,7 +109,6 @@ def _gapaware_worker(address: str, transport_dtype: str, barrier, seconds: float
 
 
 def _floor_worker(address: str, nbytes: int, barrier, seconds: float, results) -> None:
-    keep_freed_memory()
     with FloorClient(address, nbytes) as client:
         _measure(client.push_pull, barrier, seconds, results)
 

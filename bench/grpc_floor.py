@@ -1,11 +1,11 @@
 """The floor under gapaware's transport: gapaware's calls, with messages of the same sizes, through a
 grpc.aio server and a sync client that do nothing with the bytes.
 
-    python -m bench.grpc_floor NBYTES    # serves, and prints its port on the first line
+    python -m bench.grpc_floor NBYTES READY_FILE    # serves, and writes {"port": N} into READY_FILE
 
 gapaware's server and client check, copy and apply every byte they move; this server answers with
 prebuilt messages and drops what it receives, and its client drops the replies. It runs with the
-options, receive windows and heap settings of ``gapaware server`` and ``WorkerClient``. What
+options and receive windows of ``gapaware server`` and ``WorkerClient``. What
 separates it from raw TCP is the cost of gRPC itself (Python gRPC copies every message into and out
 of ``bytes``, and runs the server's side of every call on one event loop); what separates gapaware
 from it is gapaware's own work. Benchmarks 1 and 3 measure it beside gapaware, in the same runs.
@@ -13,14 +13,16 @@ from it is gapaware's own work. Benchmarks 1 and 3 measure it beside gapaware, i
 from __future__ import annotations
 
 import asyncio
-import subprocess
+import json
 import sys
+import tempfile
+from pathlib import Path
 
 import grpc
 
-from gapaware.common.allocator import keep_freed_memory, use_one_heap
 from gapaware.common.transport import DEFAULT_CHUNK_BYTES
-from gapaware.server.app import GRPC_OPTIONS, SERVER_HEAP_BLOCKS, ServerOptions, receive_window_options
+from gapaware.processes import NotReady, spawn_ready
+from gapaware.server.app import GRPC_OPTIONS, ServerOptions, receive_window_options
 from gapaware.worker.client import CHANNEL_OPTIONS
 
 SERVICE = "gapaware.bench.Floor"
@@ -35,9 +37,7 @@ def _stream_frames(nbytes: int) -> list[bytes]:
     return [bytes(min(DEFAULT_CHUNK_BYTES, nbytes - start)) for start in range(0, nbytes, DEFAULT_CHUNK_BYTES)]
 
 
-async def _serve(nbytes: int) -> None:
-    keep_freed_memory(SERVER_HEAP_BLOCKS)  # what `gapaware server` does
-    use_one_heap()
+async def _serve(nbytes: int, ready_file: Path) -> None:
     frames = _stream_frames(nbytes)
 
     async def drain(requests) -> None:
@@ -67,7 +67,7 @@ async def _serve(nbytes: int) -> None:
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    print(port, flush=True)
+    ready_file.write_text(json.dumps({"port": port}))
     await server.wait_for_termination()
 
 
@@ -75,13 +75,16 @@ class FloorServer:
     """The floor's server, a process of its own, for tensors of ``nbytes``."""
 
     def __init__(self, nbytes: int) -> None:
-        self._process = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", str(nbytes)],
-                                         stdout=subprocess.PIPE, text=True)
-        port = self._process.stdout.readline().strip()
-        if not port.isdigit():
-            self.close()
-            raise RuntimeError(f"the gRPC floor server did not start (exit code {self._process.returncode})")
-        self.address = f"127.0.0.1:{port}"
+        self._workdir = tempfile.TemporaryDirectory(prefix="gapaware-floor-")
+        workdir = Path(self._workdir.name)
+        ready_file = workdir / "floor.ready"
+        try:
+            self._process, ready = spawn_ready([sys.executable, "-m", "bench.grpc_floor", str(nbytes), str(ready_file)],
+                                               ready_file, workdir / "floor.log")
+        except NotReady:
+            self._workdir.cleanup()
+            raise
+        self.address = f"127.0.0.1:{ready['port']}"
 
     @property
     def pid(self) -> int:
@@ -90,7 +93,7 @@ class FloorServer:
     def close(self) -> None:
         self._process.kill()
         self._process.wait()
-        self._process.stdout.close()
+        self._workdir.cleanup()
 
     def __enter__(self) -> FloorServer:
         return self
@@ -134,4 +137,4 @@ class FloorClient:
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve(int(sys.argv[1])))
+    asyncio.run(_serve(int(sys.argv[1]), Path(sys.argv[2])))

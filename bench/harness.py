@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from bench.models import MIB, TASKS
-from tests.processes import ServerProcess
+from gapaware.processes import ServerProcess
 
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 

@@ -21,7 +21,7 @@ from bench.harness import machine_line, median, print_table, quick_or
 from bench.models import slow_loading_digits
 from gapaware import WorkerClient
 from gapaware.common.data import batches
-from tests.processes import ServerProcess, start_worker
+from gapaware.processes import ServerProcess, start_worker
 
 SETTINGS = (2, 0)
 SECONDS = quick_or(1.0, 6.0)

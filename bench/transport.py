@@ -20,7 +20,6 @@ from bench.harness import gapaware_server, machine_line, median, print_table, qu
 from bench.models import MIB
 from bench.raw_tcp import RawTcpPeer
 from gapaware import WorkerClient
-from gapaware.common.allocator import keep_freed_memory
 
 SIZES = quick_or([64 * 1024, MIB], [MIB, 25 * MIB, 100 * MIB])
 REPEATS = quick_or(2, 7)
@@ -57,7 +56,6 @@ def seconds_side_by_side(nbytes: int) -> dict[str, float]:
 
 
 def main() -> None:
-    keep_freed_memory()  # what `gapaware worker` does
     print(f"transport benchmark: {machine_line()}")
     rows = []
     for nbytes in SIZES:

@@ -1,12 +1,5 @@
-"""Names that command-line flags offer, kept free of torch so that ``gapaware --help`` starts fast.
+"""``gapaware.server.state``'s name for :data:`gapaware.common.registry.NONFINITE_ACTIONS`, kept until it
+imports it from :mod:`gapaware.common.registry`, where every name a flag offers now lives."""
+from gapaware.common.registry import NONFINITE_ACTIONS
 
-The server owns what they mean: :data:`POLICY_NAMES` are the keys of
-``gapaware.server.policies.POLICIES`` (a test keeps the two equal), :data:`NONFINITE_ACTIONS` what
-``ParameterServerState`` does with a gradient holding NaN or Inf.
-"""
-
-POLICY_NAMES = ("asgd", "staleness-aware", "gap-aware", "dana", "dana-ga")
-
-NONFINITE_ACTIONS = ("reject", "skip", "apply")
-"""What a push with NaN or Inf gets: refused, acknowledged and dropped, or applied as it is (the
-parameters then diverge, as plain arithmetic would: the simulator uses this to report divergence)."""
+__all__ = ["NONFINITE_ACTIONS"]

@@ -6,33 +6,32 @@ import json
 import math
 from dataclasses import dataclass
 
-SCHEDULES = ("constant", "step", "cosine")
-SNAPSHOT_DTYPES = ("float32", "bfloat16")
+from gapaware.common.registry import DEFAULTS, SCHEDULES, SNAPSHOT_DTYPES
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a training run. The server owns it; workers receive it at Join."""
 
-    task: str = "digits-cnn"
-    policy: str = "gap-aware"
-    seed: int = 0
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    warmup_updates: int = 0
-    schedule: str = "step"
-    decay_at: tuple[float, ...] = (0.5, 0.75)
-    decay_factor: float = 0.1
-    ga_beta: float = 0.999
-    ga_eps: float = 1e-8
-    batch_size: int = 32
+    task: str = DEFAULTS.task
+    policy: str = DEFAULTS.policy
+    seed: int = DEFAULTS.seed
+    lr: float = DEFAULTS.lr
+    momentum: float = DEFAULTS.momentum
+    nesterov: bool = DEFAULTS.nesterov
+    weight_decay: float = DEFAULTS.weight_decay
+    warmup_updates: int = DEFAULTS.warmup_updates
+    schedule: str = DEFAULTS.schedule
+    decay_at: tuple[float, ...] = DEFAULTS.decay_at
+    decay_factor: float = DEFAULTS.decay_factor
+    ga_beta: float = DEFAULTS.ga_beta
+    ga_eps: float = DEFAULTS.ga_eps
+    batch_size: int = DEFAULTS.batch_size
     max_updates: int = 0
     epochs: float = 0.0
-    eval_every: int = 100
+    eval_every: int = DEFAULTS.eval_every
     data_dir: str | None = None
-    snapshot_dtype: str = "float32"   # how the server stores each worker's θ⁽ⁱ⁾ (GA, DANA-GA)
+    snapshot_dtype: str = DEFAULTS.snapshot_dtype   # how the server stores each worker's θ⁽ⁱ⁾ (GA, DANA-GA)
 
     def __post_init__(self) -> None:
         checks = [

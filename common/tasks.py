@@ -21,6 +21,8 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+from gapaware.common.registry import TASK_NAMES
+
 SPLIT_SEED = 0  # fixed, never the model seed: server and workers must agree on the split
 DATA_DIR_ENV = "GAPAWARE_DATA_DIR"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -313,10 +315,7 @@ def _cifar10_resnet20_task(data_dir: str | None) -> Task:
     return Task(ResNet20(), _loss, train, test)
 
 
-BUILTIN_TASKS: dict[str, Callable[[str | None], Task]] = {
-    "digits-mlp": _digits_mlp_task,
-    "digits-cnn": _digits_cnn_task,
-    "synthetic": _synthetic_task,
-    "cifar10-resnet20": _cifar10_resnet20_task,
-}
-"""Built-in task name -> builder; a builder takes the data folder (``None`` when unset)."""
+BUILTIN_TASKS: dict[str, Callable[[str | None], Task]] = dict(zip(
+    TASK_NAMES, (_digits_mlp_task, _digits_cnn_task, _synthetic_task, _cifar10_resnet20_task), strict=True))
+"""Built-in task name (:data:`~gapaware.common.registry.TASK_NAMES`, in its order) -> builder; a
+builder takes the data folder (``None`` when unset)."""

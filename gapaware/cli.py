@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import sys
@@ -15,10 +14,15 @@ from gapaware.cli_security import (
     client_security_from_options, client_security_options, local_security_options, server_security_from_options,
     server_security_options,
 )
-from gapaware.common.allocator import enable_huge_pages
-from gapaware.common.choices import NONFINITE_ACTIONS, POLICY_NAMES
-from gapaware.common.config import SCHEDULES, SNAPSHOT_DTYPES, RunConfig
+from gapaware.command_line import flags
+from gapaware.common.config import RunConfig
+from gapaware.common.registry import (
+    DEFAULTS, NESTEROV_ASGD, NONFINITE_ACTIONS, POLICY_NAMES, SCHEDULES, SIMULATED_POLICY_NAMES, SNAPSHOT_DTYPES,
+    SYNCHRONOUS_SGD, TASK_NAMES, TRANSPORT_DTYPES,
+)
 
+TASK_HELP = (f"Built-in task ({', '.join(TASK_NAMES)}) or 'package.module:factory' returning a gapaware.Task. "
+             "Imports and runs that code.")
 
 
 def _fractions(ctx, param, value: str) -> tuple[float, ...]:
@@ -31,35 +35,42 @@ def _fractions(ctx, param, value: str) -> tuple[float, ...]:
 def run_config_options(fn):
     """The flags that make up a :class:`RunConfig`, shared by ``server`` and ``train``."""
     options = [
-        click.option("--task", default="digits-cnn", show_default=True,
-                     help="Built-in task (digits-mlp, digits-cnn, synthetic, cifar10-resnet20) or "
-                          "'package.module:factory' returning a gapaware.Task. Imports and runs that code."),
-        click.option("--policy", type=click.Choice(POLICY_NAMES), default="gap-aware", show_default=True,
+        click.option("--task", default=DEFAULTS.task, show_default=True, help=TASK_HELP),
+        click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULTS.policy, show_default=True,
                      help="Staleness policy applied to every push."),
-        click.option("--lr", type=float, default=0.05, show_default=True, help="Peak learning rate."),
-        click.option("--momentum", type=float, default=0.9, show_default=True, help="Momentum (0 disables)."),
-        click.option("--nesterov/--no-nesterov", default=False, show_default=True, help="Nesterov momentum."),
-        click.option("--weight-decay", type=float, default=0.0, show_default=True, help="Coupled L2 weight decay."),
-        click.option("--warmup-updates", type=int, default=0, show_default=True,
+        click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="Peak learning rate."),
+        click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True,
+                     help="Momentum (0 disables)."),
+        click.option("--nesterov/--no-nesterov", default=DEFAULTS.nesterov, show_default=True,
+                     help="Nesterov momentum."),
+        click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True,
+                     help="Coupled L2 weight decay."),
+        click.option("--warmup-updates", type=int, default=DEFAULTS.warmup_updates, show_default=True,
                      help="Linear learning-rate warm-up from 0 over this many updates."),
-        click.option("--schedule", type=click.Choice(SCHEDULES), default="step", show_default=True,
+        click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule, show_default=True,
                      help="Learning-rate schedule after warm-up."),
-        click.option("--decay-at", default="0.5,0.75", show_default=True, callback=_fractions,
+        click.option("--decay-at", default=",".join(map(str, DEFAULTS.decay_at)), show_default=True,
+                     callback=_fractions,
                      help="Step schedule: fractions of the run at which the rate is multiplied by --decay-factor."),
-        click.option("--decay-factor", type=float, default=0.1, show_default=True, help="Step schedule factor."),
-        click.option("--ga-beta", type=float, default=0.999, show_default=True,
+        click.option("--decay-factor", type=float, default=DEFAULTS.decay_factor, show_default=True,
+                     help="Step schedule factor."),
+        click.option("--ga-beta", type=float, default=DEFAULTS.ga_beta, show_default=True,
                      help="Gap-Aware: decay of the running average of squared steps."),
-        click.option("--ga-eps", type=float, default=1e-8, show_default=True, help="Gap-Aware: epsilon in C."),
-        click.option("--batch-size", type=int, default=32, show_default=True,
+        click.option("--ga-eps", type=float, default=DEFAULTS.ga_eps, show_default=True,
+                     help="Gap-Aware: epsilon in C."),
+        click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True,
                      help="Examples per worker step (a worker may override it)."),
         click.option("--max-updates", type=int, default=None,
-                     help="Stop after this many updates (default 3000 when --epochs is not given either)."),
+                     help=f"Stop after this many updates (default {DEFAULTS.max_updates} when --epochs is not "
+                          "given either)."),
         click.option("--epochs", type=float, default=None, help="Stop after this many passes over the training set."),
-        click.option("--eval-every", type=int, default=100, show_default=True,
+        click.option("--eval-every", type=int, default=DEFAULTS.eval_every, show_default=True,
                      help="Evaluate on the held-out split every this many updates."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial parameters."),
+        click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
+                     help="Seed of the initial parameters."),
         click.option("--data-dir", default=None, help="Directory with data sets for tasks that read files."),
-        click.option("--snapshot-dtype", type=click.Choice(SNAPSHOT_DTYPES), default="float32", show_default=True,
+        click.option("--snapshot-dtype", type=click.Choice(SNAPSHOT_DTYPES), default=DEFAULTS.snapshot_dtype,
+                     show_default=True,
                      help="How the server keeps each worker's pulled parameters for the Gap (gap-aware, dana-ga): "
                           "bfloat16 halves that memory."),
     ]
@@ -83,27 +94,11 @@ def config_from_options(values: dict) -> RunConfig:
     kwargs = {name: values.pop(name) for name in CONFIG_FIELDS}
     max_updates, epochs = values.pop("max_updates"), values.pop("epochs")
     if max_updates is None and epochs is None:
-        max_updates = 3000
+        max_updates = DEFAULTS.max_updates
     try:
         return RunConfig(max_updates=max_updates or 0, epochs=epochs or 0.0, **kwargs)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-
-
-def config_to_flags(config: RunConfig) -> list[str]:
-    """The ``server`` command-line flags that reproduce ``config``."""
-    flags = []
-    for name, value in json.loads(config.to_json()).items():
-        flag = "--" + name.replace("_", "-")
-        if value is None or (name in ("max_updates", "epochs") and not value):
-            continue
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            flags += [flag, ",".join(str(v) for v in value)]
-        else:
-            flags += [flag, str(value)]
-    return flags
 
 
 def _setup_logging(level: str) -> None:
@@ -150,7 +145,7 @@ def main() -> None:
               help="Continue the run from the newest valid checkpoint in this directory (a new run when it "
                    "holds none). Its run config is used; run flags given explicitly override it.")
 @server_security_options
-@click.option("--nonfinite", type=click.Choice(NONFINITE_ACTIONS), default="reject", show_default=True,
+@click.option("--nonfinite", type=click.Choice(NONFINITE_ACTIONS), default=DEFAULTS.nonfinite, show_default=True,
               help="A gradient with NaN or Inf: refuse the push, acknowledge and drop it, or apply it "
                    "(the parameters diverge). Counted in status.")
 @click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=1024, show_default=True,
@@ -169,7 +164,6 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
            checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, max_concurrent_rpcs, threads,
            chunk_timeout, receive_window_mib, log_level, **values) -> None:
     """Run the parameter server until the run ends."""
-    enable_huge_pages()
     from gapaware.server.app import ServerOptions, run_server
     from gapaware.server.checkpointer import CheckpointOptions
     from gapaware.server.observability import tensorboard_writer_class
@@ -210,7 +204,7 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
 @click.option("--task", default=None, help="Task to load (default: the one the server runs).")
 @click.option("--data-dir", default=None, help="Directory with data sets for tasks that read files.")
 @click.option("--threads", type=int, default=1, show_default=True, help="Torch threads in this process.")
-@click.option("--transport-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+@click.option("--transport-dtype", type=click.Choice(TRANSPORT_DTYPES), default=DEFAULTS.transport_dtype,
               show_default=True, help="dtype of gradients and parameters on the wire.")
 @click.option("--prefetch-batches", type=click.IntRange(min=0), default=2, show_default=True,
               help="Batches loaded ahead in a background thread, overlapping the model's compute and the "
@@ -231,7 +225,6 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
 def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, prefetch_batches, procs,
            rpc_timeout, retry_initial_backoff, retry_max_backoff, retry_give_up_after, log_level, **values) -> None:
     """Join a server and train until the run ends (SIGTERM/SIGINT: leave and exit 0)."""
-    enable_huge_pages()
     from gapaware.worker.loop import WorkerOptions, run_worker
     from gapaware.worker.procs import run_worker_processes
     from gapaware.worker.retry import RetryPolicy
@@ -263,12 +256,8 @@ def _device_for(device: str, index: int) -> str:
 
 def _flags_of(ctx: click.Context, skip: str) -> list[str]:
     """The current command's options as flags that reproduce them, without ``skip`` and --device."""
-    flags = []
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if isinstance(param, click.Option) and param.name not in (skip, "device") and value is not None:
-            flags += [param.opts[0], str(value)]
-    return flags
+    return flags({param.opts[0].lstrip("-"): ctx.params.get(param.name) for param in ctx.command.params
+                  if isinstance(param, click.Option) and param.name not in (skip, "device")})
 
 
 @main.command()
@@ -336,9 +325,6 @@ def plot(metrics_file, out) -> None:
     click.echo(f"wrote {out}")
 
 
-SIMULATED_POLICY_NAMES = ("asgd", "nag-asgd", "staleness-aware", "gap-aware", "dana", "dana-ga", "ssgd")
-
-
 def _positive_ints(ctx, param, value: str) -> tuple[int, ...]:
     try:
         numbers = tuple(int(v) for v in value.split(",") if v.strip())
@@ -359,33 +345,34 @@ def _simulated_policies(ctx, param, value: str) -> tuple[str, ...]:
 
 
 @main.command()
-@click.option("--task", default="digits-cnn", show_default=True,
-              help="Built-in task (digits-mlp, digits-cnn, synthetic, cifar10-resnet20) or "
-                   "'package.module:factory' returning a gapaware.Task. Imports and runs that code.")
+@click.option("--task", default=DEFAULTS.task, show_default=True, help=TASK_HELP)
 @click.option("--data-dir", default=None, help="Directory with data sets for tasks that read files.")
 @click.option("--workers", default="1,8,32,64", show_default=True, callback=_positive_ints,
               help="Comma-separated numbers of virtual workers N to simulate.")
 @click.option("--policies", default=",".join(SIMULATED_POLICY_NAMES), show_default=True,
               callback=_simulated_policies,
-              help="Comma-separated policies: the server's, nag-asgd (asgd with Nesterov momentum) and ssgd "
-                   "(synchronous SGD, the reference).")
+              help=f"Comma-separated policies: the server's, {NESTEROV_ASGD} (asgd with Nesterov momentum) and "
+                   f"{SYNCHRONOUS_SGD} (synchronous SGD, the reference).")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Runs per policy and N, with seeds 0, 1, ... (initial parameters, batch order, worker times).")
-@click.option("--epochs", type=float, default=40.0, show_default=True,
+@click.option("--epochs", type=float, default=DEFAULTS.simulated_epochs, show_default=True,
               help="Passes over the training set per run, the same for every N and policy.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Examples per worker batch.")
-@click.option("--lr", type=float, default=0.05, show_default=True,
-              help="Peak learning rate, the same for every N; step decay x0.1 at 50% and 75% of the updates.")
-@click.option("--momentum", type=float, default=0.9, show_default=True,
-              help="Momentum of every policy (0 disables; nag-asgd needs > 0).")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="Coupled L2 weight decay.")
-@click.option("--gamma-shape", type=float, default=4.0, show_default=True,
+@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True,
+              help="Examples per worker batch.")
+@click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True,
+              help=f"Peak learning rate, the same for every N; step decay x{DEFAULTS.decay_factor:g} at "
+                   f"{' and '.join(f'{at:.0%}' for at in DEFAULTS.decay_at)} of the updates.")
+@click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True,
+              help=f"Momentum of every policy (0 disables; {NESTEROV_ASGD} needs > 0).")
+@click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True,
+              help="Coupled L2 weight decay.")
+@click.option("--gamma-shape", type=float, default=DEFAULTS.gamma_shape, show_default=True,
               help="Shape k of the gamma distribution of a worker's time per batch (mean 1, coefficient "
                    "of variation 1/sqrt(k)).")
-@click.option("--heterogeneous", is_flag=True,
+@click.option("--heterogeneous/--no-heterogeneous", default=False,
               help="Draw each worker's own mean time per batch too (gamma, mean 1, same shape): some "
                    "machines stay slower, as in a non-dedicated cloud.")
-@click.option("--eval-points", type=click.IntRange(min=1), default=20, show_default=True,
+@click.option("--eval-points", type=click.IntRange(min=1), default=DEFAULTS.eval_points, show_default=True,
               help="Test-set evaluations per run, evenly spaced; the last one is the final accuracy.")
 @click.option("--jobs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Runs at once, one process and one thread each (0: one per CPU core).")

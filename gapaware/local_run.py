@@ -6,9 +6,7 @@ and prints the summary the server wrote last to its metrics file.
 """
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +15,11 @@ import click
 import grpc
 from tqdm import tqdm
 
-from gapaware.cli import config_to_flags
+from gapaware.command_line import config_flags, flags
 from gapaware.common.config import RunConfig
 from gapaware.common.security import ClientSecurity, SecurityConfigError, ServerSecurity, load_token
+from gapaware.processes import NotReady, ServerProcess, log_tail, start_worker
 from gapaware.worker.client import WorkerClient
-
-STARTUP_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -47,13 +44,13 @@ class LocalSecurity:
         ServerSecurity(self.tls_cert, self.tls_key, self.tls_client_ca)  # refuses incomplete TLS files
 
     def server_flags(self) -> list[str]:
-        return _flags(tls_cert=self.tls_cert, tls_key=self.tls_key, tls_client_ca=self.tls_client_ca,
-                      token_file=self.token_file)
+        return flags({"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_client_ca": self.tls_client_ca,
+                      "token_file": self.token_file})
 
     def worker_flags(self) -> list[str]:
         mutual = self.tls_client_ca is not None
-        return _flags(tls_ca=self.tls_ca, tls_cert=self.tls_cert if mutual else None,
-                      tls_key=self.tls_key if mutual else None, token_file=self.token_file)
+        return flags({"tls_ca": self.tls_ca, "tls_cert": self.tls_cert if mutual else None,
+                      "tls_key": self.tls_key if mutual else None, "token_file": self.token_file})
 
     def client(self) -> ClientSecurity:
         """The security of this process's own client (the progress bar)."""
@@ -62,74 +59,34 @@ class LocalSecurity:
                               tls_key=self.tls_key if mutual else None, token=load_token(self.token_file))
 
 
-def _flags(**paths: Path | None) -> list[str]:
-    flags = []
-    for name, path in paths.items():
-        if path is not None:
-            flags += ["--" + name.replace("_", "-"), str(path)]
-    return flags
-
-
-def _gapaware(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gapaware", *args]
-
-
-def _wait_for_port(ready_file: Path, server: subprocess.Popen, log_path: Path) -> int:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if ready_file.exists() and ready_file.read_text():
-            return json.loads(ready_file.read_text())["port"]
-        if server.poll() is not None:
-            raise click.ClickException(f"the server exited with code {server.returncode}; its log:\n"
-                                       + log_path.read_text()[-3000:])
-        time.sleep(0.1)
-    server.kill()
-    raise click.ClickException(f"the server did not start within {STARTUP_TIMEOUT:.0f}s; see {log_path}")
-
-
-def _final_record(metrics_file: Path) -> dict | None:
-    if not metrics_file.exists():
-        return None
-    finals = [json.loads(line) for line in metrics_file.read_text().splitlines() if '"final"' in line]
-    return finals[-1] if finals else None
-
-
 def run_local(config: RunConfig, workers: int, out: Path | None,
               security: LocalSecurity = LocalSecurity()) -> dict | None:
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    metrics_file, ready_file, server_log = out / "metrics.jsonl", out / "server.ready", out / "server.log"
-    ready_file.unlink(missing_ok=True)
     started = time.monotonic()
     click.echo(f"gapaware train: task {config.task}, policy {config.policy}, {workers} workers; logs in {out}")
-    with server_log.open("w") as log:
-        server = subprocess.Popen(
-            _gapaware("server", *config_to_flags(config), "--host", "127.0.0.1", "--port", "0",
-                      "--ready-file", str(ready_file), "--metrics-file", str(metrics_file), "--linger", "5",
-                      *security.server_flags()),
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+    try:
+        server = ServerProcess(out, *config_flags(config), *security.server_flags(), metrics_file=out / "metrics.jsonl")
+    except NotReady as error:
+        raise click.ClickException(str(error)) from None
     procs: list[subprocess.Popen] = []
     try:
-        port = _wait_for_port(ready_file, server, server_log)
-        address = f"127.0.0.1:{port}"
         for i in range(workers):
-            with (out / f"worker-{i}.log").open("w") as log:
-                procs.append(subprocess.Popen(_gapaware("worker", "--server", address, *security.worker_flags()),
-                                              stdout=log, stderr=subprocess.STDOUT))
-        _show_progress(address, server, security.client())
-        server.wait()
+            procs.append(start_worker(server.address, out, i, *security.worker_flags()))
+        _show_progress(server.address, server.proc, security.client())
+        server.proc.wait()
         for proc in procs:
             proc.wait(timeout=30)
     finally:
-        for proc in [*procs, server]:
+        for proc in [*procs, server.proc]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    final = _final_record(metrics_file)
-    if server.returncode != 0 or final is None:
-        raise click.ClickException(f"the server failed (exit {server.returncode}); its log:\n"
-                                   + server_log.read_text()[-3000:])
+    finals = server.records("final")
+    if server.proc.returncode != 0 or not finals:
+        raise click.ClickException(f"the server failed (exit {server.proc.returncode}); the end of its log "
+                                   f"({server.log_path}):\n{log_tail(server.log_path)}")
+    final = finals[-1]
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     click.echo(
         f"final test accuracy {final['accuracy']:.4f} (loss {final['loss']:.4f}) after {final['version']} updates "

@@ -20,12 +20,10 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gapaware.common.allocator import keep_freed_memory, use_one_heap
 from gapaware.common.config import RunConfig
-from gapaware.common.layout import ParamLayout, flat_parameters, load_flat_parameters
 from gapaware.common.security import ServerSecurity
-from gapaware.common.tasks import load_task
 from gapaware.server.auth import TokenAuthInterceptor
+from gapaware.server.build import build_state
 from gapaware.server.checkpointer import Checkpointer, CheckpointOptions
 from gapaware.server.decoding import StrictDecodingInterceptor
 from gapaware.server.evaluator import Evaluator, MetricsLog
@@ -44,12 +42,6 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
 ]
-
-
-SERVER_HEAP_BLOCKS = 8 * 1024 * 1024 + 1
-"""Freed blocks up to gRPC's largest message (8 MiB) stay in the server's heap for the next call;
-model-sized tensors are reused explicitly (:mod:`gapaware.server.model_store`), so bigger blocks go back to
-the kernel when freed rather than staying in the server's memory for good."""
 
 
 def receive_window_options(mib: int) -> list[tuple[str, int]]:
@@ -96,18 +88,6 @@ def listen_address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
-
-
-def build_state(config: RunConfig, *, nonfinite: str = "reject"):
-    """The task (for layout and evaluation) and the server state with the seeded initial parameters."""
-    task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)
-    layout = ParamLayout.from_module(task.model)
-    state = ParameterServerState(config, layout, flat_parameters(task.model), train_size=len(task.train),
-                                 nonfinite=nonfinite)
-    # The model is kept for evaluation only, and each evaluation points it at a copy of θ; until
-    # then its parameters are views of θ, so the server holds no second copy of the model.
-    load_flat_parameters(task.model, state.theta)
-    return task, state
 
 
 def prepare_state(config: RunConfig, options: ServerOptions):
@@ -225,6 +205,4 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
 
 
 def run_server(config: RunConfig, options: ServerOptions) -> dict:
-    keep_freed_memory(below=SERVER_HEAP_BLOCKS)
-    use_one_heap()
     return asyncio.run(serve(config, options))

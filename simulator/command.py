@@ -1,6 +1,7 @@
 """``gapaware simulate``: check the inputs, run the sweep, write the report and print the table."""
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shlex
 import time
@@ -10,23 +11,19 @@ from pathlib import Path
 import click
 import torch
 
+from gapaware.command_line import flags
+from gapaware.common.registry import SYNCHRONOUS_SGD
 from gapaware.common.tasks import TaskError, load_task
 from gapaware.simulator.report import accuracy_table, write_report
-from gapaware.simulator.runner import SYNCHRONOUS, RunResult, SimulationSettings, run_config
+from gapaware.simulator.runner import RunResult, SimulationSettings, run_config
 from gapaware.simulator.sweep import available_cores, grid, run_sweep
 
 
 def command_line(settings: SimulationSettings, *, policies: Sequence[str], workers: Sequence[int], seeds: int) -> str:
     """The ``gapaware simulate`` command that reproduces a sweep, every setting spelled out."""
-    words = ["gapaware", "simulate", "--task", settings.task]
-    if settings.data_dir is not None:
-        words += ["--data-dir", settings.data_dir]
-    words += ["--workers", ",".join(map(str, workers)), "--policies", ",".join(policies), "--seeds", str(seeds),
-              "--epochs", f"{settings.epochs:g}", "--batch-size", str(settings.batch_size), "--lr", f"{settings.lr:g}",
-              "--momentum", f"{settings.momentum:g}", "--weight-decay", f"{settings.weight_decay:g}",
-              "--gamma-shape", f"{settings.gamma_shape:g}", *(["--heterogeneous"] if settings.heterogeneous else []),
-              "--eval-points", str(settings.eval_points), "--device", settings.device]
-    return shlex.join(words)
+    options = {"task": settings.task, "workers": workers, "policies": policies, "seeds": seeds,
+               **dataclasses.asdict(settings)}
+    return shlex.join(["gapaware", "simulate", *flags(options)])
 
 
 def run_simulation(settings: SimulationSettings, *, policies: Sequence[str], workers: Sequence[int],
@@ -58,9 +55,9 @@ def run_simulation(settings: SimulationSettings, *, policies: Sequence[str], wor
     started = time.monotonic()
     results = run_sweep(settings, specs, jobs=jobs)
     elapsed = time.monotonic() - started
-    asynchronous = [r.updates for r in results if r.policy != SYNCHRONOUS][:1]
+    asynchronous = [r.updates for r in results if r.policy != SYNCHRONOUS_SGD][:1]
     updates = [f"asynchronous: {count}" for count in asynchronous] + \
-        [f"SSGD at N={r.workers}: {r.updates}" for r in results if r.policy == SYNCHRONOUS and r.seed == 0]
+        [f"SSGD at N={r.workers}: {r.updates}" for r in results if r.policy == SYNCHRONOUS_SGD and r.seed == 0]
     preamble = "\n".join([
         f"Command: `{command_line(settings, policies=policies, workers=workers, seeds=seeds)}`",
         "",

@@ -21,34 +21,28 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from gapaware.common.config import RunConfig
+from gapaware.common.registry import DEFAULTS, NESTEROV_ASGD, SIMULATED_POLICY_NAMES, SYNCHRONOUS_SGD
 from gapaware.common.results import PushResult
-from gapaware.server.app import build_state
-from gapaware.server.policies import POLICIES
+from gapaware.server.build import build_state
 from gapaware.simulator.clock import CompletionQueue, WorkerClocks
 from gapaware.simulator.gradients import GradientSource
 from gapaware.simulator.master import LocalMaster, Master
-
-NESTEROV_ASGD = "nag-asgd"
-"""``asgd`` with Nesterov momentum (NAG-ASGD, the paper's strongest unmitigated baseline)."""
-SYNCHRONOUS = "ssgd"
-"""Synchronous SGD: the reference every asynchronous policy is compared with."""
-POLICY_NAMES: tuple[str, ...] = (*POLICIES, NESTEROV_ASGD, SYNCHRONOUS)
 
 
 @dataclass(frozen=True)
 class SimulationSettings:
     """What every run of a sweep shares. The defaults are the paper's recipe on ``digits-cnn``."""
 
-    task: str = "digits-cnn"
+    task: str = DEFAULTS.task
     data_dir: str | None = None
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    epochs: float = 40.0
-    gamma_shape: float = 4.0
+    lr: float = DEFAULTS.lr
+    momentum: float = DEFAULTS.momentum
+    weight_decay: float = DEFAULTS.weight_decay
+    batch_size: int = DEFAULTS.batch_size
+    epochs: float = DEFAULTS.simulated_epochs
+    gamma_shape: float = DEFAULTS.gamma_shape
     heterogeneous: bool = False
-    eval_points: int = 20
+    eval_points: int = DEFAULTS.eval_points
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -64,15 +58,16 @@ class SimulationSettings:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One cell of the grid: a policy (one of :data:`POLICY_NAMES`), a number of workers, a seed."""
+    """One cell of the grid: a policy (one of :data:`~gapaware.common.registry.SIMULATED_POLICY_NAMES`), a
+    number of workers, a seed."""
 
     policy: str
     workers: int
     seed: int
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICY_NAMES:
-            raise ValueError(f"Unknown policy {self.policy!r}; choose from {', '.join(POLICY_NAMES)}")
+        if self.policy not in SIMULATED_POLICY_NAMES:
+            raise ValueError(f"Unknown policy {self.policy!r}; choose from {', '.join(SIMULATED_POLICY_NAMES)}")
         if self.workers < 1:
             raise ValueError(f"Invalid number of workers: {self.workers}")
 
@@ -106,8 +101,8 @@ OnUpdate = Callable[[PushResult, float], None]
 def run_config(settings: SimulationSettings, spec: RunSpec) -> RunConfig:
     """The server's run configuration for one run: the policy the server applies, and for SSGD a
     batch of N per-worker batches (so the run has N times fewer updates)."""
-    server_policy = "asgd" if spec.policy in (NESTEROV_ASGD, SYNCHRONOUS) else spec.policy
-    synchronous = spec.policy == SYNCHRONOUS
+    server_policy = "asgd" if spec.policy in (NESTEROV_ASGD, SYNCHRONOUS_SGD) else spec.policy
+    synchronous = spec.policy == SYNCHRONOUS_SGD
     return RunConfig(
         task=settings.task, policy=server_policy, seed=spec.seed, lr=settings.lr, momentum=settings.momentum,
         nesterov=spec.policy == NESTEROV_ASGD, weight_decay=settings.weight_decay,
@@ -197,7 +192,7 @@ def simulate_run(settings: SimulationSettings, spec: RunSpec) -> RunResult:
             loss, accuracy = gradients.test_metrics(state.parameters()[1])
             curve.append(CurvePoint(result.version, now, loss, accuracy))
 
-    if spec.policy == SYNCHRONOUS:
+    if spec.policy == SYNCHRONOUS_SGD:
         sim_time = run_sync(master, gradients, clocks, batch_size=settings.batch_size,
                             max_rounds=state.total_updates, on_update=record)
     else:

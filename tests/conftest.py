@@ -1,7 +1,7 @@
 import pytest
 
 from tests.inprocess import InProcessServer
-from tests.processes import ServerProcess
+from gapaware.processes import ServerProcess
 
 
 @pytest.fixture(autouse=True)

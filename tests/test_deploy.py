@@ -45,11 +45,11 @@ def dockerfile() -> dict[str, list[str]]:
     return out
 
 
-def docker_env() -> dict[str, str]:
+def docker_env(prefix: str = "GAPAWARE_") -> dict[str, str]:
     env = {}
     for line in dockerfile().get("ENV", []):
         env.update(dict(item.split("=", 1) for item in shlex.split(line)))
-    return {k: v for k, v in env.items() if k.startswith("GAPAWARE_")}
+    return {k: v for k, v in env.items() if k.startswith(prefix)}
 
 
 def compose_services() -> dict[str, dict]:
@@ -97,9 +97,10 @@ def shell_command_lines(path: Path) -> list[list[str]]:
     return lines
 
 
-def shell_exports(path: Path) -> dict[str, str]:
-    """The ``export GAPAWARE_X=...`` of a script, ``${X:-default}`` taken as its default."""
-    exports = re.findall(r"^export (GAPAWARE_[A-Z0-9_]+)=(.*)$", path.read_text(), flags=re.MULTILINE)
+def shell_exports(path: Path, prefix: str = "GAPAWARE_") -> dict[str, str]:
+    """The ``export GAPAWARE_X=...`` of a script (or those of another ``prefix``), ``${X:-default}``
+    taken as its default."""
+    exports = re.findall(rf"^export ({prefix}[A-Z0-9_]+)=(.*)$", path.read_text(), flags=re.MULTILINE)
     return {name: re.sub(r"\$\{[A-Z0-9_]+:-(.*)\}", r"\1", shlex.split(value)[0]) for name, value in exports}
 
 
@@ -262,6 +263,18 @@ def test_compose_and_kubernetes_agree_on_volume_and_secret_paths():
         secret_volume = next(v["name"] for v in pod["volumes"] if "secret" in v)
         mount_path = next(m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if m["name"] == secret_volume)
         assert under(container_env(pod["containers"][0])["GAPAWARE_TOKEN_FILE"], mount_path), name
+
+
+def test_every_recipe_opts_into_the_same_allocator_tuning_the_readme_describes():
+    """The image (compose, Kubernetes), the systemd environment (the VMs) and the SLURM script set
+    glibc's MALLOC_* variables alike, as the README's line does."""
+    image = docker_env("MALLOC_")
+    assert image, "the image sets no MALLOC_* variable"
+    systemd = {k: v for k, v in env_file(DEPLOY / "systemd" / "gapaware.env").items() if k.startswith("MALLOC_")}
+    slurm = shell_exports(DEPLOY / "slurm" / "gapaware.sbatch", prefix="MALLOC_")
+    assert systemd == image and slurm == image
+    readme = (ROOT / "README.md").read_text()
+    assert "export " + " ".join(f"{k}={v}" for k, v in image.items()) in readme
 
 
 def test_kubernetes_runs_one_server_and_gpu_workers():

@@ -9,9 +9,10 @@ import grpc
 import pytest
 
 from gapaware import WorkerClient
+from gapaware.command_line import gapaware_command
+from gapaware.processes import ServerProcess, start_worker
 from gapaware.server.checkpoint import CheckpointDirectory, read_checkpoint
 from tests.netns import SERVER_ADDRESS, cannot_make_namespaces, veth_pair
-from tests.processes import ServerProcess, gapaware_cmd, start_worker
 
 FAST_RETRY = ("--retry-initial-backoff", "0.2", "--retry-max-backoff", "1", "--retry-give-up-after", "120",
               "--rpc-timeout", "10")
@@ -140,11 +141,11 @@ def test_server_killed_and_resumed_from_the_previous_checkpoint_when_the_newest_
 def test_worker_procs_parent_forwards_sigterm_and_every_child_leaves(servers, tmp_path):
     server = servers("--task", "digits-mlp", "--max-updates", "20000", "--lease-seconds", "30")
     with (tmp_path / "procs.log").open("w") as log:
-        parent = subprocess.Popen(gapaware_cmd("worker", "--server", server.address, "--procs", "2", *FAST_RETRY),
+        parent = subprocess.Popen(gapaware_command("worker", "--server", server.address, "--procs", "2", *FAST_RETRY),
                                   stdout=log, stderr=subprocess.STDOUT)
     two = wait_status(server.address, lambda s: sum(w.pushes > 0 for w in s.workers) == 2, timeout=180,
                       what="both child workers to push")
-    shown = subprocess.run(gapaware_cmd("status", "--server", server.address), capture_output=True, text=True,
+    shown = subprocess.run(gapaware_command("status", "--server", server.address), capture_output=True, text=True,
                            timeout=60).stdout
     assert "2 live workers" in shown, shown
     rows = {int(line.split()[0]): line.split() for line in shown.splitlines() if line[:6].strip().isdigit()}

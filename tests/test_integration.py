@@ -9,7 +9,7 @@ import torch
 from gapaware import WorkerClient
 from gapaware.common.layout import ParamLayout
 from gapaware.common.tasks import load_task
-from tests.processes import start_worker
+from gapaware.processes import start_worker
 
 
 def test_three_workers_train_digits_mlp_to_real_accuracy(servers, tmp_path):

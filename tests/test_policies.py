@@ -503,8 +503,3 @@ def test_invalid_pushes_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         policy.apply(theta, grad, **push)
     assert policy.state_dict()["ga.k"].item() == 0  # nothing was counted
-
-
-def test_the_cli_offers_exactly_the_registered_policies():
-    from gapaware.common.choices import POLICY_NAMES
-    assert POLICY_NAMES == tuple(POLICIES)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from gapaware.common.config import RunConfig
-from gapaware.server.app import build_state
+from gapaware.processes import start_worker
+from gapaware.server.build import build_state
 from gapaware.server.policies import make_policy
-from tests.processes import start_worker
 
 
 def _state(snapshot_dtype: str, policy: str = "gap-aware"):

@@ -11,6 +11,7 @@ from cryptography import x509
 
 from gapaware import WorkerClient
 from gapaware.cli import main
+from gapaware.command_line import gapaware_command
 from gapaware.common.transport import encode
 from gapaware.common.security import ClientSecurity, SecurityConfigError, ServerSecurity, is_loopback, load_token
 from gapaware.local_run import LocalSecurity
@@ -19,7 +20,6 @@ from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.app import ServerOptions
 from tests.inprocess import small_state
 from tests.pki import CertificateAuthority
-from tests.processes import gapaware_cmd
 
 TOKEN = "3f1c0f6a9b2e4d7c8a5b6e1f0d2c3b4a"
 
@@ -233,7 +233,7 @@ def test_train_runs_over_mutual_tls_with_a_token(pki, tmp_path):
     token_file.chmod(0o600)
     out = tmp_path / "run"
     done = subprocess.run(
-        gapaware_cmd("train", "--task", "digits-mlp", "--workers", "1", "--max-updates", "20", "--eval-every", "10",
+        gapaware_command("train", "--task", "digits-mlp", "--workers", "1", "--max-updates", "20", "--eval-every", "10",
                       "--out", str(out), "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
                       "--tls-client-ca", str(pki.ca), "--tls-ca", str(pki.ca), "--token-file", str(token_file)),
         capture_output=True, text=True, timeout=240,

@@ -8,15 +8,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from gapaware.cli import SIMULATED_POLICY_NAMES, main
+from gapaware.cli import main
 from gapaware.common.config import RunConfig
-from gapaware.server.app import build_state
+from gapaware.common.registry import SIMULATED_POLICY_NAMES
+from gapaware.server.build import build_state
 from gapaware.simulator.clock import CompletionQueue, WorkerClocks
 from gapaware.simulator.master import LocalMaster
 from gapaware.simulator.report import RESULT_COLUMNS
-from gapaware.simulator.runner import (
-    POLICY_NAMES, RunSpec, SimulationSettings, run_async, run_sync, simulate_run,
-)
+from gapaware.simulator.runner import RunSpec, SimulationSettings, run_async, run_sync, simulate_run
 from gapaware.simulator.sweep import grid, run_sweep
 
 
@@ -148,7 +147,7 @@ def test_without_staleness_asgd_sa_ga_and_ssgd_are_the_same_algorithm():
 
 def test_every_policy_runs_and_reports_staleness_gap_and_time():
     settings = SimulationSettings(task="digits-mlp", epochs=0.5, eval_points=1)
-    for policy in POLICY_NAMES:
+    for policy in SIMULATED_POLICY_NAMES:
         result = simulate_run(settings, RunSpec(policy, 4, seed=1))
         assert 0.0 <= result.final_accuracy <= 1.0 and math.isfinite(result.mean_gap)
         if policy == "ssgd":
@@ -232,7 +231,3 @@ def test_simulate_refuses_bad_input_before_running(tmp_path, flags, message):
     assert result.exit_code != 0
     assert message in result.output
     assert not (tmp_path / "o").exists()
-
-
-def test_the_command_offers_exactly_the_simulator_policies():
-    assert set(SIMULATED_POLICY_NAMES) == set(POLICY_NAMES)

@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from gapaware import WorkerClient
-from gapaware.cli import config_to_flags
+from gapaware.command_line import config_flags
 from gapaware.common.layout import ParamLayout
+from gapaware.common.registry import SYNCHRONOUS_SGD
 from gapaware.common.tasks import load_task
-from gapaware.server.app import build_state
+from gapaware.server.build import build_state
 from gapaware.simulator.clock import WorkerClocks
 from gapaware.simulator.gradients import GradientSource
 from gapaware.simulator.master import LocalMaster
-from gapaware.simulator.runner import SYNCHRONOUS, RunSpec, SimulationSettings, run_async, run_config, run_sync
+from gapaware.simulator.runner import RunSpec, SimulationSettings, run_async, run_config, run_sync
 
 WORKERS = 4
 SETTINGS = SimulationSettings(task="digits-mlp", epochs=1.0)  # 45 updates (23 rounds of SSGD at N=2)
@@ -52,8 +53,8 @@ def drive(master, spec: RunSpec, config, max_updates: int) -> list:
     gradients = GradientSource(task, workers=spec.workers, batch_size=SETTINGS.batch_size, seed=spec.seed)
     clocks = WorkerClocks(spec.workers, seed=spec.seed, shape=SETTINGS.gamma_shape)
     seen = []
-    loop = run_sync if spec.policy == SYNCHRONOUS else run_async
-    limit = {"max_rounds" if spec.policy == SYNCHRONOUS else "max_pushes": max_updates}
+    loop = run_sync if spec.policy == SYNCHRONOUS_SGD else run_async
+    limit = {"max_rounds" if spec.policy == SYNCHRONOUS_SGD else "max_pushes": max_updates}
     loop(master, gradients, clocks, batch_size=SETTINGS.batch_size, on_update=lambda r, now: seen.append(r),
          **limit)
     return seen
@@ -63,7 +64,7 @@ def drive(master, spec: RunSpec, config, max_updates: int) -> list:
     ("gap-aware", WORKERS),   # θ⁽ⁱ⁾ snapshots, GA statistics, the master's momentum
     ("dana-ga", WORKERS),     # per-worker buffers keyed by worker id, look-ahead pulls
     ("nag-asgd", WORKERS),    # the server's asgd with Nesterov momentum
-    (SYNCHRONOUS, 2),         # averaged gradients as one fresh push, batch of N × 32 in the schedule
+    (SYNCHRONOUS_SGD, 2),     # averaged gradients as one fresh push, batch of N × 32 in the schedule
 ])
 def test_simulator_and_real_server_reach_identical_parameters(servers, policy, workers):
     spec = RunSpec(policy, workers, seed=3)
@@ -73,7 +74,7 @@ def test_simulator_and_real_server_reach_identical_parameters(servers, policy, w
     local = drive(local_master, spec, config, state.total_updates)
     _, local_theta = local_master.pull(0)  # what a worker is sent: θ, or DANA's look-ahead from θ and Σvʲ
 
-    server = servers(*config_to_flags(config))
+    server = servers(*config_flags(config))
     remote = GrpcMaster(server.address, workers, ParamLayout.from_module(task.model))
     try:
         over_grpc = drive(remote, spec, config, state.total_updates)
@@ -83,7 +84,7 @@ def test_simulator_and_real_server_reach_identical_parameters(servers, policy, w
     assert server.wait(timeout=60) == 0, server.log()
 
     assert len(local) == state.total_updates and local[-1].finished
-    if policy != SYNCHRONOUS:
+    if policy != SYNCHRONOUS_SGD:
         assert max(r.staleness for r in local) >= workers - 1, "the events must include stale pushes"
     assert [(r.version, r.staleness, r.finished) for r in over_grpc] == \
         [(r.version, r.staleness, r.finished) for r in local]

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from gapaware.common.allocator import keep_freed_memory
 from gapaware.common.config import RunConfig
 from gapaware.common.data import batches
 from gapaware.common.layout import ParamLayout, flat_gradients, load_flat_parameters
+from gapaware.common.registry import DEFAULTS
 from gapaware.common.security import ClientSecurity
 from gapaware.common.tasks import load_task
 from gapaware.worker.client import WorkerClient
@@ -52,7 +52,7 @@ class WorkerOptions:
     task: str | None = None           # None: the task the server runs
     data_dir: str | None = None
     threads: int = 1                  # torch intra-op threads for this process
-    transport_dtype: str = "float32"
+    transport_dtype: str = DEFAULTS.transport_dtype
     prefetch_batches: int = 2         # batches loaded ahead in a thread (worker/prefetch.py); 0: none
     rpc_timeout: float = 60.0         # seconds one call may take before it is retried
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -130,7 +130,6 @@ class _Registration:
 
 def run_worker(options: WorkerOptions) -> WorkerSummary:
     torch.set_num_threads(options.threads)
-    keep_freed_memory()
     with stop_on_signals(threading.Event()) as stop, \
             WorkerClient(options.server, transport_dtype=options.transport_dtype,
                          timeout=options.rpc_timeout, **options.security.client_kwargs()) as client:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
+
+from gapaware.command_line import gapaware_command
 
 log = logging.getLogger("gapaware.worker")
 
@@ -26,7 +27,7 @@ def run_worker_processes(count: int, argv_for: Callable[[int], list[str]]) -> in
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for index in range(count):
-            children.append(subprocess.Popen([sys.executable, "-m", "gapaware", *argv_for(index)]))
+            children.append(subprocess.Popen(gapaware_command(*argv_for(index))))
         codes = [child.wait() for child in children]
     finally:
         for sig, handler in previous.items():
