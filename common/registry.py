@@ -5,7 +5,7 @@ The command line, :class:`~gapaware.common.config.RunConfig`, the simulator's se
 README (its flag reference is generated from the command line) read these. The modules that give
 a name its meaning key their own tables by it, and tests keep the two equal:
 ``gapaware.server.policies.POLICIES`` (:data:`POLICY_NAMES`), ``gapaware.common.tasks.BUILTIN_TASKS``
-(:data:`TASK_NAMES`), ``gapaware.common.codec.DTYPE_NAMES`` (:data:`TRANSPORT_DTYPES`) and the
+(:data:`TASK_NAMES`), ``gapaware.common.transport.DTYPE_NAMES`` (:data:`TRANSPORT_DTYPES`) and the
 default β and ε of ``gapaware.server.policies.GapAware``.
 """
 from __future__ import annotations

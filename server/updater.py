@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gapaware.common.choices import NONFINITE_ACTIONS
+from gapaware.common.registry import NONFINITE_ACTIONS
 from gapaware.common.config import RunConfig, learning_rate
 from gapaware.server.errors import NonFiniteGradient
 from gapaware.server.policies import Policy, make_policy

@@ -9,7 +9,7 @@ import click
 import pytest
 
 from gapaware.cli import config_from_options, main
-from gapaware.common.codec import DTYPE_NAMES
+from gapaware.common.transport import DTYPE_NAMES
 from gapaware.common.config import RunConfig
 from gapaware.common.registry import (
     DEFAULTS, NESTEROV_ASGD, NONFINITE_ACTIONS, POLICY_NAMES, SCHEDULES, SIMULATED_POLICY_NAMES, SNAPSHOT_DTYPES,
