@@ -8,6 +8,12 @@ before the tensor is complete. The transport dtype (float32, bfloat16, float16) 
 here, not a branch in server or worker: :func:`encode` casts on the way out and the assembler
 casts back to float32 on the way in.
 
+The 8-bit dtypes (int8, float8) carry a :class:`~gapaware.common.codecs.Quantized` tensor, made by
+the sender (with its error feedback, or as a delta: :mod:`gapaware.common.codecs`). Each chunk
+holds whole blocks, the float32 scales of its blocks first and then a byte an element, so a chunk
+is decoded, and checked by its CRC, on its own; the assembler decodes to float32, or adds what it
+decodes to the tensor it receives into (``accumulate``, a delta pull).
+
 One specialised path: chunk frames are written and read in protobuf's wire format by this module
 (:func:`chunk_frame`, :func:`frame_parser`) rather than through message objects, which copy every
 chunk's bytes twice more on the way out and once more on the way in; ``bench/transport.py``
@@ -26,6 +32,7 @@ import crc32c
 import torch
 from google.protobuf.message import Message
 
+from gapaware.common.codecs import BLOCK, CODECS as CODECS_BY_NAME, Codec, Quantized, add_dequantized_, decode_slice
 from gapaware.proto import parameter_server_pb2 as pb
 
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
@@ -33,6 +40,10 @@ DEFAULT_CHUNK_BYTES = 1024 * 1024
 
 DTYPES = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
 DTYPE_NAMES = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}
+CODECS: dict[int, Codec] = {pb.INT8: CODECS_BY_NAME["int8"], pb.FLOAT8_E4M3FN: CODECS_BY_NAME["float8"]}
+WIRE_DTYPE_NAMES = {**DTYPE_NAMES, **{codec.name: dtype for dtype, codec in CODECS.items()}}
+"""Every dtype a tensor may travel in, by the name ``--push-dtype`` and ``--pull-dtype`` give it."""
+CODEC_DTYPES = {codec: dtype for dtype, codec in CODECS.items()}
 
 _FRAME_CHUNK_TAG = 0x12  # the frame's field 2 (chunk), length-delimited
 _INDEX_TAG = 0x08        # Chunk.index, field 1, varint
@@ -46,15 +57,39 @@ class TransportError(ValueError):
 
 def dtype_from_name(name: str) -> int:
     try:
-        return DTYPE_NAMES[name]
+        return WIRE_DTYPE_NAMES[name]
     except KeyError:
-        raise ValueError(f"Invalid transport dtype: {name!r} (choose from {', '.join(DTYPE_NAMES)})") from None
+        raise ValueError(f"Invalid transport dtype: {name!r} (choose from {', '.join(WIRE_DTYPE_NAMES)})") from None
+
+
+def _known(dtype: int) -> None:
+    if dtype not in DTYPES and dtype not in CODECS:
+        raise TransportError(f"unknown tensor dtype {dtype} (expected one of {sorted({*DTYPES, *CODECS})})")
 
 
 def itemsize(dtype: int) -> int:
-    if dtype not in DTYPES:
-        raise TransportError(f"unknown tensor dtype {dtype} (expected one of {sorted(DTYPES)})")
-    return DTYPES[dtype].itemsize
+    """Bytes an element of ``dtype`` (an 8-bit dtype's scales come on top: :func:`wire_bytes`)."""
+    _known(dtype)
+    return DTYPES[dtype].itemsize if dtype in DTYPES else CODECS[dtype].values.itemsize
+
+
+def wire_format(dtype: int) -> torch.dtype | Codec:
+    """What a known wire ``dtype`` is to the sender: a torch dtype to cast to, or a codec."""
+    _known(dtype)
+    return DTYPES.get(dtype) or CODECS[dtype]
+
+
+def wire_dtype_of(tensor: torch.Tensor | Quantized) -> int:
+    """The wire dtype a tensor travels in as it is: its own dtype, or its codec's."""
+    if isinstance(tensor, Quantized):
+        return CODEC_DTYPES[tensor.codec]
+    return next(dtype for dtype, torch_dtype in DTYPES.items() if torch_dtype == tensor.dtype)
+
+
+def wire_bytes(dtype: int, numel: int) -> int:
+    """The bytes ``numel`` elements of ``dtype`` take in chunks, scales included."""
+    _known(dtype)
+    return numel * DTYPES[dtype].itemsize if dtype in DTYPES else CODECS[dtype].nbytes(numel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,18 +106,27 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy())
 
 
-def encode(tensor: torch.Tensor, dtype: int = pb.FLOAT32,
+def encode(tensor: torch.Tensor | Quantized, dtype: int = pb.FLOAT32,
            chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[pb.TensorHeader, Iterator[bytes]]:
     """The header of a flat tensor in the transport ``dtype``, and its serialized chunk frames.
 
     The frames are made one at a time as they are taken, each read from ``tensor`` (or from its cast
     to ``dtype``, made here once) at that moment: the caller keeps ``tensor`` unchanged until the
-    last frame is taken. ``chunk_bytes`` is rounded down to whole elements.
+    last frame is taken. ``chunk_bytes`` is rounded down to whole elements. A :class:`Quantized`
+    tensor travels in the 8-bit ``dtype`` of its codec, in chunks of as many whole blocks as
+    ``chunk_bytes`` holds (at least one).
     """
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"Invalid chunk size: {chunk_bytes} (1 to {MAX_CHUNK_BYTES} bytes)")
+    if isinstance(tensor, Quantized):
+        if dtype != CODEC_DTYPES[tensor.codec]:
+            raise ValueError(f"a tensor quantized with {tensor.codec.name} travels as dtype "
+                             f"{CODEC_DTYPES[tensor.codec]}, not {dtype}")
+        return _encode_blocks(tensor, dtype, chunk_bytes)
     if tensor.dim() != 1:
         raise ValueError(f"expected a flat tensor, got shape {tuple(tensor.shape)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype} needs a Quantized tensor (gapaware.common.codecs), not a {tensor.dtype} one")
     size = itemsize(dtype)
     chunk_bytes = max(size, chunk_bytes // size * size)
     flat = tensor.detach().to("cpu", DTYPES[dtype]).contiguous()
@@ -96,6 +140,26 @@ def encode(tensor: torch.Tensor, dtype: int = pb.FLOAT32,
     return header, frames()
 
 
+def _block_bytes(codec: Codec) -> int:
+    """Bytes of a whole block in a chunk: its scale and its elements."""
+    return 4 + BLOCK * codec.values.itemsize
+
+
+def _encode_blocks(quantized: Quantized, dtype: int, chunk_bytes: int) -> tuple[pb.TensorHeader, Iterator[bytes]]:
+    blocks = max(1, chunk_bytes // _block_bytes(quantized.codec))
+    scales, values = tensor_bytes(quantized.scales), tensor_bytes(quantized.values)
+    size = quantized.codec.values.itemsize
+    header = pb.TensorHeader(dtype=dtype, numel=quantized.numel,
+                             chunk_count=math.ceil(quantized.scales.numel() / blocks))
+
+    def frames() -> Iterator[bytes]:
+        for index, first in enumerate(range(0, quantized.scales.numel(), blocks)):
+            last = min(first + blocks, quantized.scales.numel())
+            yield chunk_frame(index, scales[4 * first:4 * last], values[first * BLOCK * size:last * BLOCK * size])
+
+    return header, frames()
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
@@ -105,15 +169,19 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def chunk_frame(index: int, data: memoryview) -> bytes:
+def chunk_frame(index: int, *data: memoryview) -> bytes:
     """The serialized ``PushFrame``/``PullFrame`` holding ``Chunk(index, data, crc32c(data))``, byte for
-    byte what protobuf writes (fields at proto3's default, 0, are left out), with one copy of ``data``."""
-    crc = crc32c.crc32c(data)
+    byte what protobuf writes (fields at proto3's default, 0, are left out), with one copy of ``data``
+    (given in parts, which the chunk holds one after the other)."""
+    crc = 0
+    for part in data:
+        crc = crc32c.crc32c(part, crc)
+    length = sum(len(part) for part in data)
     index_field = bytes((_INDEX_TAG,)) + _varint(index) if index else b""
     crc_field = bytes((_CRC_TAG,)) + crc.to_bytes(4, "little") if crc else b""
-    data_prefix = bytes((_DATA_TAG,)) + _varint(len(data))
-    chunk_length = len(index_field) + len(data_prefix) + len(data) + len(crc_field)
-    return b"".join((bytes((_FRAME_CHUNK_TAG,)), _varint(chunk_length), index_field, data_prefix, data, crc_field))
+    data_prefix = bytes((_DATA_TAG,)) + _varint(length)
+    chunk_length = len(index_field) + len(data_prefix) + length + len(crc_field)
+    return b"".join((bytes((_FRAME_CHUNK_TAG,)), _varint(chunk_length), index_field, data_prefix, *data, crc_field))
 
 
 def serialize_frame(frame: bytes | Message) -> bytes:
@@ -184,24 +252,33 @@ class Assembler:
     ``numel`` is the element count the receiver needs (the model's size): a header claiming any other
     count is refused before a byte is allocated, so a lying header cannot make the receiver reserve
     memory. The tensor is written into ``out`` (a flat contiguous float32 CPU tensor of ``numel``
-    elements, which a receiver may reuse across transfers) or a new one. With ``check_finite`` each
+    elements, which a receiver may reuse across transfers) or a new one; with ``accumulate`` (a delta
+    pull, 8-bit dtypes only) what arrives is added to ``out`` instead. With ``check_finite`` each
     chunk is checked for NaN and Inf while it is in cache (:attr:`finite`). A stream refused half-way
     leaves ``out`` partly overwritten.
     """
 
     def __init__(self, header: pb.TensorHeader, *, numel: int, out: torch.Tensor | None = None,
-                 check_finite: bool = False) -> None:
+                 check_finite: bool = False, accumulate: bool = False) -> None:
+        _known(header.dtype)
         self._dtype = DTYPES.get(header.dtype)
-        if self._dtype is None:
-            raise TransportError(f"unknown tensor dtype {header.dtype} (expected one of {sorted(DTYPES)})")
+        self._codec = CODECS.get(header.dtype)
         if header.numel != numel:
             raise TransportError(f"tensor has {header.numel} elements but {numel} are expected")
-        self._nbytes = numel * self._dtype.itemsize
-        fewest = -(-self._nbytes // MAX_CHUNK_BYTES)
-        most = numel
+        if accumulate and self._codec is None:
+            raise TransportError(f"a delta must come in an 8-bit dtype, not in dtype {header.dtype}")
+        if accumulate and out is None:
+            raise ValueError("a delta is added to the tensor it updates: give it as out")
+        self._nbytes = wire_bytes(header.dtype, numel)
+        if self._codec is None:
+            fewest, most = -(-self._nbytes // MAX_CHUNK_BYTES), numel
+        else:
+            blocks = self._codec.blocks(numel)
+            fewest, most = -(-blocks // (MAX_CHUNK_BYTES // _block_bytes(self._codec))), blocks
         if not fewest <= header.chunk_count <= most:
             raise TransportError(f"header announces {header.chunk_count} chunks for {self._nbytes} bytes (between "
-                                 f"{fewest} and {most} needed with chunks of at most {MAX_CHUNK_BYTES} bytes)")
+                                 f"{fewest} and {most} needed with chunks of at most {MAX_CHUNK_BYTES} bytes"
+                                 + (")" if self._codec is None else " of whole blocks)"))
         if out is None:
             out = torch.empty(numel)
         elif out.shape != (numel,) or out.dtype != torch.float32 or out.device.type != "cpu" \
@@ -211,8 +288,11 @@ class Assembler:
         self._chunk_count = header.chunk_count
         self._out = out
         self._check_finite = check_finite
+        self._accumulate = accumulate
+        self._scratch: torch.Tensor | None = None
         self.finite = True
         self._elements = 0
+        self._received = 0
         self._next_index = 0
 
     def add(self, frame: object) -> None:
@@ -225,26 +305,58 @@ class Assembler:
         if self._next_index >= self._chunk_count:
             raise TransportError(f"more chunks than the {self._chunk_count} the header announced")
         length = len(frame.data)
-        if not 0 < length <= MAX_CHUNK_BYTES or length % self._dtype.itemsize:
-            raise TransportError(f"chunk {frame.index} has {length} bytes (1 to {MAX_CHUNK_BYTES} allowed, whole "
-                                 f"elements of {self._dtype.itemsize} bytes)")
-        elements = length // self._dtype.itemsize
-        if self._elements + elements > self._out.numel():
-            raise TransportError(f"chunks carry more than the {self._nbytes} bytes the header announced")
+        elements, blocks = self._chunk_layout(frame.index, length)
         if crc32c.crc32c(frame.data) != frame.crc32c:
             raise TransportError(f"checksum mismatch in chunk {frame.index}: its bytes are not those that were sent")
         target = self._out[self._elements:self._elements + elements]
-        target.copy_(_read_only_tensor(frame.data, self._dtype))
+        if self._codec is None:
+            target.copy_(_read_only_tensor(frame.data, self._dtype))
+        else:
+            scales = _read_only_tensor(frame.data[:4 * blocks], torch.float32)
+            values = _read_only_tensor(frame.data[4 * blocks:], self._codec.values)
+            if self._accumulate:
+                add_dequantized_(self._codec, target, values, scales, self._scratch_of(elements))
+            else:
+                decode_slice(self._codec, values, scales, target)
         if self._check_finite and self.finite:
             self.finite = all_finite(target)
         self._elements += elements
+        self._received += length
         self._next_index += 1
+
+    def _chunk_layout(self, index: int, length: int) -> tuple[int, int]:
+        """The elements (and, for an 8-bit dtype, blocks) a chunk of ``length`` bytes holds here."""
+        remaining = self._out.numel() - self._elements
+        if self._codec is None:
+            size = self._dtype.itemsize
+            if not 0 < length <= MAX_CHUNK_BYTES or length % size:
+                raise TransportError(f"chunk {index} has {length} bytes (1 to {MAX_CHUNK_BYTES} allowed, whole "
+                                     f"elements of {size} bytes)")
+            if length // size > remaining:
+                raise TransportError(f"chunks carry more than the {self._nbytes} bytes the header announced")
+            return length // size, 0
+        if not 0 < length <= MAX_CHUNK_BYTES:
+            raise TransportError(f"chunk {index} has {length} bytes (1 to {MAX_CHUNK_BYTES} allowed)")
+        blocks, rest = divmod(length, _block_bytes(self._codec))
+        if not rest and 0 < blocks * BLOCK <= remaining:
+            return blocks * BLOCK, blocks
+        blocks = self._codec.blocks(remaining)
+        if length == self._codec.nbytes(remaining):  # the tensor's last chunk, ending in a shorter block
+            return remaining, blocks
+        raise TransportError(f"chunk {index} has {length} bytes: not whole blocks of {_block_bytes(self._codec)} "
+                             f"bytes (a scale and {BLOCK} elements), nor the last {self._codec.nbytes(remaining)} "
+                             f"bytes of the tensor ({remaining} elements)")
+
+    def _scratch_of(self, elements: int) -> torch.Tensor:
+        if self._scratch is None or self._scratch.numel() < elements:
+            self._scratch = torch.empty(elements)
+        return self._scratch[:elements]
 
     def finish(self) -> torch.Tensor:
         """The received tensor (float32), once every chunk has arrived."""
         if self._next_index != self._chunk_count or self._elements != self._out.numel():
             raise TransportError(f"stream ended after {self._next_index} of {self._chunk_count} chunks "
-                                 f"({self._elements * self._dtype.itemsize} of {self._nbytes} bytes)")
+                                 f"({self._received} of {self._nbytes} bytes)")
         return self._out
 
 

@@ -13,10 +13,14 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT32: _ClassVar[DType]
     BFLOAT16: _ClassVar[DType]
     FLOAT16: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    FLOAT8_E4M3FN: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 BFLOAT16: DType
 FLOAT16: DType
+INT8: DType
+FLOAT8_E4M3FN: DType
 
 class TensorHeader(_message.Message):
     __slots__ = ("dtype", "numel", "chunk_count")
@@ -81,12 +85,14 @@ class JoinReply(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., version: _Optional[int] = ..., finished: _Optional[bool] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker_id", "dtype")
+    __slots__ = ("worker_id", "dtype", "delta_base")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     dtype: DType
-    def __init__(self, worker_id: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    delta_base: int
+    def __init__(self, worker_id: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., delta_base: _Optional[int] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("version", "staleness", "mean_gap", "finished", "applied")
@@ -103,16 +109,20 @@ class PushReply(_message.Message):
     def __init__(self, version: _Optional[int] = ..., staleness: _Optional[int] = ..., mean_gap: _Optional[float] = ..., finished: _Optional[bool] = ..., applied: _Optional[bool] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("version", "tensor", "finished", "push")
+    __slots__ = ("version", "tensor", "finished", "push", "delta", "delta_id")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    DELTA_ID_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensor: TensorHeader
     finished: bool
     push: PushReply
-    def __init__(self, version: _Optional[int] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., finished: _Optional[bool] = ..., push: _Optional[_Union[PushReply, _Mapping]] = ...) -> None: ...
+    delta: bool
+    delta_id: int
+    def __init__(self, version: _Optional[int] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., finished: _Optional[bool] = ..., push: _Optional[_Union[PushReply, _Mapping]] = ..., delta: _Optional[bool] = ..., delta_id: _Optional[int] = ...) -> None: ...
 
 class PushReady(_message.Message):
     __slots__ = ()
@@ -129,7 +139,7 @@ class PullFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., ready: _Optional[_Union[PushReady, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull", "pull_dtype")
+    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull", "pull_dtype", "delta_base")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +148,7 @@ class PushHeader(_message.Message):
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
     PULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     base_version: int
     seq: int
@@ -146,7 +157,8 @@ class PushHeader(_message.Message):
     tensor: TensorHeader
     pull: bool
     pull_dtype: DType
-    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull: _Optional[bool] = ..., pull_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    delta_base: int
+    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull: _Optional[bool] = ..., pull_dtype: _Optional[_Union[DType, str]] = ..., delta_base: _Optional[int] = ...) -> None: ...
 
 class PushFrame(_message.Message):
     __slots__ = ("header", "chunk")

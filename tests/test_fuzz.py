@@ -140,7 +140,8 @@ def really_valid(frames: list[pb.PushFrame], target: Target) -> bool:
     header = frames[0].header
     if (header.worker_id, header.base_version) != (target.worker_id, target.version):
         return False
-    if header.pull and header.pull_dtype not in (pb.DTYPE_UNSPECIFIED, pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16):
+    if header.pull and header.pull_dtype not in (pb.DTYPE_UNSPECIFIED, pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16, pb.INT8,
+                                                 pb.FLOAT8_E4M3FN):
         return False
     try:
         assembler = Assembler(header.tensor, numel=NUMEL)

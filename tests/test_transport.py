@@ -117,8 +117,8 @@ def test_encode_refuses_bad_arguments():
         encode(torch.zeros(4), chunk_bytes=transport.MAX_CHUNK_BYTES + 1)
     with pytest.raises(ValueError, match="expected a flat tensor"):
         encode(torch.zeros(2, 2))
-    with pytest.raises(ValueError, match="Invalid transport dtype: 'int8'"):
-        transport.dtype_from_name("int8")
+    with pytest.raises(ValueError, match="Invalid transport dtype: 'int4'"):
+        transport.dtype_from_name("int4")
 
 
 @pytest.mark.parametrize("frame_type", [pb.PushFrame, pb.PullFrame])
