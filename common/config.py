@@ -32,6 +32,7 @@ class RunConfig:
     eval_every: int = DEFAULTS.eval_every
     data_dir: str | None = None
     snapshot_dtype: str = DEFAULTS.snapshot_dtype   # how the server stores each worker's θ⁽ⁱ⁾ (GA, DANA-GA)
+    full_pull_every: int = DEFAULTS.full_pull_every  # a delta-pulling worker's every K-th pull is full
 
     def __post_init__(self) -> None:
         checks = [
@@ -52,6 +53,7 @@ class RunConfig:
             (self.eval_every >= 1, f"Invalid eval interval: {self.eval_every}"),
             (self.snapshot_dtype in SNAPSHOT_DTYPES,
              f"Invalid snapshot dtype: {self.snapshot_dtype!r} (choose from {', '.join(SNAPSHOT_DTYPES)})"),
+            (self.full_pull_every >= 1, f"Invalid full pull interval: {self.full_pull_every} (must be >= 1)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -5,8 +5,8 @@ The command line, :class:`~gapaware.common.config.RunConfig`, the simulator's se
 README (its flag reference is generated from the command line) read these. The modules that give
 a name its meaning key their own tables by it, and tests keep the two equal:
 ``gapaware.server.policies.POLICIES`` (:data:`POLICY_NAMES`), ``gapaware.common.tasks.BUILTIN_TASKS``
-(:data:`TASK_NAMES`), ``gapaware.common.transport.DTYPE_NAMES`` (:data:`TRANSPORT_DTYPES`) and the
-default β and ε of ``gapaware.server.policies.GapAware``.
+(:data:`TASK_NAMES`), ``gapaware.common.transport.DTYPE_NAMES`` (:data:`TRANSPORT_DTYPES`) and
+``WIRE_DTYPE_NAMES`` (:data:`WIRE_DTYPES`), and the default β and ε of ``gapaware.server.policies.GapAware``.
 """
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ TASK_NAMES = ("digits-mlp", "digits-cnn", "synthetic", "cifar10-resnet20")
 
 TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")
 """How gradients and parameters may travel on the wire (``gapaware worker --transport-dtype``)."""
+
+CODEC_NAMES = ("int8", "float8")
+"""The 8-bit codecs with a scale per block (``gapaware.common.codecs.CODECS``): pushes with error
+feedback, pulls as deltas."""
+
+WIRE_DTYPES = (*TRANSPORT_DTYPES, *CODEC_NAMES)
+"""How each direction may travel on its own (``gapaware worker --push-dtype``, ``--pull-dtype``)."""
 
 SNAPSHOT_DTYPES = ("float32", "bfloat16")
 """How the server may keep each worker's pulled parameters θ⁽ⁱ⁾ for the Gap (``--snapshot-dtype``)."""
@@ -67,6 +74,8 @@ class Defaults:
     snapshot_dtype: str = "float32"
     nonfinite: str = "reject"
     transport_dtype: str = "float32"
+    full_pull_every: int = 100
+    """A delta-pulling worker's every this-many-th pull is a full float32 one."""
     simulated_epochs: float = 40.0
     """Passes over the training set of each simulated run."""
     gamma_shape: float = 4.0

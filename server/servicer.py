@@ -19,7 +19,7 @@ import torch
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
 from gapaware.common.transport import (
-    DTYPES, Assembler, TransportError, encode, frame_parser, itemsize, serialize_frame,
+    Assembler, TransportError, encode, frame_parser, itemsize, serialize_frame, wire_bytes, wire_dtype_of, wire_format,
 )
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
@@ -27,6 +27,7 @@ from gapaware.server.admission import PushAdmission
 from gapaware.server.errors import (
     BadPush, InvalidLayout, LayoutMismatch, PushInFlight, RequestRefused, StaleSnapshot, UnknownWorker,
 )
+from gapaware.server.model_store import Outgoing
 from gapaware.server.observability import ServerMetrics, rejection_reason
 from gapaware.server.push import AdmittedPush, admit
 from gapaware.server.state import ParameterServerState
@@ -95,9 +96,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     async def Pull(self, request: pb.PullRequest, context) -> AsyncIterator[pb.PullFrame | bytes]:
         dtype = await _transport_dtype(context, request.dtype, "pull")
-        version, parameters, reusable = await self._call(context, self._state.pull_to_send, request.worker_id,
-                                                         DTYPES[dtype])
-        async for frame in self._send_parameters(pb.PullHeader(version=version), parameters, dtype, reusable):
+        version, parameters = await self._call(context, self._state.pull_to_send, request.worker_id,
+                                               wire_format(dtype), request.delta_base)
+        async for frame in self._send_parameters(pb.PullHeader(version=version), parameters):
             yield frame
 
     async def Push(self, request_iterator, context) -> AsyncIterator[pb.PullFrame | bytes]:
@@ -120,10 +121,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if pull_dtype is None:
             yield pb.PullFrame(header=reply)
             return
-        version, parameters, reusable = await self._call(context, self._state.pull_to_send, header.worker_id,
-                                                         DTYPES[pull_dtype])
+        version, parameters = await self._call(context, self._state.pull_to_send, header.worker_id,
+                                               wire_format(pull_dtype), header.delta_base)
         reply.version = version
-        async for frame in self._send_parameters(reply, parameters, pull_dtype, reusable):
+        async for frame in self._send_parameters(reply, parameters):
             yield frame
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
@@ -176,21 +177,22 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             self._metrics.push_rejected(rejection_reason(error), received)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
 
-    async def _send_parameters(self, header: pb.PullHeader, parameters: torch.Tensor, dtype: int,
-                               reusable: bool) -> AsyncIterator[pb.PullFrame | bytes]:
+    async def _send_parameters(self, header: pb.PullHeader,
+                               parameters: Outgoing) -> AsyncIterator[pb.PullFrame | bytes]:
         """The reply's frames: ``header`` with the tensor's, then its chunks, each framed as gRPC takes
-        it. Once the call is over nothing reads ``parameters``: a ``reusable`` tensor is then a spare."""
+        it. Once the call is over nothing reads the tensor: a reusable one is then a spare."""
         try:
-            tensor_header, chunks = encode(parameters, dtype)
+            tensor_header, chunks = encode(parameters.tensor, wire_dtype_of(parameters.tensor))
             header.tensor.CopyFrom(tensor_header)
+            header.delta, header.delta_id = parameters.delta, parameters.delta_id
             header.finished = header.finished or self._state.finished
             yield pb.PullFrame(header=header)
             for chunk in chunks:
                 yield chunk
-            self._metrics.sent(tensor_header.numel * itemsize(dtype))
+            self._metrics.sent(wire_bytes(tensor_header.dtype, tensor_header.numel))
         finally:
-            if reusable:
-                self._state.model.recycle(parameters)
+            if parameters.reusable:
+                self._state.model.recycle(parameters.tensor)
 
 
 def add_to_server(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:

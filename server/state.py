@@ -15,12 +15,13 @@ import time
 
 import torch
 
+from gapaware.common.codecs import Codec
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
 from gapaware.server.checkpoint import Checkpoint
 from gapaware.server.errors import InvalidLayout, LayoutMismatch
-from gapaware.server.model_store import ModelStore
+from gapaware.server.model_store import ModelStore, Outgoing
 from gapaware.server.push import AdmittedPush, admit
 from gapaware.server.registry import WorkerRecord, WorkerRegistry, first_worker_id
 from gapaware.server.updater import Updater, Window
@@ -36,7 +37,7 @@ class ParameterServerState:
         self.config = config
         self.layout = layout
         self.train_size = train_size
-        self.model = ModelStore(theta, getattr(torch, config.snapshot_dtype))
+        self.model = ModelStore(theta, getattr(torch, config.snapshot_dtype), config.full_pull_every)
         self.updater = Updater(config, layout.numel, config.total_updates(train_size), nonfinite)
         self.workers = WorkerRegistry()
         self.finished = False
@@ -133,20 +134,22 @@ class ParameterServerState:
     def pull(self, worker_id: int, dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor]:
         """The version and what ``worker_id`` is sent, in the transport ``dtype``: a tensor nobody
         modifies afterwards. For policies that measure a Gap it is kept as the worker's θ⁽ⁱ⁾."""
-        version, sent, _ = self.pull_to_send(worker_id, dtype)
-        return version, sent
+        version, sent = self.pull_to_send(worker_id, dtype)
+        return version, sent.tensor
 
-    def pull_to_send(self, worker_id: int, dtype: torch.dtype) -> tuple[int, torch.Tensor, bool]:
-        """:meth:`pull`, and whether the caller may hand the tensor to :meth:`ModelStore.recycle` once
-        it is sent."""
+    def pull_to_send(self, worker_id: int, dtype: torch.dtype | Codec, delta_base: int = 0) -> tuple[int, Outgoing]:
+        """The version and what ``worker_id`` is sent: as :meth:`pull` for a transport dtype; for a
+        codec, a delta pull (:meth:`ModelStore.delta_pull`) from the parameters ``delta_base`` names."""
         with self._lock:
             record = self.workers.get(worker_id)
             parameters = self.theta if self.policy.pulls_theta else \
                 self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id)
-            sent, reusable = self.model.sent_copy(worker_id, parameters, dtype,
-                                                  keep_snapshot=self.policy.needs_snapshot)
+            if isinstance(dtype, Codec):
+                sent = self.model.delta_pull(worker_id, parameters, dtype, delta_base)
+            else:
+                sent = self.model.sent_copy(worker_id, parameters, dtype, keep_snapshot=self.policy.needs_snapshot)
             record.pulled_version = self.version
-            return self.version, sent, reusable
+            return self.version, sent
 
     def admit(self, worker_id: int, grad: torch.Tensor, *, base_version: int, **details) -> AdmittedPush:
         """A push of ``grad`` checked against this server's model (:func:`gapaware.server.push.admit`)."""
@@ -179,9 +182,10 @@ class ParameterServerState:
         staleness = self.version - push.base_version
         if self.finished or self.updater.drops(push):
             return PushResult(self.version, staleness, 1.0, self.finished, False)
-        stale_theta = self.model.take_snapshot(record.worker_id)
-        staleness, gap = self.updater.apply(self.theta, push, stale_theta)
-        self.model.recycle(stale_theta)
+        stale_theta, used_up = self.model.take_snapshot(record.worker_id)
+        staleness, gap = self.updater.apply(self.theta, push, stale_theta if self.policy.needs_snapshot else None)
+        if used_up:
+            self.model.recycle(stale_theta)
         record.pulled_version = None
         record.pushes += 1
         record.last_gap = gap
