@@ -18,7 +18,7 @@ from gapaware.command_line import flags
 from gapaware.common.config import RunConfig
 from gapaware.common.registry import (
     DEFAULTS, NESTEROV_ASGD, NONFINITE_ACTIONS, POLICY_NAMES, SCHEDULES, SIMULATED_POLICY_NAMES, SNAPSHOT_DTYPES,
-    SYNCHRONOUS_SGD, TASK_NAMES, TRANSPORT_DTYPES,
+    SYNCHRONOUS_SGD, TASK_NAMES, TRANSPORT_DTYPES, WIRE_DTYPES,
 )
 
 TASK_HELP = (f"Built-in task ({', '.join(TASK_NAMES)}) or 'package.module:factory' returning a gapaware.Task. "
@@ -73,13 +73,17 @@ def run_config_options(fn):
                      show_default=True,
                      help="How the server keeps each worker's pulled parameters for the Gap (gap-aware, dana-ga): "
                           "bfloat16 halves that memory."),
+        click.option("--full-pull-every", type=click.IntRange(min=1), default=DEFAULTS.full_pull_every,
+                     show_default=True, metavar="K",
+                     help="A worker pulling deltas (--pull-dtype int8 or float8) gets a full float32 pull every K "
+                          "pulls, besides at join; 1: always full."),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), fn)
 
 
 CONFIG_FIELDS = ("task", "policy", "lr", "momentum", "nesterov", "weight_decay", "warmup_updates", "schedule",
                  "decay_at", "decay_factor", "ga_beta", "ga_eps", "batch_size", "eval_every", "seed", "data_dir",
-                 "snapshot_dtype")
+                 "snapshot_dtype", "full_pull_every")
 
 
 def explicit_config_flags() -> frozenset[str]:
@@ -206,6 +210,12 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
 @click.option("--threads", type=int, default=1, show_default=True, help="Torch threads in this process.")
 @click.option("--transport-dtype", type=click.Choice(TRANSPORT_DTYPES), default=DEFAULTS.transport_dtype,
               show_default=True, help="dtype of gradients and parameters on the wire.")
+@click.option("--push-dtype", type=click.Choice(WIRE_DTYPES), default=None,
+              help="dtype of gradients on the wire (default: --transport-dtype); int8 and float8 carry a scale "
+                   "per 1024 elements and add what rounding lost to the next gradient.")
+@click.option("--pull-dtype", type=click.Choice(WIRE_DTYPES), default=None,
+              help="dtype of parameters on the wire (default: --transport-dtype); int8 and float8 send the "
+                   "change since the last pull, with a full float32 pull at join and every --full-pull-every.")
 @click.option("--prefetch-batches", type=click.IntRange(min=0), default=2, show_default=True,
               help="Batches loaded ahead in a background thread, overlapping the model's compute and the "
                    "round trip to the server; 0 loads each batch in the training thread.")
@@ -242,6 +252,7 @@ def worker(address, device, batch_size, task, data_dir, threads, transport_dtype
         raise click.UsageError(str(error)) from None
     run_worker(WorkerOptions(server=address, device=_device_for(device, 0), batch_size=batch_size, task=task,
                              data_dir=data_dir, threads=threads, transport_dtype=transport_dtype,
+                             push_dtype=values.pop("push_dtype"), pull_dtype=values.pop("pull_dtype"),
                              prefetch_batches=prefetch_batches, rpc_timeout=rpc_timeout, retry=retry,
                              security=client_security_from_options(values)))
 
@@ -377,11 +388,17 @@ def _simulated_policies(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--jobs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Runs at once, one process and one thread each (0: one per CPU core).")
 @click.option("--device", default="cpu", show_default=True, help="Where gradients are computed: cpu or cuda:N.")
+@click.option("--push-dtype", type=click.Choice(WIRE_DTYPES), default=DEFAULTS.transport_dtype, show_default=True,
+              help="What the virtual workers' gradients are rounded to, as by gapaware worker --push-dtype "
+                   "(int8, float8: with error feedback).")
+@click.option("--pull-dtype", type=click.Choice(WIRE_DTYPES), default=DEFAULTS.transport_dtype, show_default=True,
+              help="What their parameters are rounded to, as by gapaware worker --pull-dtype (int8, float8: "
+                   "delta pulls).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Directory for results.csv, curves.csv, results.md and results.png "
                    "(default: runs/simulate-<time>).")
 def simulate(task, data_dir, workers, policies, seeds, epochs, batch_size, lr, momentum, weight_decay,
-             gamma_shape, heterogeneous, eval_points, jobs, device, out) -> None:
+             gamma_shape, heterogeneous, eval_points, jobs, device, push_dtype, pull_dtype, out) -> None:
     """Simulate N asynchronous workers on this machine and compare staleness policies.
 
     Each virtual worker's time per batch is gamma-distributed; gradients are applied in order of
@@ -394,7 +411,8 @@ def simulate(task, data_dir, workers, policies, seeds, epochs, batch_size, lr, m
         settings = SimulationSettings(task=task, data_dir=data_dir, lr=lr, momentum=momentum,
                                       weight_decay=weight_decay, batch_size=batch_size, epochs=epochs,
                                       gamma_shape=gamma_shape, heterogeneous=heterogeneous,
-                                      eval_points=eval_points, device=device)
+                                      eval_points=eval_points, device=device, push_dtype=push_dtype,
+                                      pull_dtype=pull_dtype)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     run_simulation(settings, policies=policies, workers=workers, seeds=seeds, jobs=jobs, out=out)

@@ -19,7 +19,7 @@ from gapaware import WorkerClient
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.admission import GRADIENTS_IN_MEMORY
-from gapaware.worker import client as client_module
+from gapaware.worker import compression as encoder_module
 from tests.frames import encode_messages
 from tests.inprocess import small_state
 
@@ -45,7 +45,7 @@ def test_a_waiting_push_sends_no_chunk_until_the_server_admits_it(inprocess_serv
     server = inprocess_servers(small_state(NUMEL))
     chunks_started = threading.Event()
 
-    real_encode = client_module.encode
+    real_encode = encoder_module.encode
 
     def watched_encode(*args, **kwargs):
         header, chunks = real_encode(*args, **kwargs)
@@ -56,7 +56,7 @@ def test_a_waiting_push_sends_no_chunk_until_the_server_admits_it(inprocess_serv
                 yield chunk
         return header, watched()
 
-    monkeypatch.setattr(client_module, "encode", watched_encode)
+    monkeypatch.setattr(encoder_module, "encode", watched_encode)
     release = threading.Event()
     with grpc.insecure_channel(server.address) as channel, \
             WorkerClient(server.address, chunk_bytes=CHUNK_BYTES, timeout=30) as third:

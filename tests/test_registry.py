@@ -9,11 +9,12 @@ import click
 import pytest
 
 from gapaware.cli import config_from_options, main
-from gapaware.common.transport import DTYPE_NAMES
+from gapaware.common.codecs import CODECS
+from gapaware.common.transport import DTYPE_NAMES, WIRE_DTYPE_NAMES
 from gapaware.common.config import RunConfig
 from gapaware.common.registry import (
-    DEFAULTS, NESTEROV_ASGD, NONFINITE_ACTIONS, POLICY_NAMES, SCHEDULES, SIMULATED_POLICY_NAMES, SNAPSHOT_DTYPES,
-    SYNCHRONOUS_SGD, TASK_NAMES, TRANSPORT_DTYPES,
+    CODEC_NAMES, DEFAULTS, NESTEROV_ASGD, NONFINITE_ACTIONS, POLICY_NAMES, SCHEDULES, SIMULATED_POLICY_NAMES,
+    SNAPSHOT_DTYPES, SYNCHRONOUS_SGD, TASK_NAMES, TRANSPORT_DTYPES, WIRE_DTYPES,
 )
 from gapaware.common.tasks import BUILTIN_TASKS
 from gapaware.server import policies
@@ -33,6 +34,8 @@ def test_builtin_tasks_are_the_registry_tasks():
 
 def test_the_codec_carries_exactly_the_registry_transport_dtypes():
     assert tuple(DTYPE_NAMES) == TRANSPORT_DTYPES
+    assert tuple(CODECS) == CODEC_NAMES
+    assert tuple(WIRE_DTYPE_NAMES) == WIRE_DTYPES
 
 
 def test_the_simulator_runs_the_server_policies_and_its_own_two_on_the_server_ones():
@@ -67,6 +70,10 @@ def choices(command: str, name: str) -> tuple[str, ...]:
     ("server", "snapshot_dtype", SNAPSHOT_DTYPES),
     ("server", "nonfinite", NONFINITE_ACTIONS),
     ("worker", "transport_dtype", TRANSPORT_DTYPES),
+    ("worker", "push_dtype", WIRE_DTYPES),
+    ("worker", "pull_dtype", WIRE_DTYPES),
+    ("simulate", "push_dtype", WIRE_DTYPES),
+    ("simulate", "pull_dtype", WIRE_DTYPES),
 ])
 def test_the_cli_offers_exactly_the_registry_choices(command, option, expected):
     assert choices(command, option) == expected

@@ -18,13 +18,13 @@ import torch
 
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
+from gapaware.common.registry import TRANSPORT_DTYPES
 from gapaware.common.results import PushResult
 from gapaware.common.security import ClientSecurity
-from gapaware.common.transport import (
-    DEFAULT_CHUNK_BYTES, Assembler, TransportError, dtype_from_name, encode, frame_parser, serialize_frame,
-)
+from gapaware.common.transport import DEFAULT_CHUNK_BYTES, TransportError, dtype_from_name, frame_parser, serialize_frame
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
+from gapaware.worker.compression import PulledParameters, PushEncoder
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
@@ -55,7 +55,9 @@ class WorkerClient:
     """A connection to one parameter server, as one worker.
 
     ``transport_dtype`` ("float32", "bfloat16" or "float16") is how gradients are sent
-    and parameters requested; tensors handed to and returned by this class are always
+    and parameters requested; ``push_dtype`` and ``pull_dtype`` override it for one direction,
+    and may also be "int8" or "float8": 8-bit pushes with error feedback, delta pulls
+    (:mod:`gapaware.worker.compression`). Tensors handed to and returned by this class are always
     flat float32 CPU tensors.
 
     Security (see :mod:`gapaware.common.security`): ``tls_ca`` (a PEM file) turns on TLS and
@@ -64,13 +66,16 @@ class WorkerClient:
     secret (``load_token()`` reads it from ``GAPAWARE_TOKEN`` or a file).
     """
 
-    def __init__(self, address: str, *, transport_dtype: str = "float32",
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: float = 120.0,
+    def __init__(self, address: str, *, transport_dtype: str = "float32", push_dtype: str | None = None,
+                 pull_dtype: str | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: float = 120.0,
                  tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
                  tls_key: str | Path | None = None, token: str | None = None) -> None:
         self.address = address
-        self._dtype = dtype_from_name(transport_dtype)
-        self._chunk_bytes = chunk_bytes
+        if transport_dtype not in TRANSPORT_DTYPES:
+            raise ValueError(f"Invalid transport dtype: {transport_dtype!r} (choose from {', '.join(TRANSPORT_DTYPES)}; "
+                             "8-bit dtypes are chosen per direction: push_dtype, pull_dtype)")
+        self._pushes = PushEncoder(dtype_from_name(push_dtype or transport_dtype), chunk_bytes)
+        self._pulled = PulledParameters(dtype_from_name(pull_dtype or transport_dtype))
         self._timeout = timeout
         security = ClientSecurity(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
         self._channel: grpc.Channel = security.open_channel(address, CHANNEL_OPTIONS)
@@ -89,7 +94,8 @@ class WorkerClient:
 
     # -- lifecycle ------------------------------------------------------------------------
     def join(self, layout: ParamLayout | None = None, *, device: str = "cpu") -> JoinInfo:
-        """Registers with the server. With ``layout`` the server checks the model matches."""
+        """Registers with the server. With ``layout`` the server checks the model matches. A new worker
+        id starts afresh: error feedback zeroed, the next pull a full one."""
         reply = self._stub.Join(
             pb.JoinRequest(layout=layout.to_proto() if layout else None, hostname=socket.gethostname(),
                            device=device),
@@ -100,6 +106,8 @@ class WorkerClient:
             layout=ParamLayout.from_proto(reply.layout), version=reply.version, finished=reply.finished,
             lease_seconds=reply.lease_seconds,
         )
+        self._pushes.reset()
+        self._pulled.reset()
         return self._info
 
     @property
@@ -136,10 +144,14 @@ class WorkerClient:
         ``out``: a flat float32 tensor of the model's size to receive the parameters into, returned
         as the parameters. A training loop that passes the same one every step saves a model-sized
         allocation per step (fresh memory costs the kernel a page fault and zeroing per page). A
-        call that fails leaves it partly overwritten. None allocates a new tensor.
+        call that fails leaves it partly overwritten. None allocates a new tensor. With delta pulls
+        (an 8-bit ``pull_dtype``) the parameters stay in the tensor they arrived in, which the next
+        delta updates in place: pass the same ``out`` every time (None: that same tensor), and do not
+        write into it; another tensor gets a full pull.
         """
-        frames = iter(self._pull_frames(pb.PullRequest(worker_id=self.info.worker_id, dtype=self._dtype),
-                                        timeout=self._timeout))
+        request = pb.PullRequest(worker_id=self.info.worker_id, dtype=self._pulled.dtype,
+                                 delta_base=self._pulled.base(out))
+        frames = iter(self._pull_frames(request, timeout=self._timeout))
         header = self._reply_header(frames)
         return header.version, self._receive(header, frames, out)
 
@@ -174,10 +186,11 @@ class WorkerClient:
         if grad.dim() != 1 or grad.numel() != self.info.layout.numel:
             raise ValueError(f"gradient must be flat with {self.info.layout.numel} elements, "
                              f"got shape {tuple(grad.shape)}")
-        tensor, chunks = encode(grad, self._dtype, self._chunk_bytes)
-        header = pb.PushHeader(worker_id=self.info.worker_id, base_version=base_version,
-                               seq=self.next_seq() if seq is None else seq, samples=samples, loss=loss,
-                               tensor=tensor, pull=pull, pull_dtype=self._dtype)
+        seq = self.next_seq() if seq is None else seq
+        tensor, chunks = self._pushes.encode(grad, seq)
+        header = pb.PushHeader(worker_id=self.info.worker_id, base_version=base_version, seq=seq, samples=samples,
+                               loss=loss, tensor=tensor, pull=pull, pull_dtype=self._pulled.dtype,
+                               delta_base=self._pulled.base(out) if pull else 0)
         decided = threading.Event()  # the ready frame came (admitted), or the call ended without it
         admitted = False
 
@@ -206,10 +219,7 @@ class WorkerClient:
         return header
 
     def _receive(self, header: pb.PullHeader, frames: Iterator, out: torch.Tensor | None) -> torch.Tensor:
-        assembler = Assembler(header.tensor, numel=self.info.layout.numel, out=out)
-        for frame in frames:
-            assembler.add(frame)
-        return assembler.finish()
+        return self._pulled.receive(header, frames, self.info.layout.numel, out)
 
 
 def _result(reply: pb.PushReply) -> PushResult:

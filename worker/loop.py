@@ -53,6 +53,8 @@ class WorkerOptions:
     data_dir: str | None = None
     threads: int = 1                  # torch intra-op threads for this process
     transport_dtype: str = DEFAULTS.transport_dtype
+    push_dtype: str | None = None     # None: transport_dtype; int8 or float8: with error feedback
+    pull_dtype: str | None = None     # None: transport_dtype; int8 or float8: delta pulls
     prefetch_batches: int = 2         # batches loaded ahead in a thread (worker/prefetch.py); 0: none
     rpc_timeout: float = 60.0         # seconds one call may take before it is retried
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -131,8 +133,9 @@ class _Registration:
 def run_worker(options: WorkerOptions) -> WorkerSummary:
     torch.set_num_threads(options.threads)
     with stop_on_signals(threading.Event()) as stop, \
-            WorkerClient(options.server, transport_dtype=options.transport_dtype,
-                         timeout=options.rpc_timeout, **options.security.client_kwargs()) as client:
+            WorkerClient(options.server, transport_dtype=options.transport_dtype, push_dtype=options.push_dtype,
+                         pull_dtype=options.pull_dtype, timeout=options.rpc_timeout,
+                         **options.security.client_kwargs()) as client:
         retry = functools.partial(call_with_retries, policy=options.retry, stop=stop)
         try:
             return _train(client, options, retry, stop)
