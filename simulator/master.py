@@ -16,6 +16,7 @@ from torch import Tensor
 
 from gapaware.common.results import PushResult
 from gapaware.server.state import ParameterServerState
+from gapaware.simulator.wire import VirtualWire
 
 
 class Master(Protocol):
@@ -30,16 +31,19 @@ class Master(Protocol):
 
 
 class LocalMaster:
-    """``workers`` virtual workers joined to ``state``; worker ``i`` is the ``i``-th to join."""
+    """``workers`` virtual workers joined to ``state``; worker ``i`` is the ``i``-th to join. Their tensors
+    travel in ``push_dtype`` and ``pull_dtype`` (:class:`~.wire.VirtualWire`)."""
 
-    def __init__(self, state: ParameterServerState, workers: int) -> None:
+    def __init__(self, state: ParameterServerState, workers: int, *, push_dtype: str = "float32",
+                 pull_dtype: str = "float32") -> None:
         self.state = state
         self._ids = [state.join(f"virtual-{i}", "simulated", None).worker_id for i in range(workers)]
+        self._wire = VirtualWire(state, self._ids, push_dtype, pull_dtype)
 
     def pull(self, worker: int) -> tuple[int, Tensor]:
-        return self.state.pull(self._ids[worker])
+        return self._wire.pull(worker)
 
     def push(self, worker: int, grad: Tensor, *, base_version: int, samples: int = 0,
              loss: float = math.nan) -> PushResult:
-        return self.state.push(self.state.admit(self._ids[worker], grad, base_version=base_version, samples=samples,
-                                                loss=loss))
+        return self.state.push(self.state.admit(self._ids[worker], self._wire.gradient(worker, grad),
+                                                base_version=base_version, samples=samples, loss=loss))

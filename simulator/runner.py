@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from gapaware.common.config import RunConfig
-from gapaware.common.registry import DEFAULTS, NESTEROV_ASGD, SIMULATED_POLICY_NAMES, SYNCHRONOUS_SGD
+from gapaware.common.registry import DEFAULTS, NESTEROV_ASGD, SIMULATED_POLICY_NAMES, SYNCHRONOUS_SGD, WIRE_DTYPES
 from gapaware.common.results import PushResult
 from gapaware.server.build import build_state
 from gapaware.simulator.clock import CompletionQueue, WorkerClocks
@@ -44,6 +44,8 @@ class SimulationSettings:
     heterogeneous: bool = False
     eval_points: int = DEFAULTS.eval_points
     device: str = "cpu"
+    push_dtype: str = DEFAULTS.transport_dtype
+    pull_dtype: str = DEFAULTS.transport_dtype
 
     def __post_init__(self) -> None:
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
@@ -52,6 +54,9 @@ class SimulationSettings:
             raise ValueError(f"Invalid gamma shape: {self.gamma_shape} (must be > 0)")
         if self.eval_points < 1:
             raise ValueError(f"Invalid number of evaluation points: {self.eval_points} (must be >= 1)")
+        for dtype in (self.push_dtype, self.pull_dtype):
+            if dtype not in WIRE_DTYPES:
+                raise ValueError(f"Invalid transport dtype: {dtype!r} (choose from {', '.join(WIRE_DTYPES)})")
         RunConfig(task=self.task, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
                   batch_size=self.batch_size, epochs=self.epochs)  # the server's checks of the rest
 
@@ -183,7 +188,7 @@ def simulate_run(settings: SimulationSettings, spec: RunSpec) -> RunResult:
                                device=settings.device)
     clocks = WorkerClocks(spec.workers, seed=spec.seed, shape=settings.gamma_shape,
                           heterogeneous=settings.heterogeneous)
-    master = LocalMaster(state, spec.workers)
+    master = LocalMaster(state, spec.workers, push_dtype=settings.push_dtype, pull_dtype=settings.pull_dtype)
     due = evaluation_points(state.total_updates, settings.eval_points)
     curve: list[CurvePoint] = []
 
