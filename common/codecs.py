@@ -84,13 +84,13 @@ class Quantized:
     def numel(self) -> int:
         return self.values.numel()
 
-    def slices(self, numel: int | None = None):
-        """``(elements, blocks)`` slices of :data:`SLICE_BLOCKS` blocks covering the tensor."""
-        numel = self.numel if numel is None else numel
-        step = SLICE_BLOCKS * BLOCK
-        for start in range(0, numel, step):
-            stop = min(start + step, numel)
-            yield slice(start, stop), slice(start // BLOCK, -(-stop // BLOCK))
+    def slices(self, blocks: tuple[int, int] | None = None):
+        """``(elements, blocks)`` slices of at most :data:`SLICE_BLOCKS` blocks covering the blocks
+        ``blocks`` (first, end), every block by default."""
+        first, end = blocks or (0, self.scales.numel())
+        for start in range(first, end, SLICE_BLOCKS):
+            stop = min(start + SLICE_BLOCKS, end)
+            yield slice(start * BLOCK, min(stop * BLOCK, self.numel)), slice(start, stop)
 
 
 def _rows(tensor: Tensor) -> tuple[Tensor, Tensor]:
@@ -216,19 +216,25 @@ class ErrorFeedback:
     def reset(self) -> None:
         self.residual.zero_()
 
-    def quantize(self, grad: Tensor) -> Quantized:
-        """``Q(grad + e)``, updating ``e``. The result's tensors are reused by the next call."""
+    @property
+    def out(self) -> Quantized:
+        """Where :meth:`quantize` writes: the same tensors every push."""
+        return self._out
+
+    def quantize(self, grad: Tensor, blocks: tuple[int, int] | None = None) -> Quantized:
+        """``Q(grad + e)`` into :attr:`out`, updating ``e``; only the blocks ``blocks`` (first, end) when given
+        (a sender that quantizes each chunk as it sends it)."""
         if grad.shape != self.residual.shape:
             raise ValueError(f"gradient has shape {tuple(grad.shape)}, expected {tuple(self.residual.shape)}")
         out = self._out
         first, second = _scratch(grad.numel())
-        for elements, blocks in out.slices():
+        for elements, part in out.slices(blocks):
             length = elements.stop - elements.start
             residual = self.residual[elements]
             corrected = torch.add(grad[elements], residual, out=first[:length])
-            values, scales = out.values[elements], out.scales[blocks]
+            values, scales = out.values[elements], out.scales[part]
             encode_slice(self.codec, corrected, values, scales, second[:length])
             torch.sub(corrected, decode_slice(self.codec, values, scales, second[:length]), out=residual)
-        if not bool(torch.isfinite(out.scales).all()):
-            self.reset()
+            if not bool(torch.isfinite(scales).all()):
+                self.reset()
         return out

@@ -106,15 +106,16 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy())
 
 
-def encode(tensor: torch.Tensor | Quantized, dtype: int = pb.FLOAT32,
-           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[pb.TensorHeader, Iterator[bytes]]:
+def encode(tensor: torch.Tensor | Quantized, dtype: int = pb.FLOAT32, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *,
+           fill: Callable[[tuple[int, int]], object] | None = None) -> tuple[pb.TensorHeader, Iterator[bytes]]:
     """The header of a flat tensor in the transport ``dtype``, and its serialized chunk frames.
 
     The frames are made one at a time as they are taken, each read from ``tensor`` (or from its cast
     to ``dtype``, made here once) at that moment: the caller keeps ``tensor`` unchanged until the
     last frame is taken. ``chunk_bytes`` is rounded down to whole elements. A :class:`Quantized`
     tensor travels in the 8-bit ``dtype`` of its codec, in chunks of as many whole blocks as
-    ``chunk_bytes`` holds (at least one).
+    ``chunk_bytes`` holds (at least one); ``fill((first, end))``, when given, is called with a chunk's
+    blocks before the chunk is framed, so a sender may quantize each chunk as it is sent.
     """
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"Invalid chunk size: {chunk_bytes} (1 to {MAX_CHUNK_BYTES} bytes)")
@@ -122,7 +123,7 @@ def encode(tensor: torch.Tensor | Quantized, dtype: int = pb.FLOAT32,
         if dtype != CODEC_DTYPES[tensor.codec]:
             raise ValueError(f"a tensor quantized with {tensor.codec.name} travels as dtype "
                              f"{CODEC_DTYPES[tensor.codec]}, not {dtype}")
-        return _encode_blocks(tensor, dtype, chunk_bytes)
+        return _encode_blocks(tensor, dtype, chunk_bytes, fill)
     if tensor.dim() != 1:
         raise ValueError(f"expected a flat tensor, got shape {tuple(tensor.shape)}")
     if dtype not in DTYPES:
@@ -145,7 +146,8 @@ def _block_bytes(codec: Codec) -> int:
     return 4 + BLOCK * codec.values.itemsize
 
 
-def _encode_blocks(quantized: Quantized, dtype: int, chunk_bytes: int) -> tuple[pb.TensorHeader, Iterator[bytes]]:
+def _encode_blocks(quantized: Quantized, dtype: int, chunk_bytes: int,
+                   fill: Callable[[tuple[int, int]], object] | None) -> tuple[pb.TensorHeader, Iterator[bytes]]:
     blocks = max(1, chunk_bytes // _block_bytes(quantized.codec))
     scales, values = tensor_bytes(quantized.scales), tensor_bytes(quantized.values)
     size = quantized.codec.values.itemsize
@@ -155,6 +157,8 @@ def _encode_blocks(quantized: Quantized, dtype: int, chunk_bytes: int) -> tuple[
     def frames() -> Iterator[bytes]:
         for index, first in enumerate(range(0, quantized.scales.numel(), blocks)):
             last = min(first + blocks, quantized.scales.numel())
+            if fill is not None:
+                fill((first, last))
             yield chunk_frame(index, scales[4 * first:4 * last], values[first * BLOCK * size:last * BLOCK * size])
 
     return header, frames()

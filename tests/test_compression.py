@@ -178,6 +178,11 @@ def test_a_retried_push_sends_the_same_bytes_and_feeds_back_once():
     encoder.reset()
     assert sent(encoder, grad, seq=3) == first, "after a reset (a new join) nothing earlier is fed back"
 
+    cut_off, whole = PushEncoder(pb.INT8, chunk_bytes=1028), PushEncoder(pb.INT8, chunk_bytes=1028)
+    next(cut_off.encode(grad, seq=1)[1])  # the first attempt sends one chunk of two, then fails
+    assert sent(cut_off, grad, seq=1) == sent(whole, grad, seq=1), "a retry finishes what the first attempt began"
+    assert sent(cut_off, grad, seq=2) == sent(whole, grad, seq=2)
+
 
 def test_a_pull_not_received_whole_makes_the_next_one_full():
     pulled = PulledParameters(pb.INT8)

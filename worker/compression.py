@@ -6,41 +6,57 @@ when it joins (again), as the server's side does for a new worker id.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import torch
 
-from gapaware.common.codecs import ErrorFeedback, Quantized
+from gapaware.common.codecs import ErrorFeedback
 from gapaware.common.transport import CODECS, Assembler, TransportError, encode
 from gapaware.proto import parameter_server_pb2 as pb
 
 
 class PushEncoder:
     """A worker's gradients as frames in the push dtype: cast (float32, bfloat16, float16), or quantised
-    with error feedback (int8, float8). A retried push (the same ``seq`` again) sends the same bytes,
-    so what the first attempt lost to rounding is not counted twice."""
+    with error feedback (int8, float8), each chunk as gRPC takes it to send, so that quantizing one
+    overlaps sending the one before. A retried push (the same ``seq`` again) sends the same bytes: the
+    blocks quantized for an earlier attempt are sent as they are, so what rounding lost is fed back once."""
 
     def __init__(self, dtype: int, chunk_bytes: int) -> None:
         self.dtype = dtype
         self._codec = CODECS.get(dtype)
         self._chunk_bytes = chunk_bytes
         self._feedback: ErrorFeedback | None = None
-        self._last: tuple[int, Quantized] | None = None
+        self._seq: int | None = None
+        self._quantized = 0  # blocks of push _seq quantized so far
+        self._lock = threading.Lock()  # an abandoned attempt's frames may still be taken while its retry starts
 
     def reset(self) -> None:
         """Forgets what earlier pushes lost: a worker that joins again starts afresh."""
-        if self._feedback is not None:
-            self._feedback.reset()
-        self._last = None
+        with self._lock:
+            if self._feedback is not None:
+                self._feedback.reset()
+            self._seq = None
 
     def encode(self, grad: torch.Tensor, seq: int) -> tuple[pb.TensorHeader, Iterator[bytes]]:
+        """The push's header and frames; ``grad`` stays unchanged until the last frame is taken."""
         if self._codec is None:
             return encode(grad, self.dtype, self._chunk_bytes)
-        if self._last is None or self._last[0] != seq:
+        grad = grad.detach().to("cpu", torch.float32)
+        with self._lock:
             if self._feedback is None or self._feedback.residual.numel() != grad.numel():
                 self._feedback = ErrorFeedback(self._codec, grad.numel())
-            self._last = seq, self._feedback.quantize(grad.detach().to("cpu", torch.float32))
-        return encode(self._last[1], self.dtype, self._chunk_bytes)
+            if self._seq != seq:
+                self._seq, self._quantized = seq, 0
+        feedback = self._feedback
+
+        def fill(blocks: tuple[int, int]) -> None:
+            with self._lock:
+                if self._seq == seq and blocks[1] > self._quantized:
+                    feedback.quantize(grad, (max(blocks[0], self._quantized), blocks[1]))
+                    self._quantized = blocks[1]
+
+        return encode(feedback.out, self.dtype, self._chunk_bytes, fill=fill)
 
 
 class PulledParameters:
