@@ -1,7 +1,7 @@
 """The floor under gapaware's transport: gapaware's calls, with messages of the same sizes, through a
 grpc.aio server and a sync client that do nothing with the bytes.
 
-    python -m bench.grpc_floor NBYTES READY_FILE    # serves, and writes {"port": N} into READY_FILE
+    python -m bench.grpc_floor NBYTES READY_FILE [HOST]   # serves, and writes {"port": N} into READY_FILE
 
 gapaware's server and client check, copy and apply every byte they move; this server answers with
 prebuilt messages and drops what it receives, and its client drops the replies. It runs with the
@@ -37,7 +37,7 @@ def _stream_frames(nbytes: int) -> list[bytes]:
     return [bytes(min(DEFAULT_CHUNK_BYTES, nbytes - start)) for start in range(0, nbytes, DEFAULT_CHUNK_BYTES)]
 
 
-async def _serve(nbytes: int, ready_file: Path) -> None:
+async def _serve(nbytes: int, ready_file: Path, host: str) -> None:
     frames = _stream_frames(nbytes)
 
     async def drain(requests) -> None:
@@ -65,26 +65,28 @@ async def _serve(nbytes: int, ready_file: Path) -> None:
     })
     server = grpc.aio.server(options=GRPC_OPTIONS + receive_window_options(ServerOptions.receive_window_mib))
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"{host}:0")
     await server.start()
     ready_file.write_text(json.dumps({"port": port}))
     await server.wait_for_termination()
 
 
 class FloorServer:
-    """The floor's server, a process of its own, for tensors of ``nbytes``."""
+    """The floor's server, a process of its own, for tensors of ``nbytes``, listening on ``host``; run under
+    the command ``prefix`` when given (``ip netns exec NS``)."""
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, *, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
         self._workdir = tempfile.TemporaryDirectory(prefix="gapaware-floor-")
         workdir = Path(self._workdir.name)
         ready_file = workdir / "floor.ready"
         try:
-            self._process, ready = spawn_ready([sys.executable, "-m", "bench.grpc_floor", str(nbytes), str(ready_file)],
-                                               ready_file, workdir / "floor.log")
+            self._process, ready = spawn_ready([*prefix, sys.executable, "-m", "bench.grpc_floor", str(nbytes),
+                                                str(ready_file), host], ready_file, workdir / "floor.log")
         except NotReady:
             self._workdir.cleanup()
             raise
-        self.address = f"127.0.0.1:{ready['port']}"
+        self.port = ready["port"]
+        self.address = f"{host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -137,4 +139,4 @@ class FloorClient:
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve(int(sys.argv[1]), Path(sys.argv[2])))
+    asyncio.run(_serve(int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"))

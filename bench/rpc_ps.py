@@ -75,9 +75,9 @@ def backend_options(transport: str) -> rpc.TensorPipeRpcBackendOptions:
     raise ValueError(f"Invalid transport: {transport!r} (default or tcp)")
 
 
-def init(rank: int, world_size: int, port: int, transport: str) -> None:
-    """Joins the RPC world: rank 0 is the parameter server, the others are trainers."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
+def init(rank: int, world_size: int, port: int, transport: str, address: str = "127.0.0.1") -> None:
+    """Joins the RPC world: rank 0 is the parameter server (at ``address``), the others are trainers."""
+    os.environ["MASTER_ADDR"] = address
     os.environ["MASTER_PORT"] = str(port)
     name = PS_NAME if rank == 0 else f"trainer_{rank}"
     rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=backend_options(transport))

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
+
+from bench.network import cannot_make_namespaces, ip
+
+__all__ = ["SERVER_ADDRESS", "WORKER_ADDRESS", "VethPair", "cannot_make_namespaces", "veth_pair"]
 
 SERVER_ADDRESS = "10.231.0.1"
 WORKER_ADDRESS = "10.231.0.2"
@@ -26,26 +29,7 @@ class VethPair:
 
     def set_link(self, up: bool) -> None:
         """Takes the worker side of the link down (or up again)."""
-        _ip("-n", self.worker_ns, "link", "set", self.worker_link, "up" if up else "down")
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)
-
-
-def cannot_make_namespaces() -> str | None:
-    """Why namespaces cannot be made here, or None when they can."""
-    if shutil.which("ip") is None:
-        return "the `ip` command (iproute2) is not installed"
-    if os.geteuid() != 0:
-        return "creating network namespaces needs root"
-    probe = f"ga4-probe-{os.getpid()}"
-    try:
-        _ip("netns", "add", probe)
-    except (subprocess.CalledProcessError, OSError) as error:
-        return f"`ip netns add` failed: {getattr(error, 'stderr', '') or error}"
-    _ip("netns", "del", probe)
-    return None
+        ip("-n", self.worker_ns, "link", "set", self.worker_link, "up" if up else "down")
 
 
 @contextlib.contextmanager
@@ -56,14 +40,14 @@ def veth_pair():
     created = []
     try:
         for ns in (pair.server_ns, pair.worker_ns):
-            _ip("netns", "add", ns)
+            ip("netns", "add", ns)
             created.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("link", "add", server_link, "netns", pair.server_ns, "type", "veth", "peer", "name", pair.worker_link,
-            "netns", pair.worker_ns)
-        _ip("-n", pair.server_ns, "addr", "add", f"{SERVER_ADDRESS}/24", "dev", server_link)
-        _ip("-n", pair.worker_ns, "addr", "add", f"{WORKER_ADDRESS}/24", "dev", pair.worker_link)
-        _ip("-n", pair.server_ns, "link", "set", server_link, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        ip("link", "add", server_link, "netns", pair.server_ns, "type", "veth", "peer", "name", pair.worker_link,
+           "netns", pair.worker_ns)
+        ip("-n", pair.server_ns, "addr", "add", f"{SERVER_ADDRESS}/24", "dev", server_link)
+        ip("-n", pair.worker_ns, "addr", "add", f"{WORKER_ADDRESS}/24", "dev", pair.worker_link)
+        ip("-n", pair.server_ns, "link", "set", server_link, "up")
         pair.set_link(up=True)
         yield pair
     finally:

@@ -11,6 +11,7 @@ import torch
 
 from bench.free_work import FREE_SERVER, free_arithmetic
 from bench.harness import gapaware_server
+from bench.network import cannot_make_namespaces
 from gapaware import WorkerClient
 
 BENCHMARKS = ["transport", "server_update", "end_to_end", "scale", "memory", "overlap", "free_work"]
@@ -35,6 +36,23 @@ def test_benchmark_runs_and_prints_finite_figures(name):
     assert "nan" not in {cell for row in rows for cell in row}, done.stdout
     if name == "scale":
         assert rows[0][-1] == "0", f"the load generator saw errors:\n{done.stdout}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cannot_make_namespaces() is not None, reason="bench.links needs root and `ip netns`")
+def test_links_benchmark_runs_in_namespaces_it_removes():
+    """bench.links in quick mode: the server in one namespace, the workers in another, every system's figures
+    finite and the namespaces gone afterwards."""
+    done = subprocess.run([sys.executable, "-m", "bench.links"], env={**os.environ, "BENCH_QUICK": "1"},
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = table_rows(done.stdout)[:3]  # the first table: one row a system
+    assert [row[4] for row in rows] == ["float32", "int8", "rpc-tcp"], done.stdout
+    numbers = [float(cell) for row in rows for cell in row[5:] if cell != "-"]
+    assert len(numbers) == 17 and all(math.isfinite(x) and x > 0 for x in numbers), done.stdout
+    mine = [name for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+            if name.startswith(("ga-srv-", "ga-wrk-"))]
+    assert not mine, f"namespaces left behind: {mine}"
 
 
 def _push_nan(prefix: tuple[str, ...] = ()):
