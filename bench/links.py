@@ -9,8 +9,9 @@ a token bucket paces at the link's rate in each direction (:mod:`bench.network`)
 with a 1 ms round trip, (b) 100 Mbit/s with 30 ms. This kernel has no ``netem``: a relay in the
 server's namespace adds the latency (:mod:`bench.delay`), on link (b) only. A userspace relay's
 wake-ups on a busy machine come later than 1 ms (several ms at the median), so link (a) goes
-without: the veth's own round trip is about 0.02 ms. The "call ms" column shows what each run saw. Each worker is a process pushing a gradient and pulling the
-parameters, one round trip a step, of a flat 25 or 100 MiB model; 1 and 4 workers. gapaware's
+without: the veth's own round trip is about 0.02 ms. The "call ms" column shows what each run saw.
+Each worker is a process pushing a gradient and pulling the parameters, one round trip a step,
+of a flat 25 or 100 MiB model; 1 and 4 workers. gapaware's
 systems send both directions in one dtype (``--push-dtype`` and ``--pull-dtype``): float32,
 bfloat16, int8, float8 (8-bit pushes with error feedback, delta pulls); ``grpc-floor`` is
 gapaware's calls of float32 size doing nothing with the bytes (:mod:`bench.grpc_floor`);

@@ -156,7 +156,8 @@ def quantize(x: Tensor, codec: Codec, out: Quantized | None = None) -> Quantized
     out = out or Quantized.empty(codec, x.numel())
     first, _ = _scratch(x.numel())
     for elements, blocks in out.slices():
-        encode_slice(codec, x[elements], out.values[elements], out.scales[blocks], first[:elements.stop - elements.start])
+        length = elements.stop - elements.start
+        encode_slice(codec, x[elements], out.values[elements], out.scales[blocks], first[:length])
     return out
 
 

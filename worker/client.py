@@ -21,7 +21,9 @@ from gapaware.common.layout import ParamLayout
 from gapaware.common.registry import TRANSPORT_DTYPES
 from gapaware.common.results import PushResult
 from gapaware.common.security import ClientSecurity
-from gapaware.common.transport import DEFAULT_CHUNK_BYTES, TransportError, dtype_from_name, frame_parser, serialize_frame
+from gapaware.common.transport import (
+    DEFAULT_CHUNK_BYTES, TransportError, dtype_from_name, frame_parser, serialize_frame,
+)
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.worker.compression import PulledParameters, PushEncoder
@@ -72,8 +74,8 @@ class WorkerClient:
                  tls_key: str | Path | None = None, token: str | None = None) -> None:
         self.address = address
         if transport_dtype not in TRANSPORT_DTYPES:
-            raise ValueError(f"Invalid transport dtype: {transport_dtype!r} (choose from {', '.join(TRANSPORT_DTYPES)}; "
-                             "8-bit dtypes are chosen per direction: push_dtype, pull_dtype)")
+            raise ValueError(f"Invalid transport dtype: {transport_dtype!r} (choose from "
+                             f"{', '.join(TRANSPORT_DTYPES)}; 8-bit dtypes go per direction: push_dtype, pull_dtype)")
         self._pushes = PushEncoder(dtype_from_name(push_dtype or transport_dtype), chunk_bytes)
         self._pulled = PulledParameters(dtype_from_name(pull_dtype or transport_dtype))
         self._timeout = timeout
