@@ -21,6 +21,7 @@ from gapaware.cli import config_to_flags
 from gapaware.common.config import RunConfig
 from gapaware.common.security import ClientSecurity, SecurityConfigError, ServerSecurity, load_token
 from gapaware.worker.client import WorkerClient
+from gapaware.worker.delay import DelaySpec
 
 STARTUP_TIMEOUT = 120.0
 
@@ -95,7 +96,7 @@ def _final_record(metrics_file: Path) -> dict | None:
 
 
 def run_local(config: RunConfig, workers: int, out: Path | None,
-              security: LocalSecurity = LocalSecurity()) -> dict | None:
+              security: LocalSecurity = LocalSecurity(), delay: DelaySpec | None = None) -> dict | None:
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     metrics_file, ready_file, server_log = out / "metrics.jsonl", out / "server.ready", out / "server.log"
@@ -113,9 +114,11 @@ def run_local(config: RunConfig, workers: int, out: Path | None,
     try:
         port = _wait_for_port(ready_file, server, server_log)
         address = f"127.0.0.1:{port}"
+        delay_flags = [] if delay is None else ["--delay", str(delay)]
         for i in range(workers):
             with (out / f"worker-{i}.log").open("w") as log:
-                procs.append(subprocess.Popen(_gapaware("worker", "--server", address, *security.worker_flags()),
+                procs.append(subprocess.Popen(_gapaware("worker", "--server", address, *delay_flags,
+                                                        *security.worker_flags()),
                                               stdout=log, stderr=subprocess.STDOUT))
         _show_progress(address, server, security.client())
         server.wait()
