@@ -155,10 +155,11 @@ def _component(part: str, name: str, rest: str) -> dict[str, float]:
 
 
 def _number(part: str, key: str, value: str, kind: type) -> float | int:
+    value = value.strip()
     try:
-        number = kind(value.strip())
+        number = kind(value)
     except ValueError:
-        raise ValueError(f"{part!r}: {key}={value.strip()!r} is not a {'whole ' if kind is int else ''}number") from None
+        raise ValueError(f"{part!r}: {key}={value!r} is not a {'whole ' if kind is int else ''}number") from None
     if not math.isfinite(number):
-        raise ValueError(f"{part!r}: {key}={value.strip()} is not finite")
+        raise ValueError(f"{part!r}: {key}={value} is not finite")
     return number
