@@ -14,6 +14,7 @@ DOCS_OUT = DOCS / "time_to_accuracy"
 DOC = DOCS / "TIME_TO_ACCURACY.md"
 START, END = "<!-- time-to-accuracy:start -->", "<!-- time-to-accuracy:end -->"
 DASH = "—"
+COLOURS = {"gap-aware": "tab:red", "dana-ga": "tab:purple", "staleness-aware": "tab:green", "asgd": "tab:orange"}
 CHANCE_MARGIN = 0.02
 """A run that ends no more than this above its untrained model's accuracy (chance) has diverged, even
 when its loss stayed finite (the model then predicts one class)."""
@@ -33,6 +34,8 @@ class Result:
     steps: int
     ended: str
     curve: list[tuple[float, float]] = field(repr=False)
+    wall: float = math.nan               # seconds the run took, start and evaluation included
+    load: float = math.nan               # the machine's 1-minute load average as the run ended
     ratio: float | None = None           # t_high ÷ the best DDP's in the cell (gapaware only)
     ratio_bound: bool = False            # the best DDP missed the target: ratio is t_high ÷ budget, an upper bound
 
@@ -43,11 +46,12 @@ class Result:
     def line(self) -> str:
         return (f"{self.task} N={self.workers} {self.delay} {self.system}: to targets {_seconds(self.t_low, self)}, "
                 f"{_seconds(self.t_high, self)} s, final {100 * self.final:.1f}%, {self.steps} steps, "
-                f"ended: {self.ended[:400]}")
+                f"ended: {self.ended[:400]}; {self.wall:.0f} s of wall-clock, load average {self.load:.1f}")
 
     def row(self) -> list[object]:
         return [self.workers, self.delay, self.system, _seconds(self.t_low, self), _seconds(self.t_high, self),
-                round(100 * self.final, 1), self.ratio_text(), self.steps, self.ended.split()[0].rstrip(":")]
+                round(100 * self.final, 1), self.ratio_text(), self.steps, self.ended.split()[0].rstrip(":"),
+                round(self.load, 1)]
 
     def ratio_text(self) -> str:
         if self.ratio is None:
@@ -57,7 +61,8 @@ class Result:
 
 def header(targets: tuple[float, float]) -> list[str]:
     low, high = targets
-    return ["N", "delay", "system", f"to {low:.0%} (s)", f"to {high:.0%} (s)", "final %", "÷ DDP", "steps", "ended"]
+    return ["N", "delay", "system", f"to {low:.0%} (s)", f"to {high:.0%} (s)", "final %", "÷ DDP", "steps", "ended",
+            "load"]
 
 
 def _seconds(value: float | None, result: Result) -> str:
@@ -65,7 +70,8 @@ def _seconds(value: float | None, result: Result) -> str:
 
 
 def summarize(task: str, workers: int, delay: str, system: str, is_ddp: bool, budget: float, run: Run,
-              targets: tuple[float, float], final_seconds: float) -> Result:
+              targets: tuple[float, float], final_seconds: float, wall: float = math.nan,
+              load: float = math.nan) -> Result:
     def first_at(target: float) -> float | None:
         return next((seconds for seconds, accuracy in run.curve if accuracy >= target), None)
 
@@ -74,7 +80,7 @@ def summarize(task: str, workers: int, delay: str, system: str, is_ddp: bool, bu
     final = sum(tail) / len(tail) if tail else math.nan
     ended = "diverged" if run.curve and final <= run.curve[0][1] + CHANCE_MARGIN else run.ended
     return Result(task, workers, delay, system, is_ddp, budget, first_at(targets[0]), first_at(targets[1]), final,
-                  run.steps, ended, run.curve)
+                  run.steps, ended, run.curve, wall, load)
 
 
 def with_ratios(results: list[Result]) -> list[Result]:
@@ -110,10 +116,12 @@ def _results_csv(results: list[Result], path: Path) -> Path:
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["task", "workers", "delay", "system", "budget_s", "seconds_to_low", "seconds_to_high",
-                         "final_accuracy", "high_vs_best_ddp", "ratio_is_upper_bound", "steps", "ended"])
+                         "final_accuracy", "high_vs_best_ddp", "ratio_is_upper_bound", "steps", "ended", "wall_s",
+                         "load_average_1min"])
         for r in results:
             writer.writerow([r.task, r.workers, r.delay, r.system, r.budget, _csv(r.t_low), _csv(r.t_high),
-                             f"{r.final:.4f}", _csv(r.ratio), r.ratio_bound, r.steps, r.ended.split()[0]])
+                             f"{r.final:.4f}", _csv(r.ratio), r.ratio_bound, r.steps, r.ended.split()[0],
+                             f"{r.wall:.1f}", f"{r.load:.2f}"])
     return path
 
 
@@ -143,10 +151,8 @@ def _plot(results: list[Result], targets: tuple[float, float], path: Path) -> Pa
     for ax, delay in zip(axes, delays):
         for r in (r for r in results if r.delay == delay):
             seconds, accuracy = zip(*r.curve) if r.curve else ((), ())
-            style = dict(linestyle="--", linewidth=1.6) if r.is_ddp else dict(linewidth=1.6 if "gap" in r.system
-                                                                                   else 1.0)
             ax.step(seconds, accuracy, where="post", label=r.system + (" (diverged)" if r.ended == "diverged"
-                                                                     else ""), **style)
+                                                                     else ""), **_style(r))
         for target in targets:
             ax.axhline(target, color="grey", linewidth=0.6, linestyle=":")
         ax.set_title(f"{results[0].task}, N={results[0].workers}, delay: {delay}", fontsize=9)
@@ -156,6 +162,13 @@ def _plot(results: list[Result], targets: tuple[float, float], path: Path) -> Pa
     axes[0].set_ylabel("test accuracy")
     figure.savefig(path, dpi=110)
     return path
+
+
+def _style(result: Result) -> dict:
+    """The same colour for a system in every panel: DDP dashed black (grey with the scaled rate)."""
+    if result.is_ddp:
+        return dict(color="grey" if "warmup" in result.system else "black", linestyle="--", linewidth=1.4)
+    return dict(color=COLOURS.get(result.system, "tab:blue"), linewidth=1.8 if result.system == "gap-aware" else 1.0)
 
 
 def markdown_tables(results: list[Result], targets: dict[str, tuple[float, float]]) -> str:

@@ -162,7 +162,11 @@ def _task(name: str):
 
 
 def _evaluate(task_name: str, snapshots: list[tuple[float, torch.Tensor]], budget: float) -> list[tuple[float, float]]:
-    """Test accuracy of every snapshot taken within the budget (time zero for one taken before the start)."""
+    """Test accuracy of every snapshot taken within the budget (time zero for one taken before the start).
+
+    On one thread: these small models evaluate several times slower on two threads of a busy machine,
+    and idle OpenMP threads would spin into the next run."""
+    torch.set_num_threads(1)
     task = _task(task_name)
     curve = []
     for seconds, theta in sorted(snapshots, key=lambda s: s[0]):
