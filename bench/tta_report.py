@@ -178,7 +178,7 @@ def markdown_tables(results: list[Result], targets: dict[str, tuple[float, float
         parts.append(f"\n**{task}** (seconds to {low:.0%} / {high:.0%} test accuracy; ÷ DDP: time to {high:.0%} "
                      "over the best DDP's in the same cell)\n\n"
                      "| " + " | ".join(header(targets[task])) + " |\n"
-                     "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n")
+                     "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |\n")
         parts += ["| " + " | ".join(str(cell) for cell in r.row()) + " |\n" for r in results if r.task == task]
     return "".join(parts) + "\n"
 

@@ -1,7 +1,7 @@
 """bench.tta_report's arithmetic: times to the targets, final accuracy, divergence and the ratio to DDP."""
 import pytest
 
-from bench.tta_report import Result, summarize, with_ratios
+from bench.tta_report import Result, markdown_tables, summarize, with_ratios
 from bench.tta_runs import Run
 
 TARGETS = (0.90, 0.95)
@@ -40,3 +40,11 @@ def test_the_ratio_is_to_the_best_ddp_in_the_same_cell_and_a_bound_when_ddp_miss
     assert rated["ddp-lr0.05"].ratio is None
     bound = {r.system: r for r in with_ratios([ga, result("ddp-lr0.05", [(0.0, 0.1), (10.0, 0.9)])])}
     assert bound["gap-aware"].ratio == pytest.approx(2.0 / 10.0) and bound["gap-aware"].ratio_text() == "<0.20"
+
+
+def test_the_markdown_table_has_as_many_cells_in_every_row_as_in_its_header():
+    runs = [result("gap-aware", [(0.0, 0.1), (2.0, 0.96)]), result("ddp-lr0.05", [(0.0, 0.1), (8.0, 0.96)])]
+    lines = [line for line in markdown_tables(with_ratios(runs), {"digits-cnn": TARGETS}).splitlines()
+             if line.startswith("|")]
+    assert len(lines) == 4
+    assert len({line.count("|") for line in lines}) == 1
