@@ -24,7 +24,7 @@ run. Reported per run: the seconds to the task's two targets, the final accuracy
 ``FINAL_SECONDS`` of snapshots), and each policy's time to the higher target divided by the best
 DDP's in the same cell. The systems of a cell run one after another, their order rotating from
 cell to cell. Outputs: a table on stdout, and in ``BENCH_TTA_OUT`` (default ``docs/time_to_accuracy``)
-``results.csv``, ``curves.csv`` and a plot per task and N, one panel per delay model; a full run
+``results.csv``, ``curves.csv`` and a plot per task and N, one panel per delay model; a run
 into the default folder also rewrites the table in ``docs/TIME_TO_ACCURACY.md``.
 """
 from __future__ import annotations
