@@ -142,9 +142,11 @@ def test_a_waiting_worker_stops_on_sigterm_after_its_one_step(servers, tmp_path)
 
 
 def test_train_hands_the_spec_to_every_worker(tmp_path):
-    done = subprocess.run(gapaware_cmd("train", "--task", "digits-mlp", "--workers", "2", "--max-updates", "20",
-                                       "--out", str(tmp_path), "--delay", "hiccup:p=0.5,length=0.01;seed=4"),
+    # Half a second after every step: the run outlasts both workers' start, however busy the machine
+    # (a worker that starts after the run ended would retry the gone server).
+    done = subprocess.run(gapaware_cmd("train", "--task", "digits-mlp", "--workers", "2", "--max-updates", "30",
+                                       "--out", str(tmp_path), "--delay", "hiccup:p=1,length=0.5;seed=4"),
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     logs = [(tmp_path / f"worker-{i}.log").read_text() for i in range(2)]
-    assert all("emulating a straggler: hiccup:p=0.5,length=0.01;seed=4" in log for log in logs), logs
+    assert all("emulating a straggler: hiccup:p=1.0,length=0.5;seed=4" in log for log in logs), logs
