@@ -13,6 +13,7 @@ group's rendezvous) counts against it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import multiprocessing
@@ -75,7 +76,9 @@ def run_gapaware(task: str, policy: str, workers: int, delay: str, budget: float
         argv = ["--server", server.address, "--delay", delay, "--log-level", "warning"]
         procs = [CTX.Process(target=_gapaware_worker, args=(argv, str(workdir / f"worker-{i}.log")))
                  for i in range(workers)]
-        try:
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(server.kill)   # runs last, even when killing the workers fails
+            cleanup.callback(_kill, procs)
             _forkserver_ready()
             start = time.time()
             for proc in procs:
@@ -88,9 +91,6 @@ def run_gapaware(task: str, policy: str, workers: int, delay: str, budget: float
             server.wait(timeout=STOP_TIMEOUT)
             for proc in procs:
                 proc.join(timeout=STOP_TIMEOUT)
-        finally:
-            _kill(procs)
-            server.kill()
         if ended != "budget":
             ended = _why_gapaware_ended(workdir, workers)
         snapshots = [(path.stat().st_mtime - start, read_checkpoint(path).theta)
