@@ -23,6 +23,7 @@ from gapaware.common.registry import (
 
 TASK_HELP = (f"Built-in task ({', '.join(TASK_NAMES)}) or 'package.module:factory' returning a gapaware.Task. "
              "Imports and runs that code.")
+from gapaware.worker.delay import DelaySpec
 
 
 def _fractions(ctx, param, value: str) -> tuple[float, ...]:
@@ -30,6 +31,22 @@ def _fractions(ctx, param, value: str) -> tuple[float, ...]:
         return tuple(float(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated fractions such as 0.5,0.75, got {value!r}") from None
+
+
+def _delay_spec(ctx, param, value: str | None) -> DelaySpec | None:
+    if value is None:
+        return None
+    try:
+        return DelaySpec.parse(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+delay_option = click.option(
+    "--delay", default=None, callback=_delay_spec, metavar="SPEC",
+    help="Benchmarking: wait after each step as a straggler would. SPEC: none, or any of gamma:mean=S,shape=K ; "
+         "hiccup:p=P,length=S ; slow:fraction=F,factor=X ; seed=N joined by ';' (seconds). Worker k waits "
+         "the same delays in every run with the same SPEC.")
 
 
 def run_config_options(fn):
@@ -220,10 +237,12 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
               show_default=True, help="Longest wait between retries.")
 @click.option("--retry-give-up-after", type=click.FloatRange(min=0), default=600.0, show_default=True,
               help="Give up (exit 1) after retrying one call for this many seconds.")
+@delay_option
 @client_security_options
 @log_level_option
 def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, prefetch_batches, procs,
-           rpc_timeout, retry_initial_backoff, retry_max_backoff, retry_give_up_after, log_level, **values) -> None:
+           rpc_timeout, retry_initial_backoff, retry_max_backoff, retry_give_up_after, delay, log_level,
+           **values) -> None:
     """Join a server and train until the run ends (SIGTERM/SIGINT: leave and exit 0)."""
     from gapaware.worker.loop import WorkerOptions, run_worker
     from gapaware.worker.procs import run_worker_processes
@@ -243,7 +262,7 @@ def worker(address, device, batch_size, task, data_dir, threads, transport_dtype
     run_worker(WorkerOptions(server=address, device=_device_for(device, 0), batch_size=batch_size, task=task,
                              data_dir=data_dir, threads=threads, transport_dtype=transport_dtype,
                              prefetch_batches=prefetch_batches, rpc_timeout=rpc_timeout, retry=retry,
-                             security=client_security_from_options(values)))
+                             security=client_security_from_options(values), delay=delay))
 
 
 def _device_for(device: str, index: int) -> str:
@@ -265,8 +284,9 @@ def _flags_of(ctx: click.Context, skip: str) -> list[str]:
 @click.option("--workers", type=int, default=4, show_default=True, help="Worker processes to start.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Directory for metrics and logs (default: runs/<time>).")
+@delay_option
 @local_security_options
-def train(workers, out, tls_cert, tls_key, tls_client_ca, tls_ca, token_file, **values) -> None:
+def train(workers, out, delay, tls_cert, tls_key, tls_client_ca, tls_ca, token_file, **values) -> None:
     """Start a server and WORKERS worker processes on this machine and train."""
     from gapaware.local_run import LocalSecurity, run_local
 
@@ -278,7 +298,7 @@ def train(workers, out, tls_cert, tls_key, tls_client_ca, tls_ca, token_file, **
                                  token_file=token_file)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    final = run_local(config, workers, out, security)
+    final = run_local(config, workers, out, security, delay=delay)
     if not final or not math.isfinite(final.get("accuracy") or math.nan):
         sys.exit(1)
 

@@ -20,6 +20,7 @@ from gapaware.common.config import RunConfig
 from gapaware.common.security import ClientSecurity, SecurityConfigError, ServerSecurity, load_token
 from gapaware.processes import NotReady, ServerProcess, log_tail, start_worker
 from gapaware.worker.client import WorkerClient
+from gapaware.worker.delay import DelaySpec
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class LocalSecurity:
 
 
 def run_local(config: RunConfig, workers: int, out: Path | None,
-              security: LocalSecurity = LocalSecurity()) -> dict | None:
+              security: LocalSecurity = LocalSecurity(), delay: DelaySpec | None = None) -> dict | None:
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -71,8 +72,9 @@ def run_local(config: RunConfig, workers: int, out: Path | None,
         raise click.ClickException(str(error)) from None
     procs: list[subprocess.Popen] = []
     try:
+        delay_flags = [] if delay is None else ["--delay", str(delay)]
         for i in range(workers):
-            procs.append(start_worker(server.address, out, i, *security.worker_flags()))
+            procs.append(start_worker(server.address, out, i, *delay_flags, *security.worker_flags()))
         _show_progress(server.address, server.proc, security.client())
         server.proc.wait()
         for proc in procs:

@@ -33,6 +33,7 @@ from gapaware.common.registry import DEFAULTS
 from gapaware.common.security import ClientSecurity
 from gapaware.common.tasks import load_task
 from gapaware.worker.client import WorkerClient
+from gapaware.worker.delay import DelaySpec
 from gapaware.worker.heartbeat import Heartbeat
 from gapaware.worker.prefetch import Prefetcher
 from gapaware.worker.retry import RetryAborted, RetryPolicy, call_with_retries
@@ -57,6 +58,7 @@ class WorkerOptions:
     rpc_timeout: float = 60.0         # seconds one call may take before it is retried
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     security: ClientSecurity = field(default_factory=ClientSecurity)
+    delay: DelaySpec | None = None    # benchmarking: emulated straggling after each step (worker/delay.py)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,9 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
     data = batches(task.train, options.batch_size or config.batch_size,
                    seed=config.seed * 1_000_003 + info.worker_id)
     steps = applied = 0
+    delays = (options.delay or DelaySpec()).sampler(rank=info.worker_id - 1)
+    if options.delay:
+        log.info("emulating a straggler: %s, as rank %d (factor %g)", options.delay, delays.rank, delays.factor)
     # Received parameters and sent gradients live in two tensors reused every step (see pull's out).
     received, gradient = torch.empty(info.layout.numel), torch.empty(info.layout.numel)
     loading = Prefetcher(data, options.prefetch_batches) if options.prefetch_batches else contextlib.nullcontext(data)
@@ -184,6 +189,8 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
             steps += 1
             applied += result.applied
             finished = result.finished or heartbeat.finished
+            if not finished:
+                delays.wait(stop)
     worker_id = client.info.worker_id
     _leave(client)
     log.info("worker %d done after %d steps, %d pushes applied, %d joins (server version %d)", worker_id,
