@@ -7,7 +7,6 @@ receiving a gradient (the slow part) happens outside it, in the servicer.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import threading
@@ -23,7 +22,7 @@ from gapaware.common.results import PushResult
 from gapaware.server.checkpoint import Checkpoint
 from gapaware.server.errors import BadPush, InvalidLayout, LayoutMismatch, NonFiniteGradient, StaleSnapshot
 from gapaware.server.membership import Membership, WorkerRecord, first_worker_id
-from gapaware.server.policies import POLICIES, Policy, make_policy
+from gapaware.server.policies import Policy, make_policy
 from gapaware.server.sent import Loan, SentParameters
 
 log = logging.getLogger("gapaware.server")
@@ -54,11 +53,9 @@ class Window:
 
 
 def policy_for(config: RunConfig, numel: int) -> Policy:
-    """The policy object ``config`` names, with the hyper-parameters that policy takes."""
-    hyper = {"momentum": config.momentum, "nesterov": config.nesterov, "weight_decay": config.weight_decay}
-    accepted = inspect.signature(POLICIES[config.policy]).parameters
-    hyper.update({k: v for k, v in (("beta", config.ga_beta), ("eps", config.ga_eps)) if k in accepted})
-    return make_policy(config.policy, numel, **hyper)
+    """The policy object ``config`` names, with the run's hyper-parameters."""
+    return make_policy(config.policy, numel, momentum=config.momentum, nesterov=config.nesterov,
+                       weight_decay=config.weight_decay, ga_beta=config.ga_beta, ga_eps=config.ga_eps)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -174,8 +171,7 @@ class ParameterServerState:
             record = self.members.get(worker_id)
             snapshot_dtype = self._snapshot_dtype if self.policy.needs_snapshot else None
             view = self.theta if self.policy.pulls_theta else \
-                self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id,
-                                      out=self._sent.spare() if lend else None)
+                self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id)
             snapshot = None if snapshot_dtype is None else view if snapshot_dtype == torch.float32 else \
                 self._cast(view, snapshot_dtype, reuse=lend or snapshot_dtype != dtype)
             sent = view if dtype == torch.float32 else snapshot if snapshot is not None and snapshot.dtype == dtype \
@@ -246,10 +242,8 @@ class ParameterServerState:
         ``finite`` says whether ``grad`` is free of them when the caller checked already (the
         servicer does, chunk by chunk as they arrive); None checks here.
 
-        ``spare_grad`` says that ``grad`` is a buffer of :meth:`gradient_buffer` that nobody reads
-        after this push: the update may then leave θ's old values in it for the replies and θ⁽ⁱ⁾
-        still reading θ, instead of copying θ for them first (:meth:`SentParameters.detach`).
-        :meth:`recycle` it afterwards, as always.
+        ``spare_grad`` (``grad`` is a buffer of :meth:`gradient_buffer`) is accepted from the servicer
+        and no longer used: the policies only read ``grad``. :meth:`recycle` it afterwards, as always.
         """
         if grad.shape != self.theta.shape:
             raise BadPush(f"gradient has {grad.numel()} elements, the model has {self.theta.numel()}")
@@ -263,13 +257,13 @@ class ParameterServerState:
                 raise BadPush(f"push {seq} of worker {worker_id} is older than its push {record.last_seq} "
                               "already answered: nothing applied")
             result = self._apply(record, grad, base_version=base_version, samples=samples, loss=loss,
-                                 finite=finite, spare_grad=spare_grad)
+                                 finite=finite)
             if seq:
                 record.last_seq, record.last_result = seq, result
             return result
 
     def _apply(self, record: WorkerRecord, grad: torch.Tensor, *, base_version: int, samples: int,
-               loss: float, finite: bool, spare_grad: bool) -> PushResult:
+               loss: float, finite: bool) -> PushResult:
         """The push of a new ``seq``, under the lock."""
         worker_id = record.worker_id
         self._check_push(record, base_version)
@@ -286,19 +280,11 @@ class ParameterServerState:
                 return PushResult(self.version, self.version - base_version, 1.0, False, False)
         staleness = self.version - base_version
         stale_theta = self._sent.take(worker_id)
-        # The replies and other workers' θ⁽ⁱ⁾ still reading θ get a copy first, or the gradient's
-        # buffer once the update has written θ's old values into it.
-        filling = self._sent.detach(into=grad if spare_grad else None)
+        self._sent.detach()  # the replies and other workers' θ⁽ⁱ⁾ still reading θ get a copy first
         try:
             gap = self.policy.apply(self.theta, grad, lr=self.lr(), staleness=staleness, stale_theta=stale_theta,
-                                    worker_id=worker_id, old_theta_into_grad=filling)
-        except Exception:
-            if filling:  # refused before θ changed (an argument the policy rejects): θ is the old θ
-                grad.copy_(self.theta)
-            raise
+                                    worker_id=worker_id)
         finally:
-            if filling:
-                self._sent.filled()
             if stale_theta is not None:
                 self._sent.release(stale_theta)
         record.pulled_version = None
