@@ -72,11 +72,13 @@ class RefGA:
 
 
 class RefDana:
-    """DANA-Zero, or DANA-GA with ``gap_aware=True``."""
+    """DANA-Zero, or DANA-GA with ``gap_aware=True``: GA's ``s`` is the step the previous update
+    applied (the buffer that moved θ last, zeros at first), or ``g`` when μ = 0."""
 
     def __init__(self, n, *, momentum, weight_decay=0.0, gap_aware=False):
         self.n, self.momentum, self.wd = n, momentum, weight_decay
         self.v = {}
+        self.last_step = [0.0] * n
         self.stats = RefGapStats(n) if gap_aware else None
 
     def pull(self, theta, lr):
@@ -87,10 +89,13 @@ class RefDana:
         v = self.v.get(worker, [0.0] * self.n)
         gaps = [1.0] * self.n
         if self.stats is not None:
-            gaps = self.stats.gaps(theta, stale, v if self.momentum > 0 else g, lr)
+            gaps = self.stats.gaps(theta, stale, self.last_step if self.momentum > 0 else g, lr)
         d = [(x + self.wd * t) / gap for x, t, gap in zip(g, theta, gaps)]
-        self.v[worker] = [self.momentum * a + b for a, b in zip(v, d)]
+        self.v[worker] = self.last_step = [self.momentum * a + b for a, b in zip(v, d)]
         return [t - lr * a for t, a in zip(theta, self.v[worker])], sum(gaps) / self.n
+
+    def forget(self, worker):
+        self.v.pop(worker, None)
 
 
 # -- the common SGD step -------------------------------------------------------------------
@@ -322,6 +327,38 @@ def test_dana_without_momentum_is_asgd():
     assert torch.equal(policy.pull_view(theta, lr=0.5, worker_id=4), theta)
 
 
+def test_dana_ga_first_two_pushes_by_hand_feed_v_with_the_step_applied_before():
+    # μ = 0.5, η = 0.5; both workers were sent θ₀ = [1, −1] (no buffers yet: θ̂ = θ₀).
+    # w0: s = zeros, so v = 0; θ⁽⁰⁾ = θ₀, Gap 1; v⁰ = g = [2, −1], θ₁ = [0, −0.5].
+    # w1: s = v⁰ (the step that moved θ last): v = (1−β)·[4, 1], k = 2, v̂ = [4, 1]/(1+β),
+    #     C = 0.5·([2, 1]/√(1+β) + ε), |θ₁ − θ₀| = [1, 0.5]: both Gaps 1 + 1/(1/√(1+β) + ε·[1/2, 1]),
+    #     about 2.414 (the withdrawn rule, s = v¹ = 0, gave C = 0.5·ε and Gaps of 10⁸).
+    policy = make_policy("dana-ga", 2, momentum=0.5)
+    theta0 = vec(1, -1)
+    theta = theta0.clone()
+    assert policy.apply(theta, vec(2, -1), lr=0.5, staleness=0, stale_theta=theta0, worker_id=0) == 1.0
+    assert_numbers(theta, [0.0, -0.5])
+    assert_numbers(policy.state_dict()["ga.v"], [0.0, 0.0])
+    mean_gap = policy.apply(theta, vec(1, 1), lr=0.5, staleness=1, stale_theta=theta0, worker_id=1)
+    root = math.sqrt(1 + BETA)
+    gaps = [1 + 1 / (1 / root + EPS / 2), 1 + 1 / (1 / root + EPS)]
+    assert_numbers(gaps, [2.41386, 2.41386], rtol=1e-5)
+    assert_numbers(mean_gap, sum(gaps) / 2)
+    d = [1 / gaps[0], 1 / gaps[1]]
+    assert_numbers(theta, [0.0 - 0.5 * d[0], -0.5 - 0.5 * d[1]])
+    state = policy.state_dict()
+    assert_numbers(state["ga.v"], [0.001 * 4, 0.001 * 1])
+    assert_numbers(state["dana.v.1"], d)
+    assert_numbers(state["dana.last_step"], d)
+
+    # w1 leaves; its buffer moved θ last, so it is still s for w0's push: v = β·v + (1−β)·d².
+    policy.forget_worker(1)
+    assert policy.worker_ids() == [0]
+    policy.apply(theta, vec(0.5, 0.5), lr=0.5, staleness=1, stale_theta=policy.pull_view(theta, lr=0.5, worker_id=0),
+                 worker_id=0)
+    assert_numbers(policy.state_dict()["ga.v"], [BETA * 0.004 + 0.001 * d[0] ** 2, BETA * 0.001 + 0.001 * d[1] ** 2])
+
+
 def test_dana_ga_measures_the_gap_against_the_look_ahead():
     policy = make_policy("dana-ga", 2, momentum=0.5)
     ref = RefDana(2, momentum=0.5, gap_aware=True)
@@ -329,7 +366,7 @@ def test_dana_ga_measures_the_gap_against_the_look_ahead():
     sent, ref_sent = {}, {}
     gaps_against_theta = []
     for g, worker, lr in [([1, -0.5], 0, 0.25), ([0.5, 1], 1, 0.25), ([1, 1], 0, 0.5), ([-0.5, 1], 1, 0.5),
-                          ([0.25, 0.5], 0, 0.5), ([1, 0.25], 1, 0.5), ([0.5, -1], 0, 0.5)]:
+                          ([0.25, 0.5], 1, 0.5), ([1, 0.25], 0, 0.5), ([0.5, -1], 0, 0.5)]:
         for w in (0, 1):  # a worker that never pulled was sent the initial parameters
             sent.setdefault(w, vec(1, -1))
             ref_sent.setdefault(w, [1.0, -1.0])
@@ -396,9 +433,19 @@ def test_state_dict_is_a_copy_and_dana_keys_name_the_worker():
     theta = vec(1, 1)
     policy.apply(theta, vec(1, 2), lr=0.1, staleness=0, stale_theta=theta.clone(), worker_id=7)
     state = policy.state_dict()
-    assert set(state) == {"dana.v.7", "dana.v_sum", "ga.v", "ga.k", "ga.lr_max"}
+    assert set(state) == {"dana.v.7", "dana.v_sum", "dana.last_step", "ga.v", "ga.k", "ga.lr_max"}
     state["dana.v.7"].fill_(100)
+    state["dana.last_step"].fill_(100)
     assert_numbers(policy.state_dict()["dana.v.7"], [1.0, 2.0])
+    assert_numbers(policy.state_dict()["dana.last_step"], [1.0, 2.0])
+
+
+def test_a_dana_ga_state_of_the_withdrawn_rule_is_refused_with_the_reason():
+    """States saved when DANA-GA fed v with the pushing worker's own buffer have no last step."""
+    policy = make_policy("dana-ga", 2, momentum=0.5)
+    old = {k: v for k, v in policy.state_dict().items() if k != "dana.last_step"}
+    with pytest.raises(ValueError, match="Missing key in policy state: 'dana.last_step'.*own buffer"):
+        make_policy("dana-ga", 2, momentum=0.5).load_state_dict(old)
 
 
 def test_load_state_dict_refuses_what_does_not_fit():

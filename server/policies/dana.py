@@ -9,17 +9,18 @@ On a push from worker ``i`` (ALGORITHMS.md, "DANA-Zero")::
 
 and a pull returns the look-ahead ``θ̂ = θ − η·μ·Σⱼ vʲ``, which the server records as θ⁽ⁱ⁾.
 DANA-GA (Barkai, Hakimi and Schuster, ICLR 2020, https://arxiv.org/abs/1909.10802) divides
-``d`` by the Gap measured against that ``θ̂`` before it enters ``vⁱ``.
+``d`` by the Gap measured against that ``θ̂`` before it enters ``vⁱ``, and feeds GA's statistic
+``s`` with the step the previous update applied: the buffer that moved θ last, whichever worker
+pushed it, zeros before the first update (ALGORITHMS.md, "DANA-GA").
 
 Choices beyond ALGORITHMS.md:
 
 * ``nesterov`` is accepted and ignored: the look-ahead already is DANA's Nesterov-style estimate.
 * ``Σⱼ vʲ`` is a running sum updated on every push, so a pull costs O(numel) whatever the number
   of workers; it is reset to zeros when the last buffer is forgotten.
-* DANA-GA feeds GA's running average with ``s = vⁱ`` as it is before this update when μ > 0,
-  else ``g``: the per-worker counterpart of GA's master buffer.
+* The buffer that moved θ last stays DANA-GA's ``s`` after its worker leaves, until the next push.
 * With μ = 0 no buffers are kept: every push is an ASGD step, ``θ̂ = θ``, and DANA-GA is GA
-  without momentum.
+  without momentum (``s = g``).
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ from . import fused
 from .base import Policy, PolicySettings, take_tensor
 from .gap_aware import GapStatistics, gap_aware_direction_, gap_aware_push_
 from .sgd import add_scaled, add_scaled_, scale_add_, weight_decayed
+
+LAST_STEP = "dana.last_step"
+"""DANA-GA's state key for ``s``, the step the previous update applied."""
+
 
 def dana_step(theta: Tensor, direction: Tensor, buffer: Tensor | None, buffer_sum: Tensor | None, *,
               lr: float, momentum: float) -> None:
@@ -53,13 +58,13 @@ def dana_look_ahead(theta: Tensor, buffer_sum: Tensor, *, lr: float, momentum: f
     return add_scaled(theta, buffer_sum, -lr * momentum)
 
 
-def dana_gap_aware_push_(theta: Tensor, grad: Tensor, stale_theta: Tensor, v: Tensor, s: Tensor,
+def dana_gap_aware_push_(theta: Tensor, grad: Tensor, stale_theta: Tensor, v: Tensor, last_step: Tensor,
                          buffer: Tensor, buffer_sum: Tensor, *, beta: float, eps_root_bias: float, gap_scale: float,
                          weight_decay: float, lr: float, momentum: float) -> Tensor:
     """One DANA-GA push (μ > 0) in place on ``theta``, ``v``, the pushing worker's ``buffer`` and
-    ``buffer_sum``; ``s`` is GA's statistic, read first (it may be ``buffer`` itself). Returns the
-    sum of the Gaps (a 0-d float64 tensor)."""
-    direction, gap = gap_aware_direction_(theta, grad, stale_theta, v, s, beta=beta,
+    ``buffer_sum``; ``last_step`` (``s``, read first: it may be ``buffer`` itself) is the buffer
+    that moved θ last. Returns the sum of the Gaps (a 0-d float64 tensor)."""
+    direction, gap = gap_aware_direction_(theta, grad, stale_theta, v, last_step, beta=beta,
                                           eps_root_bias=eps_root_bias, gap_scale=gap_scale, weight_decay=weight_decay)
     dana_step(theta, direction, buffer, buffer_sum, lr=lr, momentum=momentum)
     return gap.sum(dtype=torch.float64)
@@ -146,6 +151,8 @@ class DanaGapAware(DanaZero):
     def __init__(self, numel: int, settings: PolicySettings = PolicySettings()) -> None:
         super().__init__(numel, settings)
         self.statistics = GapStatistics(numel, beta=settings.ga_beta, eps=settings.ga_eps)
+        self.last_step = torch.zeros(numel) if self.momentum > 0 else None
+        """``s``: the buffer that moved θ last (zeros before the first update); None when μ = 0."""
 
     def hyperparameters(self) -> dict[str, Any]:
         return {**super().hyperparameters(), **self.statistics.hyperparameters()}
@@ -153,18 +160,29 @@ class DanaGapAware(DanaZero):
     def apply(self, theta: Tensor, grad: Tensor, *, lr: float, staleness: int,
               stale_theta: Tensor | None = None, worker_id: int = 0) -> float:
         scalars = {**self.statistics.begin_update(lr), "weight_decay": self.weight_decay, "lr": lr}
-        buffer = self._buffer(worker_id)
-        if buffer is None:
+        if self.last_step is None:
             gap_sum = fused.run(gap_aware_push_, theta, grad, stale_theta, self.statistics.v, None, **scalars,
                                 momentum=0.0, nesterov=False)
         else:
-            gap_sum = fused.run(dana_gap_aware_push_, theta, grad, stale_theta, self.statistics.v, buffer,
+            buffer = self._buffer(worker_id)
+            gap_sum = fused.run(dana_gap_aware_push_, theta, grad, stale_theta, self.statistics.v, self.last_step,
                                 buffer, self.buffer_sum, **scalars, momentum=self.momentum)
+            self.last_step = buffer
         return gap_sum / self.numel
 
     def _state(self) -> dict[str, Tensor]:
-        return {**super()._state(), **self.statistics.state()}
+        state = {**super()._state(), **self.statistics.state()}
+        if self.last_step is not None:
+            state[LAST_STEP] = self.last_step
+        return state
 
     def _load_state(self, state: dict[str, Tensor]) -> None:
+        if self.last_step is not None and LAST_STEP not in state and {"ga.v", "dana.v_sum"} <= state.keys():
+            raise ValueError(f"Missing key in policy state: {LAST_STEP!r}. The state was saved by an older "
+                             "gapaware whose DANA-GA fed GA's statistics with the pushing worker's own buffer "
+                             "(withdrawn from ALGORITHMS.md); it cannot continue with the current rule: start "
+                             "the run afresh")
         super()._load_state(state)
         self.statistics.load_state(state)
+        if self.last_step is not None:
+            self.last_step = take_tensor(state, LAST_STEP, self.last_step).clone()
