@@ -99,7 +99,8 @@ def main() -> None:
                 f"(read + write); targets: bound ratio ≥ 0.5, GA ÷ ASGD ≤ 2",
                 ["policy", "ms/update", "copy-bound ms", "bound ratio", "÷ ASGD"], rows)
     if compiled:
-        print("first push, compile included: " + ", ".join(f"{name} {first[name]:.1f} s" for name in ("gap-aware", "dana-ga")))
+        firsts = ", ".join(f"{name} {first[name]:.1f} s" for name in ("gap-aware", "dana-ga"))
+        print(f"first push, compile included: {firsts}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def make_policy(name: str, numel: int, *, momentum: float = 0.0, nesterov: bool 
 
 __all__ = [
     "ASGD", "DanaGapAware", "DanaZero", "GapAware", "GapStatistics", "POLICIES", "Policy", "PolicySettings",
-    "StalenessAware", "add_scaled", "add_scaled_", "dana_gap_aware_push_", "dana_look_ahead", "dana_step", "gap_aware_direction_",
-    "gap_aware_push_", "gap_scalars", "make_policy", "scale_add_", "sgd_step", "staleness_aware_lr", "weight_decayed",
+    "StalenessAware", "add_scaled", "add_scaled_", "dana_gap_aware_push_", "dana_look_ahead", "dana_step",
+    "gap_aware_direction_", "gap_aware_push_", "gap_scalars", "make_policy", "scale_add_", "sgd_step",
+    "staleness_aware_lr", "weight_decayed",
 ]

@@ -12,11 +12,11 @@ compiler it calls and its cache, and the same code compiles for a GPU.
 Which one runs, per push (``$GAPAWARE_COMPILE``):
 
 * ``1``: compiled; ``0``: the reference;
-* unset (or any other value): compiled for tensors of at least :data:`COMPILE_MIN_NUMEL` elements. A
-  compile costs seconds, once per process and per variant of a policy (momentum or not, float32
-  or bfloat16 θ⁽ⁱ⁾, θ⁽ⁱ⁾ being θ itself), paid by the first push; below that size a push
-  takes well under a millisecond either way, so small models (the built-in tasks, the simulator,
-  the tests) never pay for a compile.
+* unset (or any other value): compiled for tensors of at least :data:`COMPILE_MIN_NUMEL`
+  elements. A compile is paid once per process and per variant of a policy (momentum or not,
+  float32 or bfloat16 θ⁽ⁱ⁾, θ⁽ⁱ⁾ being θ itself), by its first push, and on a small model it
+  costs far more than it saves: the built-in tasks, the simulator and the tests run the
+  reference and never wait for a compile.
 
 A compile that fails (no working C++ compiler, an unsupported platform) logs a warning once and
 that function runs as the reference from then on. The compiled code rounds as its generated
