@@ -1,6 +1,6 @@
 """GA's and DANA-GA's pushes compiled by torch.compile (server/policies/fused.py) against the plain
-torch reference they are compiled from, and the choices around it: when it compiles, what a
-failed compile does, and the reference's slices.
+torch reference they are compiled from, and the choices around it: when it compiles and what a
+failed compile does.
 
 Compiled and reference code round differently (the generated kernel's own square root, operations
 reordered), so they are compared push by push from the same state, to float32 precision:
@@ -134,25 +134,3 @@ def test_unset_the_switch_compiles_large_models_only(monkeypatch):
         policy = make_policy("dana-ga", numel, momentum=0.9)
         policy.apply(torch.zeros(numel), torch.ones(numel), lr=0.1, staleness=0, stale_theta=torch.zeros(numel))
     assert compiled == ["dana_gap_aware_push_"], "only the model of 1000 elements"
-
-
-@pytest.mark.parametrize("name", ["gap-aware", "dana-ga"])
-def test_the_reference_in_slices_is_the_reference_in_one_piece(monkeypatch, name):
-    """Eleven elements in slices of 4, 4 and 3, against one slice of all eleven."""
-    monkeypatch.setenv(fused.SWITCH, "0")
-    results = []
-    for size in (4, 11):
-        monkeypatch.setattr(fused, "SLICE", size)
-        policy = make_policy(name, 11, momentum=0.9, weight_decay=0.01)
-        theta = torch.linspace(-1, 1, 11)
-        gaps = []
-        for step in range(4):
-            stale = policy.pull_view(theta, lr=0.1, worker_id=step % 2) + 0.05 * torch.cos(torch.arange(11.0) * step)
-            gaps.append(policy.apply(theta, torch.sin(torch.arange(11.0) + step), lr=0.1, staleness=2,
-                                     stale_theta=stale, worker_id=step % 2))
-        results.append((theta, policy.state_dict(), gaps))
-    (theta, state, gaps), (ref_theta, ref_state, ref_gaps) = results
-    assert_float32_close(theta, ref_theta)
-    for key in state:
-        assert_float32_close(state[key], ref_state[key])
-    assert gaps == pytest.approx(ref_gaps, rel=1e-12) and max(gaps) > 1.0

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from gapaware.server.policies import POLICIES, gap_aware_direction_, gap_scalars, make_policy, sgd_step
+from gapaware.server.policies import (POLICIES, fused, gap_aware_direction_, gap_scalars, make_policy, sgd_step,
+                                      slices)
 
 BETA, EPS = 0.999, 1e-8
 
@@ -26,7 +27,7 @@ def f32(values) -> list[float]:
 def assert_numbers(actual, expected, rtol=2e-6, atol=1e-7):
     """``actual`` (float32 tensor or float) equals the float64 ``expected`` to float32 precision."""
     actual = torch.as_tensor(actual, dtype=torch.float64)
-    torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
 
 
 # -- references written from ALGORITHMS.md in plain floats ---------------------------------
@@ -508,6 +509,35 @@ def test_invalid_numel_is_refused(numel):
 def test_unknown_setting_is_refused():
     with pytest.raises(TypeError, match="beta"):
         make_policy("asgd", 4, beta=0.9)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("hyper", [{}, {"momentum": 0.9, "weight_decay": 0.01}, {"momentum": 0.9, "nesterov": True}],
+                         ids=["plain", "momentum+decay", "nesterov"])
+def test_a_push_in_slices_is_the_push_in_one_piece(monkeypatch, name, hyper):
+    """Eleven elements in slices of 4, 4 and 3 (server/policies/slices.py), against one slice: the
+    same to float32 precision (a torch kernel's vector and scalar paths may round differently)."""
+    if name.startswith("dana") and hyper.get("nesterov"):
+        hyper = {"momentum": 0.9}
+    monkeypatch.setenv(fused.SWITCH, "0")
+    results = []
+    for size in (4, 11):
+        monkeypatch.setattr(slices, "SLICE", size)
+        policy = make_policy(name, 11, **hyper)
+        theta = torch.linspace(-1, 1, 11)
+        gaps = []
+        for step in range(4):
+            stale = policy.pull_view(theta, lr=0.1, worker_id=step % 2) + 0.05 * torch.cos(torch.arange(11.0) * step)
+            gaps.append(policy.apply(theta, torch.sin(torch.arange(11.0) + step), lr=0.1, staleness=2,
+                                     stale_theta=stale, worker_id=step % 2))
+        results.append((theta, policy.state_dict(), gaps))
+    (theta, state, gaps), (ref_theta, ref_state, ref_gaps) = results
+    assert_numbers(theta, ref_theta, rtol=1e-6)
+    assert state.keys() == ref_state.keys()
+    for key in state:
+        assert_numbers(state[key], ref_state[key], rtol=1e-6)
+    assert gaps == pytest.approx(ref_gaps, rel=1e-6)
+    assert max(gaps) > 1.0 or not POLICIES[name].needs_snapshot
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))

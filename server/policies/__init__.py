@@ -3,17 +3,18 @@
 ``POLICIES`` maps each CLI name (``--policy``) to its class; a new policy is one new file that
 subclasses :class:`Policy` plus its entry here. :func:`make_policy` is how a server builds one:
 every policy takes the same settings (:class:`PolicySettings`), validated there once. The
-arithmetic is in pure functions over flat tensors (:func:`sgd_step`, :func:`gap_aware_push_`, ...)
-that the simulator can call too; :mod:`.fused` runs GA's and DANA-GA's push compiled by
-``torch.compile`` where that pays.
+arithmetic is in pure functions over flat tensors (:func:`asgd_push_`, :func:`gap_aware_push_`, ...)
+that the simulator can call too; :func:`in_slices` runs them slice by slice on the CPU, and
+:mod:`.fused` runs GA's and DANA-GA's push compiled by ``torch.compile`` where that pays.
 """
 from __future__ import annotations
 
-from .asgd import ASGD
+from .asgd import ASGD, asgd_push_
 from .base import Policy, PolicySettings
-from .dana import DanaGapAware, DanaZero, dana_gap_aware_push_, dana_look_ahead, dana_step
+from .dana import DanaGapAware, DanaZero, dana_gap_aware_push_, dana_look_ahead, dana_push_, dana_step
 from .gap_aware import GapAware, GapStatistics, gap_aware_direction_, gap_aware_push_, gap_scalars
 from .sgd import add_scaled, add_scaled_, scale_add_, sgd_step, weight_decayed
+from .slices import in_slices
 from .staleness_aware import StalenessAware, staleness_aware_lr
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (
@@ -39,7 +40,7 @@ def make_policy(name: str, numel: int, *, momentum: float = 0.0, nesterov: bool 
 
 __all__ = [
     "ASGD", "DanaGapAware", "DanaZero", "GapAware", "GapStatistics", "POLICIES", "Policy", "PolicySettings",
-    "StalenessAware", "add_scaled", "add_scaled_", "dana_gap_aware_push_", "dana_look_ahead", "dana_step",
-    "gap_aware_direction_", "gap_aware_push_", "gap_scalars", "make_policy", "scale_add_", "sgd_step",
-    "staleness_aware_lr", "weight_decayed",
+    "StalenessAware", "add_scaled", "add_scaled_", "asgd_push_", "dana_gap_aware_push_", "dana_look_ahead",
+    "dana_push_", "dana_step", "gap_aware_direction_", "gap_aware_push_", "gap_scalars", "in_slices", "make_policy",
+    "scale_add_", "sgd_step", "staleness_aware_lr", "weight_decayed",
 ]

@@ -15,6 +15,14 @@ from torch import Tensor
 
 from .base import Policy, PolicySettings, take_tensor
 from .sgd import sgd_step, weight_decayed
+from .slices import in_slices
+
+
+def asgd_push_(theta: Tensor, grad: Tensor, momentum_buffer: Tensor | None, *, weight_decay: float, lr: float,
+               momentum: float, nesterov: bool) -> None:
+    """One ASGD push in place on ``theta`` and ``momentum_buffer`` (None when μ = 0)."""
+    sgd_step(theta, weight_decayed(grad, theta, weight_decay), momentum_buffer, lr=lr, momentum=momentum,
+             nesterov=nesterov)
 
 
 class ASGD(Policy):
@@ -31,8 +39,8 @@ class ASGD(Policy):
 
     def apply(self, theta: Tensor, grad: Tensor, *, lr: float, staleness: int,
               stale_theta: Tensor | None = None, worker_id: int = 0) -> float:
-        sgd_step(theta, weight_decayed(grad, theta, self.weight_decay), self.momentum_buffer, lr=lr,
-                 momentum=self.momentum, nesterov=self.nesterov)
+        in_slices(asgd_push_, theta, grad, self.momentum_buffer, weight_decay=self.weight_decay, lr=lr,
+                  momentum=self.momentum, nesterov=self.nesterov)
         return 1.0
 
     def _state(self) -> dict[str, Tensor]:

@@ -33,6 +33,7 @@ from . import fused
 from .base import Policy, PolicySettings, take_tensor
 from .gap_aware import GapStatistics, gap_aware_direction_, gap_aware_push_
 from .sgd import add_scaled, add_scaled_, scale_add_, weight_decayed
+from .slices import in_slices
 
 LAST_STEP = "dana.last_step"
 """DANA-GA's state key for ``s``, the step the previous update applied."""
@@ -51,6 +52,12 @@ def dana_step(theta: Tensor, direction: Tensor, buffer: Tensor | None, buffer_su
     scale_add_(buffer, momentum, direction)
     buffer_sum.add_(buffer)
     add_scaled_(theta, buffer, -lr)
+
+
+def dana_push_(theta: Tensor, grad: Tensor, buffer: Tensor | None, buffer_sum: Tensor | None, *,
+               weight_decay: float, lr: float, momentum: float) -> None:
+    """One DANA-Zero push in place: :func:`dana_step` with ``d = g + λ·θ``."""
+    dana_step(theta, weight_decayed(grad, theta, weight_decay), buffer, buffer_sum, lr=lr, momentum=momentum)
 
 
 def dana_look_ahead(theta: Tensor, buffer_sum: Tensor, *, lr: float, momentum: float) -> Tensor:
@@ -86,7 +93,7 @@ class DanaZero(Policy):
 
     def apply(self, theta: Tensor, grad: Tensor, *, lr: float, staleness: int,
               stale_theta: Tensor | None = None, worker_id: int = 0) -> float:
-        dana_step(theta, weight_decayed(grad, theta, self.weight_decay), self._buffer(worker_id), self.buffer_sum,
+        in_slices(dana_push_, theta, grad, self._buffer(worker_id), self.buffer_sum, weight_decay=self.weight_decay,
                   lr=lr, momentum=self.momentum)
         return 1.0
 

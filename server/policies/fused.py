@@ -21,9 +21,7 @@ Which one runs, per push (``$GAPAWARE_COMPILE``):
 A compile that fails (no working C++ compiler, an unsupported platform) logs a warning once and
 that function runs as the reference from then on. The compiled code rounds as its generated
 kernel does (its own square root, operations reordered), so the two agree to float32 precision,
-not bit for bit. The reference runs on CPU tensors in slices of :data:`SLICE` elements, so its
-temporaries stay in cache and are small: a fresh temporary of the model's size costs more in
-page faults than the arithmetic.
+not bit for bit. The reference runs slice by slice (:func:`~.slices.in_slices`).
 """
 from __future__ import annotations
 
@@ -35,14 +33,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .slices import in_slices
+
 log = logging.getLogger("gapaware.server.policies")
 
 SWITCH = "GAPAWARE_COMPILE"
 """Environment variable: ``1`` compiles every Gap-Aware push, ``0`` none, unset (or other) by size."""
 COMPILE_MIN_NUMEL = 1 << 20
 """The smallest model (elements) whose Gap-Aware pushes are compiled when :data:`SWITCH` is unset."""
-SLICE = 1 << 18
-"""Elements per slice when the reference runs on a CPU tensor (1 MiB of float32 per tensor)."""
 
 Push = Callable[..., Tensor]
 """A reference push: in-place on its tensor arguments, returns the sum of the Gaps as a 0-d tensor."""
@@ -63,9 +61,7 @@ def run(push: Push, *tensors: Tensor | None, **scalars: float | bool) -> float:
             _failed.add(push)
             log.warning("torch.compile of %s failed (%s: %s): its pushes run as plain torch operations",
                         push.__name__, type(error).__name__, error)
-    size = SLICE if theta.device.type == "cpu" else theta.numel()
-    return sum(push(*(None if t is None else t[start:start + size] for t in tensors), **scalars).item()
-               for start in range(0, theta.numel(), size))
+    return sum(gap_sum.item() for gap_sum in in_slices(push, *tensors, **scalars))
 
 
 def compiles(numel: int) -> bool:
