@@ -44,12 +44,8 @@ class Window:
 
 def policy_for(config: RunConfig, numel: int) -> Policy:
     """The policy ``config`` names, with the run's hyper-parameters."""
-    import inspect
-    from gapaware.server.policies import POLICIES
-    hyper = {"momentum": config.momentum, "nesterov": config.nesterov, "weight_decay": config.weight_decay}
-    accepted = inspect.signature(POLICIES[config.policy]).parameters
-    hyper.update({k: v for k, v in (("beta", config.ga_beta), ("eps", config.ga_eps)) if k in accepted})
-    return make_policy(config.policy, numel, **hyper)  # TEMPORARY until the policies branch lands
+    return make_policy(config.policy, numel, momentum=config.momentum, nesterov=config.nesterov,
+                       weight_decay=config.weight_decay, ga_beta=config.ga_beta, ga_eps=config.ga_eps)
 
 
 class Updater:
