@@ -13,7 +13,7 @@ from bench.free_work import FREE_SERVER, free_arithmetic
 from bench.harness import gapaware_server
 from gapaware import WorkerClient
 
-BENCHMARKS = ["transport", "server_update", "end_to_end", "scale", "memory", "overlap", "free_work"]
+BENCHMARKS = ["transport", "server_update", "end_to_end", "scale", "memory", "overlap", "free_work", "push_norms"]
 
 
 def table_rows(output: str) -> list[list[str]]:
