@@ -66,6 +66,9 @@ class Defaults:
     eval_every: int = 100
     snapshot_dtype: str = "float32"
     nonfinite: str = "reject"
+    grad_norm_bound: float = 100.0
+    """The server refuses a push whose gradient norm exceeds this many times the median of the
+    recent accepted ones (docs/ALGORITHMS.md#bounding-a-push)."""
     transport_dtype: str = "float32"
     simulated_epochs: float = 40.0
     """Passes over the training set of each simulated run."""

@@ -118,6 +118,10 @@ def config_from_options(values: dict) -> RunConfig:
         raise click.UsageError(str(error)) from None
 
 
+FINAL_CHECKPOINT_LOST = 3
+"""``gapaware server``'s exit status when the run ended but its final checkpoint could not be written."""
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -163,8 +167,13 @@ def main() -> None:
                    "holds none). Its run config is used; run flags given explicitly override it.")
 @server_security_options
 @click.option("--nonfinite", type=click.Choice(NONFINITE_ACTIONS), default=DEFAULTS.nonfinite, show_default=True,
-              help="A gradient with NaN or Inf: refuse the push, acknowledge and drop it, or apply it "
-                   "(the parameters diverge). Counted in status.")
+              help="A gradient with NaN or Inf, or an update that would leave NaN or Inf in the parameters: "
+                   "refuse the push, acknowledge and drop it (either way the parameters stay as they were), or "
+                   "apply it (the parameters diverge). Counted in status.")
+@click.option("--grad-norm-bound", type=click.FloatRange(min=0), default=DEFAULTS.grad_norm_bound, show_default=True,
+              metavar="K",
+              help="Refuse a push whose gradient norm exceeds K times the median norm of the last 100 accepted "
+                   "pushes (from the 100th on; above 1.8e19 always). 0: no bound. Counted in status.")
 @click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Calls served at once; more get RESOURCE_EXHAUSTED.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
@@ -178,10 +187,15 @@ def main() -> None:
                    "window (better across high-latency links).")
 @log_level_option
 def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, lease_seconds, checkpoint_dir,
-           checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, max_concurrent_rpcs, threads,
-           chunk_timeout, receive_window_mib, log_level, **values) -> None:
-    """Run the parameter server until the run ends."""
+           checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, grad_norm_bound,
+           max_concurrent_rpcs, threads, chunk_timeout, receive_window_mib, log_level, **values) -> None:
+    """Run the parameter server until the run ends.
+
+    Exits 0 when the run ended, 1 when it could not start, and 3 when it ended (final evaluation
+    written) but its final checkpoint could not be written: a supervisor restarting it then resumes
+    from the newest checkpoint that was."""
     from gapaware.server.app import ServerOptions, run_server
+    from gapaware.server.checkpoint import CheckpointWriteError
     from gapaware.server.checkpointer import CheckpointOptions
     from gapaware.server.observability import tensorboard_writer_class
     from gapaware.server.resume import ResumeError
@@ -199,6 +213,9 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
             tensorboard_writer_class()
         except RuntimeError as error:
             raise click.UsageError(str(error)) from None
+    if 0 < grad_norm_bound <= 1:
+        raise click.BadParameter(f"{grad_norm_bound:g}: the bound is a ratio above 1 (0 turns it off)",
+                                 param_hint="--grad-norm-bound")
     checkpoint_dir = checkpoint_dir or resume
     checkpoints = None if checkpoint_dir is None else CheckpointOptions(
         checkpoint_dir, every_updates=checkpoint_every, every_seconds=checkpoint_seconds, keep=keep_checkpoints)
@@ -207,11 +224,15 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
                                          linger_seconds=linger, metrics_port=metrics_port,
                                          tensorboard_dir=tensorboard_dir, lease_seconds=lease_seconds,
                                          checkpoints=checkpoints, resume=resume, explicit_flags=explicit,
-                                         security=security, nonfinite=nonfinite,
+                                         security=security, nonfinite=nonfinite, grad_norm_bound=grad_norm_bound,
                                          max_concurrent_rpcs=max_concurrent_rpcs, threads=threads,
                                          chunk_timeout=chunk_timeout, receive_window_mib=receive_window_mib))
     except ResumeError as error:
         raise click.ClickException(str(error)) from None
+    except CheckpointWriteError as error:
+        click.echo(f"Error: the run ended, but its final checkpoint was not written ({error}); the newest one "
+                   "written is in the checkpoint directory", err=True)
+        sys.exit(FINAL_CHECKPOINT_LOST)
 
 
 @main.command()

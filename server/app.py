@@ -21,9 +21,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gapaware.common.config import RunConfig
+from gapaware.common.registry import DEFAULTS
 from gapaware.common.security import ServerSecurity
 from gapaware.server.auth import TokenAuthInterceptor
 from gapaware.server.build import build_state
+from gapaware.server.checkpoint import CheckpointWriteError
 from gapaware.server.checkpointer import Checkpointer, CheckpointOptions
 from gapaware.server.decoding import StrictDecodingInterceptor
 from gapaware.server.evaluator import Evaluator, MetricsLog
@@ -78,6 +80,7 @@ class ServerOptions:
     security: ServerSecurity = field(default_factory=ServerSecurity)
     max_concurrent_rpcs: int = 1024     # beyond it a call gets RESOURCE_EXHAUSTED
     nonfinite: str = "reject"           # a push with NaN or Inf: "reject" or "skip"
+    grad_norm_bound: float = DEFAULTS.grad_norm_bound  # k of the push bound; 0: none
     chunk_timeout: float = 60.0         # seconds a push may stall between chunks before it is ended
     threads: int = 1                    # torch intra-op threads
     receive_window_mib: int = 4         # per-stream receive window; 0: gRPC's automatic window
@@ -94,23 +97,28 @@ def prepare_state(config: RunConfig, options: ServerOptions):
     """The task, the state (resumed from ``options.resume`` when it holds a checkpoint) and the
     checkpointer, which has already written this server incarnation's first checkpoint: from then
     on a crash at any moment can be resumed, and worker ids stay unique across restarts."""
-    checkpoint = find_resume_point(options.resume) if options.resume is not None else None
+    checkpoint_dir = options.checkpoints.directory if options.checkpoints is not None else None
+    checkpoint = None if options.resume is None else find_resume_point(options.resume, checkpoint_dir=checkpoint_dir)
     if checkpoint is not None:
         config = resolve_config(checkpoint.config, config, options.explicit_flags)
-    elif options.checkpoints is not None:
-        check_fresh_directory(options.checkpoints.directory)
-    task, state = build_state(config, nonfinite=options.nonfinite)
+    elif checkpoint_dir is not None:
+        check_fresh_directory(checkpoint_dir)
+    task, state = build_state(config, nonfinite=options.nonfinite, grad_norm_bound=options.grad_norm_bound)
     if checkpoint is not None:
-        directories = [d for d in (options.resume, options.checkpoints and options.checkpoints.directory) if d]
+        others = [checkpoint_dir] if checkpoint_dir is not None else []
         try:
-            state.restore(checkpoint, incarnation=max(next_incarnation(*directories), checkpoint.incarnation + 1))
+            state.restore(checkpoint, incarnation=next_incarnation(checkpoint, options.resume, *others))
         except ValueError as error:
             raise ResumeError(f"cannot resume this checkpoint with the run's settings: {error}") from None
     checkpointer = None
     if options.checkpoints is not None:
         checkpointer = Checkpointer(state, options.checkpoints)
         checkpointer.directory.remove_partial_writes()
-        checkpointer.save("resumed" if checkpoint is not None else "start")
+        try:
+            checkpointer.save("resumed" if checkpoint is not None else "start")
+        except CheckpointWriteError as error:
+            raise ResumeError(f"{error}: the server writes its first checkpoint before it serves (it keeps worker "
+                              "ids unique across restarts); free space or choose another --checkpoint-dir") from None
     return task, state, checkpointer
 
 
@@ -187,9 +195,13 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
                 await reap_expired(state, options.lease_seconds)
                 next_reap = time.monotonic() + min(1.0, options.lease_seconds / 4)
         await health_servicer.enter_graceful_shutdown()
+        final_checkpoint_error = None
         if checkpointer is not None:
             checkpointer.stop()
-            await loop.run_in_executor(None, checkpointer.save, "final")
+            try:
+                await loop.run_in_executor(None, checkpointer.save, "final")
+            except CheckpointWriteError as error:  # logged by the checkpointer; the evaluation still comes
+                final_checkpoint_error = error
         deadline = time.monotonic() + options.linger_seconds
         while state.live_workers() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -198,6 +210,8 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
         final = await loop.run_in_executor(None, evaluator.evaluate_now, "final", extra)
         log.info("finished at version %d: test accuracy %.4f, loss %.4f", final["version"],
                  final["accuracy"], final["loss"])
+        if final_checkpoint_error is not None:
+            raise final_checkpoint_error
         return final
     finally:
         await server.stop(grace=1.0)

@@ -9,12 +9,14 @@ from gapaware.common.tasks import Task, load_task
 from gapaware.server.state import ParameterServerState
 
 
-def build_state(config: RunConfig, *, nonfinite: str = DEFAULTS.nonfinite) -> tuple[Task, ParameterServerState]:
-    """The task (for layout and evaluation) and the server state with the seeded initial parameters."""
+def build_state(config: RunConfig, *, nonfinite: str = DEFAULTS.nonfinite,
+                grad_norm_bound: float = 0.0) -> tuple[Task, ParameterServerState]:
+    """The task (for layout and evaluation) and the server state with the seeded initial parameters;
+    ``grad_norm_bound`` is the push bound's k (0, for the simulator: none)."""
     task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)
     layout = ParamLayout.from_module(task.model)
     state = ParameterServerState(config, layout, flat_parameters(task.model), train_size=len(task.train),
-                                 nonfinite=nonfinite)
+                                 nonfinite=nonfinite, grad_norm_bound=grad_norm_bound)
     # The model is kept for evaluation only, and each evaluation points it at a copy of θ; until
     # then its parameters are views of θ, so the server holds no second copy of the model.
     load_flat_parameters(task.model, state.theta)

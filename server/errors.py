@@ -44,3 +44,12 @@ class PushInFlight(RequestRefused):
             f"worker {worker_id} already has a push in progress: wait for its reply before pushing again "
             "(two processes may be sharing one worker id; give each its own WorkerClient and join)"
         )
+
+
+class OversizedGradient(RequestRefused):
+    """A gradient whose norm exceeds the push bound (docs/ALGORITHMS.md#bounding-a-push). The bound
+    follows the pushes accepted before it, so the same gradient may pass later: the worker drops it."""
+
+
+class NonFiniteUpdate(RequestRefused):
+    """A push whose update would have left NaN or Inf in θ: θ was restored as it was before it."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gapaware.common.results import PushResult
 from gapaware.server.state import ParameterServerState
@@ -63,6 +64,9 @@ class ServerMetrics:
               registry=reg).set_function(lambda: len(state.live_workers()))
         Gauge("gapaware_run_finished", "1 once the run has ended.",
               registry=reg).set_function(lambda: float(state.finished))
+        Gauge("gapaware_grad_norm_limit", "The largest gradient norm a push may have now (NaN: no bound).",
+              registry=reg).set_function(state.grad_norm_limit)
+        reg.register(_StateCounters(state))
         self._accepted = Counter("gapaware_pushes_accepted", "Pushes applied as an update.", registry=reg)
         self._rejected = Counter("gapaware_pushes_rejected", "Pushes refused or not applied, by reason.",
                                  ["reason"], registry=reg)
@@ -163,6 +167,22 @@ class RecordSinks:
     def close(self) -> None:
         for sink in self._sinks:
             sink.close()
+
+
+class _StateCounters:
+    """Counters the state keeps (reported when scraped): undone updates and checkpoint writes."""
+
+    def __init__(self, state: ParameterServerState) -> None:
+        self._state = state
+
+    def collect(self):
+        health = self._state.checkpoint_health
+        yield CounterMetricFamily("gapaware_nonfinite_updates", "Updates undone because they left NaN or Inf in "
+                                  "the parameters.", value=self._state.updater.nonfinite_updates)
+        yield CounterMetricFamily("gapaware_checkpoint_failures", "Checkpoint writes that failed (full disk, "
+                                  "read-only directory); the run goes on.", value=health.failures)
+        yield GaugeMetricFamily("gapaware_checkpoint_version", "Version of the newest checkpoint written (-1: none).",
+                                value=health.version)
 
 
 def _number(value) -> float:

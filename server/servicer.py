@@ -25,10 +25,11 @@ from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
 from gapaware.server.admission import PushAdmission
 from gapaware.server.errors import (
-    BadPush, InvalidLayout, LayoutMismatch, PushInFlight, RequestRefused, StaleSnapshot, UnknownWorker,
+    BadPush, InvalidLayout, LayoutMismatch, NonFiniteUpdate, OversizedGradient, PushInFlight, RequestRefused,
+    StaleSnapshot, UnknownWorker,
 )
 from gapaware.server.observability import ServerMetrics, rejection_reason
-from gapaware.server.push import AdmittedPush, admit
+from gapaware.server.push import AdmittedPush
 from gapaware.server.state import ParameterServerState
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
@@ -40,6 +41,8 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     UnknownWorker: grpc.StatusCode.NOT_FOUND,
     LayoutMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     StaleSnapshot: grpc.StatusCode.FAILED_PRECONDITION,
+    OversizedGradient: grpc.StatusCode.FAILED_PRECONDITION,   # the bound follows the run: the worker drops it
+    NonFiniteUpdate: grpc.StatusCode.FAILED_PRECONDITION,
     BadPush: grpc.StatusCode.INVALID_ARGUMENT,
     TransportError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidLayout: grpc.StatusCode.INVALID_ARGUMENT,
@@ -169,9 +172,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 assembler.add(frame)
                 received += len(frame.data)
             grad = assembler.finish()
-            return admit(header.worker_id, grad, numel=self._state.layout.numel, base_version=header.base_version,
-                         seq=header.seq, samples=header.samples, loss=header.loss,
-                         finite=assembler.finite), received
+            return self._state.admit(header.worker_id, grad, base_version=header.base_version, seq=header.seq,
+                                     samples=header.samples, loss=header.loss, finite=assembler.finite), received
         except (TransportError, BadPush) as error:
             self._metrics.push_rejected(rejection_reason(error), received)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
@@ -233,6 +235,7 @@ def _push_reply(result: PushResult) -> pb.PushReply:
 def status_reply(state: ParameterServerState, last_eval: dict) -> pb.StatusReply:
     now = time.monotonic()
     totals = state.totals()
+    health = state.checkpoint_health
     workers = [
         pb.WorkerStatus(
             worker_id=w.worker_id, hostname=w.hostname, device=w.device,
@@ -249,4 +252,8 @@ def status_reply(state: ParameterServerState, last_eval: dict) -> pb.StatusReply
         uptime_seconds=now - state.started, max_updates=state.total_updates,
         held_snapshots=state.held_snapshots(),
         nonfinite_pushes=state.nonfinite_pushes,
+        oversized_pushes=state.updater.oversized_pushes, nonfinite_updates=state.updater.nonfinite_updates,
+        grad_norm_limit=state.grad_norm_limit(),
+        checkpoint_failures=health.failures, last_checkpoint_error=health.last_error,
+        checkpoint_version=health.version,
     )

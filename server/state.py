@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 
@@ -18,7 +19,7 @@ import torch
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
-from gapaware.server.checkpoint import Checkpoint
+from gapaware.server.checkpoint import Checkpoint, CheckpointHealth
 from gapaware.server.errors import InvalidLayout, LayoutMismatch
 from gapaware.server.model_store import ModelStore
 from gapaware.server.push import AdmittedPush, admit
@@ -30,14 +31,15 @@ log = logging.getLogger("gapaware.server")
 
 class ParameterServerState:
     def __init__(self, config: RunConfig, layout: ParamLayout, theta: torch.Tensor, train_size: int, *,
-                 nonfinite: str = "reject") -> None:
+                 nonfinite: str = "reject", grad_norm_bound: float = 0.0) -> None:
         if theta.dim() != 1 or theta.numel() != layout.numel or theta.dtype != torch.float32:
             raise ValueError(f"theta must be a flat float32 tensor of {layout.numel} elements")
         self.config = config
         self.layout = layout
         self.train_size = train_size
         self.model = ModelStore(theta, getattr(torch, config.snapshot_dtype))
-        self.updater = Updater(config, layout.numel, config.total_updates(train_size), nonfinite)
+        self.updater = Updater(config, layout.numel, config.total_updates(train_size), nonfinite, grad_norm_bound)
+        self.checkpoint_health = CheckpointHealth()
         self.workers = WorkerRegistry()
         self.finished = False
         self.incarnation = 0
@@ -73,8 +75,18 @@ class ParameterServerState:
     def nonfinite_pushes(self) -> int:
         return self.updater.nonfinite_pushes
 
+    @property
+    def max_samples(self) -> int:
+        """The most examples one push may claim: a batch is drawn without replacement from the
+        training set, so no honest push holds more (at least the run's batch size)."""
+        return max(self.train_size, self.config.batch_size)
+
     def lr(self) -> float:
         return self.updater.lr()
+
+    def grad_norm_limit(self) -> float:
+        """The largest gradient norm a push may have now; NaN without a bound."""
+        return math.nan if self.updater.bound is None else self.updater.bound.limit()
 
     def epoch(self) -> float:
         return self.samples / self.train_size if self.train_size else 0.0
@@ -149,8 +161,9 @@ class ParameterServerState:
             return self.version, sent, reusable
 
     def admit(self, worker_id: int, grad: torch.Tensor, *, base_version: int, **details) -> AdmittedPush:
-        """A push of ``grad`` checked against this server's model (:func:`gapaware.server.push.admit`)."""
-        return admit(worker_id, grad, numel=self.layout.numel, base_version=base_version, **details)
+        """A push of ``grad`` checked against this server's model and run (:func:`gapaware.server.push.admit`)."""
+        return admit(worker_id, grad, numel=self.layout.numel, max_samples=self.max_samples,
+                     base_version=base_version, **details)
 
     def check_push(self, worker_id: int, base_version: int, seq: int = 0) -> None:
         """Refuses, before any of its gradient is received, a push that :meth:`push` would refuse
@@ -163,25 +176,35 @@ class ParameterServerState:
 
     def push(self, push: AdmittedPush) -> PushResult:
         """Applies ``push`` with the run's policy; exactly once per ``seq`` (a retried copy of the
-        last push answered gets its answer again, with ``applied=False``)."""
+        last push answered gets its answer again, with ``applied=False``). The push's gradient is
+        the server's from then on: an update may leave other values in it."""
+        norm = self.updater.measure(push)  # a pass over the gradient, outside the lock
         with self._lock:
             record = self.workers.get(push.worker_id)
             answered = self.workers.replay(record, push.seq)
             if answered is not None:
                 return dataclasses.replace(answered, finished=self.finished, applied=False)
             self.workers.check_base(record, push.base_version, self.version)
-            result = self._apply(record, push)
+            result = self._apply(record, push, norm)
             self.workers.answered(record, push.seq, result)
             return result
 
-    def _apply(self, record: WorkerRecord, push: AdmittedPush) -> PushResult:
+    def _apply(self, record: WorkerRecord, push: AdmittedPush, norm: float) -> PushResult:
         """A new push of a worker that may push, under the lock."""
         staleness = self.version - push.base_version
-        if self.finished or self.updater.drops(push):
-            return PushResult(self.version, staleness, 1.0, self.finished, False)
+        dropped = PushResult(self.version, staleness, 1.0, self.finished, False)
+        if self.finished or self.updater.drops(push, norm):
+            return dropped
         stale_theta = self.model.take_snapshot(record.worker_id)
-        staleness, gap = self.updater.apply(self.theta, push, stale_theta)
-        self.model.recycle(stale_theta)
+        backup = self.model.spare()
+        try:
+            applied = self.updater.apply(self.theta, push, stale_theta, norm, backup)
+        finally:
+            self.model.recycle(stale_theta)
+            self.model.recycle(backup)
+        if applied is None:
+            return dropped
+        staleness, gap = applied
         record.pulled_version = None
         record.pushes += 1
         record.last_gap = gap
@@ -242,7 +265,8 @@ class ParameterServerState:
             return Checkpoint(version=self.version, samples=self.samples, incarnation=self.incarnation,
                               config=self.config, theta=self.theta.clone(),
                               policy_state=self.policy.state_dict(),
-                              totals=dataclasses.asdict(self.updater.totals))
+                              totals=dataclasses.asdict(self.updater.totals),
+                              push_norms=tuple(self.updater.bound.recent()) if self.updater.bound else ())
 
     def restore(self, checkpoint: Checkpoint, incarnation: int) -> None:
         """Continues the run saved in ``checkpoint`` as server incarnation ``incarnation``.
@@ -265,6 +289,8 @@ class ParameterServerState:
             self.updater.version = checkpoint.version
             self.updater.samples = checkpoint.samples
             self.updater.totals = Window(**checkpoint.totals)
+            if self.updater.bound is not None:
+                self.updater.bound.load(checkpoint.push_norms)
             self.incarnation = incarnation
             self.workers = WorkerRegistry(first_id=first_worker_id(incarnation))
             self.finished = self.version >= self.total_updates

@@ -14,7 +14,8 @@ from bench.free_work import FREE_SERVER, free_arithmetic
 from bench.harness import gapaware_server
 from gapaware import WorkerClient
 
-BENCHMARKS = ["transport", "server_update", "end_to_end", "scale", "memory", "overlap", "free_work", "time_to_accuracy"]
+BENCHMARKS = ["transport", "server_update", "end_to_end", "scale", "memory", "overlap", "free_work", "push_norms",
+              "time_to_accuracy"]
 
 
 def table_rows(output: str) -> list[list[str]]:

@@ -18,8 +18,9 @@ def test_inverted_backoff_bounds_are_a_usage_error():
     assert result.exit_code == 2 and "need 0 < initial <= max" in result.output
 
 
-def test_resume_from_a_missing_directory_is_refused(tmp_path):
-    result = invoke("server", "--task", "digits-mlp", "--resume", str(tmp_path / "nope"))
+def test_resume_from_a_missing_directory_other_than_the_checkpoint_directory_is_refused(tmp_path):
+    result = invoke("server", "--task", "digits-mlp", "--resume", str(tmp_path / "nope"),
+                    "--checkpoint-dir", str(tmp_path / "elsewhere"))
     assert result.exit_code == 1 and "no such directory" in result.output
 
 

@@ -53,7 +53,10 @@ def format_status(address: str, reply) -> str:
         f"progress: update {reply.version} of {reply.max_updates}, epoch {reply.epoch:.2f}, {reply.samples} examples",
         f"last test accuracy: {accuracy}",
         f"pushes so far: mean staleness {reply.mean_staleness:.2f}, mean gap {reply.mean_gap:.3f}"
-        + (f", {reply.nonfinite_pushes} with NaN/Inf gradients" if reply.nonfinite_pushes else ""),
+        + (f", {reply.nonfinite_pushes} with NaN/Inf gradients" if reply.nonfinite_pushes else "")
+        + (f", {reply.oversized_pushes} refused over the norm bound" if reply.oversized_pushes else "")
+        + (f", {reply.nonfinite_updates} undone for a NaN/Inf result" if reply.nonfinite_updates else ""),
+        *_checkpoint_lines(reply),
         f"{len(reply.workers)} live worker{'' if len(reply.workers) == 1 else 's'}, "
         f"{reply.held_snapshots} parameter snapshot{'' if reply.held_snapshots == 1 else 's'} held",
     ]
@@ -62,6 +65,17 @@ def format_status(address: str, reply) -> str:
         lines += [_row((w.worker_id, w.hostname, w.device, w.staleness, w.pushes, f"{w.mean_gap:.3f}",
                         f"{w.last_seen_seconds:.1f}s ago")) for w in reply.workers]
     return "\n".join(lines)
+
+
+def _checkpoint_lines(reply) -> list[str]:
+    """What status says of checkpoints: nothing for a server that writes none and never failed to."""
+    if reply.checkpoint_version < 0 and not reply.checkpoint_failures:
+        return []
+    line = "checkpoints: " + ("none written yet" if reply.checkpoint_version < 0 else
+                              f"newest at update {reply.checkpoint_version}")
+    if reply.checkpoint_failures:
+        line += f"; {reply.checkpoint_failures} writes failed, the last: {reply.last_checkpoint_error}"
+    return [line]
 
 
 def print_status(address: str, as_json: bool, security: ClientSecurity = ClientSecurity()) -> None:
