@@ -43,6 +43,7 @@ from gapaware.cli import main as gapaware_main
 from gapaware.common import transport
 from gapaware.common.transport import tensor_bytes
 from gapaware.server import push, updater
+from gapaware.server.policies import make_policy
 from gapaware.server.policies.asgd import ASGD
 
 CASES = quick_or([(64 * 1024, 2, "float32", 1.2), (64 * 1024, 2, "bfloat16", 1.3)],
@@ -88,7 +89,7 @@ def work_ms(nbytes: int, dtype: str) -> dict[str, float]:
     numel, sent_dtype = nbytes // 4, torch.bfloat16 if dtype == "bfloat16" else torch.float32
     theta, grad, received = torch.randn(numel), torch.randn(numel) * 1e-3, torch.empty(numel)
     sent = torch.empty(numel, dtype=sent_dtype)
-    policy = ASGD(numel, momentum=0.9)
+    policy = make_policy("asgd", numel, momentum=0.9)
     out_ms = _alone_ms(lambda: sent.copy_(theta))
     in_ms = _alone_ms(lambda: received.copy_(sent))
     return {
