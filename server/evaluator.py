@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from gapaware.common.buffers import load_buffers
 from gapaware.common.evaluation import evaluate
 from gapaware.common.layout import load_flat_parameters
 from gapaware.common.tasks import Task
@@ -65,6 +66,7 @@ class Evaluator:
         record carries the run's totals)."""
         version, theta = self._state.parameters()
         load_flat_parameters(self._task.model, theta)
+        load_buffers(self._task.model, self._state.buffer_tensors())
         loss, accuracy = evaluate(self._task.model, self._task.loss, self._task.test, device=self._device)
         load_flat_parameters(self._task.model, self._state.theta)  # frees the copy: see build_state
         del theta

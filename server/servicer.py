@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
+from gapaware.common.buffers import unpack_buffers
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
 from gapaware.common.transport import (
@@ -169,9 +170,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 assembler.add(frame)
                 received += len(frame.data)
             grad = assembler.finish()
+            unpack_buffers(header.buffers, header.buffers_crc32c, self._state.layout.buffers)
             return admit(header.worker_id, grad, numel=self._state.layout.numel, base_version=header.base_version,
                          seq=header.seq, samples=header.samples, loss=header.loss,
-                         finite=assembler.finite), received
+                         finite=assembler.finite, buffers=header.buffers if self._state.layout.buffers else None,
+                         buffers_crc32c=header.buffers_crc32c), received
         except (TransportError, BadPush) as error:
             self._metrics.push_rejected(rejection_reason(error), received)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
@@ -184,6 +187,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             tensor_header, chunks = encode(parameters, dtype)
             header.tensor.CopyFrom(tensor_header)
             header.finished = header.finished or self._state.finished
+            header.buffers, header.buffers_crc32c = self._state.buffers()
             yield pb.PullFrame(header=header)
             for chunk in chunks:
                 yield chunk

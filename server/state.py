@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from gapaware.common.buffers import checksum, pack_buffers, unpack_buffers
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
@@ -30,13 +31,15 @@ log = logging.getLogger("gapaware.server")
 
 class ParameterServerState:
     def __init__(self, config: RunConfig, layout: ParamLayout, theta: torch.Tensor, train_size: int, *,
-                 nonfinite: str = "reject") -> None:
+                 nonfinite: str = "reject", buffers: bytes = b"") -> None:
         if theta.dim() != 1 or theta.numel() != layout.numel or theta.dtype != torch.float32:
             raise ValueError(f"theta must be a flat float32 tensor of {layout.numel} elements")
         self.config = config
         self.layout = layout
         self.train_size = train_size
         self.model = ModelStore(theta, getattr(torch, config.snapshot_dtype))
+        self.model.buffers = (buffers, checksum(buffers))
+        unpack_buffers(*self.model.buffers, layout.buffers)  # refuses buffers that do not fit the layout
         self.updater = Updater(config, layout.numel, config.total_updates(train_size), nonfinite)
         self.workers = WorkerRegistry()
         self.finished = False
@@ -181,6 +184,8 @@ class ParameterServerState:
             return PushResult(self.version, staleness, 1.0, self.finished, False)
         stale_theta = self.model.take_snapshot(record.worker_id)
         staleness, gap = self.updater.apply(self.theta, push, stale_theta)
+        if push.buffers is not None:
+            self.model.buffers = (push.buffers, push.buffers_crc32c)
         self.model.recycle(stale_theta)
         record.pulled_version = None
         record.pushes += 1
@@ -196,6 +201,14 @@ class ParameterServerState:
         """A copy of the current parameters and their version, for evaluation."""
         with self._lock:
             return self.version, self.theta.clone()
+
+    def buffers(self) -> tuple[bytes, int]:
+        """The model's buffers as they travel, and their CRC-32C (one attribute read: no lock)."""
+        return self.model.buffers
+
+    def buffer_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's buffers by name, as new tensors."""
+        return unpack_buffers(*self.buffers(), self.layout.buffers)
 
     def take_window(self) -> dict:
         """Means over the pushes since the previous call, and how many pushes had each staleness."""
@@ -242,7 +255,7 @@ class ParameterServerState:
             return Checkpoint(version=self.version, samples=self.samples, incarnation=self.incarnation,
                               config=self.config, theta=self.theta.clone(),
                               policy_state=self.policy.state_dict(),
-                              totals=dataclasses.asdict(self.updater.totals))
+                              totals=dataclasses.asdict(self.updater.totals), buffers=self.buffer_tensors())
 
     def restore(self, checkpoint: Checkpoint, incarnation: int) -> None:
         """Continues the run saved in ``checkpoint`` as server incarnation ``incarnation``.
@@ -257,11 +270,17 @@ class ParameterServerState:
         if checkpoint.theta.shape != self.theta.shape:
             raise ValueError(f"the checkpoint holds {checkpoint.theta.numel()} parameters, the model of task "
                              f"{self.config.task!r} has {self.theta.numel()}")
+        missing = [b.name for b in self.layout.buffers if b.name not in checkpoint.buffers]
+        if missing:
+            raise ValueError(f"the checkpoint holds no buffers {missing} of the model of task {self.config.task!r}")
         with self._lock:
             self.policy.load_state_dict(checkpoint.policy_state)
             for worker_id in self.policy.worker_ids():
                 self.policy.forget_worker(worker_id)
             self.theta.copy_(checkpoint.theta)
+            if self.layout.buffers:
+                data = pack_buffers(checkpoint.buffers, self.layout.buffers)
+                self.model.buffers = (data, checksum(data))
             self.updater.version = checkpoint.version
             self.updater.samples = checkpoint.samples
             self.updater.totals = Window(**checkpoint.totals)
