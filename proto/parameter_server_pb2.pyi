@@ -221,7 +221,14 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ..., staleness: _Optional[int] = ..., pushes: _Optional[int] = ..., last_seen_seconds: _Optional[float] = ..., mean_gap: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "policy", "updates", "samples", "epoch", "workers", "finished", "run_config_json", "last_accuracy", "last_loss", "mean_staleness", "mean_gap", "uptime_seconds", "max_updates", "held_snapshots", "nonfinite_pushes")
+    __slots__ = ("version", "policy", "updates", "samples", "epoch", "workers", "finished", "run_config_json", "last_accuracy", "last_loss", "mean_staleness", "mean_gap", "uptime_seconds", "max_updates", "held_snapshots", "nonfinite_pushes", "last_metrics", "eval_errors", "last_eval_error", "evals_skipped")
+    class LastMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +245,10 @@ class StatusReply(_message.Message):
     MAX_UPDATES_FIELD_NUMBER: _ClassVar[int]
     HELD_SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     NONFINITE_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    LAST_METRICS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVAL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    EVALS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     version: int
     policy: str
     updates: int
@@ -254,4 +265,8 @@ class StatusReply(_message.Message):
     max_updates: int
     held_snapshots: int
     nonfinite_pushes: int
-    def __init__(self, version: _Optional[int] = ..., policy: _Optional[str] = ..., updates: _Optional[int] = ..., samples: _Optional[int] = ..., epoch: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., finished: _Optional[bool] = ..., run_config_json: _Optional[str] = ..., last_accuracy: _Optional[float] = ..., last_loss: _Optional[float] = ..., mean_staleness: _Optional[float] = ..., mean_gap: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., max_updates: _Optional[int] = ..., held_snapshots: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ...) -> None: ...
+    last_metrics: _containers.ScalarMap[str, float]
+    eval_errors: int
+    last_eval_error: str
+    evals_skipped: int
+    def __init__(self, version: _Optional[int] = ..., policy: _Optional[str] = ..., updates: _Optional[int] = ..., samples: _Optional[int] = ..., epoch: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., finished: _Optional[bool] = ..., run_config_json: _Optional[str] = ..., last_accuracy: _Optional[float] = ..., last_loss: _Optional[float] = ..., mean_staleness: _Optional[float] = ..., mean_gap: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., max_updates: _Optional[int] = ..., held_snapshots: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., eval_errors: _Optional[int] = ..., last_eval_error: _Optional[str] = ..., evals_skipped: _Optional[int] = ...) -> None: ...

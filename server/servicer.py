@@ -253,4 +253,8 @@ def status_reply(state: ParameterServerState, last_eval: dict) -> pb.StatusReply
         uptime_seconds=now - state.started, max_updates=state.total_updates,
         held_snapshots=state.held_snapshots(),
         nonfinite_pushes=state.nonfinite_pushes,
+        last_metrics={name: float(last_eval[name]) for name in last_eval.get("eval_metrics", ())
+                      if isinstance(last_eval.get(name), (int, float))},
+        eval_errors=last_eval.get("eval_errors", 0), last_eval_error=last_eval.get("eval_error", ""),
+        evals_skipped=last_eval.get("evals_skipped", 0),
     )
