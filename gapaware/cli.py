@@ -299,7 +299,7 @@ def train(workers, out, delay, tls_cert, tls_key, tls_client_ca, tls_ca, token_f
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     final = run_local(config, workers, out, security, delay=delay)
-    if not final or not math.isfinite(final.get("accuracy") or math.nan):
+    if not final or "eval_error" in final or not math.isfinite(final.get("loss") or math.nan):
         sys.exit(1)
 
 
