@@ -120,16 +120,15 @@ class Evaluator:
 
     def _run(self) -> None:
         every = self._state.config.eval_every
-        next_version = every
+        evaluated = 0
         while not self._stop.is_set() and not self._state.finished:
-            version = self._state.wait_for_version(next_version, timeout=0.5)
-            if version >= next_version and not self._state.finished:
-                missed = (version - next_version) // every
+            version = self._state.wait_for_version((evaluated // every + 1) * every, timeout=0.5)
+            if version // every > evaluated // every and not self._state.finished:
+                missed = version // every - evaluated // every - 1  # multiples of every passed unevaluated
                 if missed:
                     self.skipped += missed
                     log.info("%d evaluations skipped: %s", missed, SKIP_REASON)
-                self.evaluate_now(extra={"skip_reason": SKIP_REASON} if missed else None)
-                next_version = (self._state.version // every + 1) * every
+                evaluated = self.evaluate_now(extra={"skip_reason": SKIP_REASON} if missed else None)["version"]
 
 
 RECORD_FIELDS = frozenset({"event", "version", "time", "epoch", "eval_metrics", "lr", "workers", "eval_errors",

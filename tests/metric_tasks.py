@@ -2,6 +2,8 @@
 metrics function that raises."""
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -61,4 +63,22 @@ def crashes_in_training() -> Task:
     """A task whose every worker dies at its first batch, while the server's evaluation works."""
     task = regression()
     task.model = _FailsInTraining(4, 1)
+    return task
+
+
+EVALUATING = threading.Event()
+"""Set while :func:`held`'s metrics function runs; it returns once ``RELEASE`` is set."""
+RELEASE = threading.Event()
+
+
+def _held_metrics(model: nn.Module, test: TensorDataset) -> dict[str, float]:
+    EVALUATING.set()
+    RELEASE.wait(timeout=60)
+    return {}
+
+
+def held() -> Task:
+    """A task whose evaluation lasts until the test releases it: updates outpace it."""
+    task = regression()
+    task.metrics = _held_metrics
     return task

@@ -2,10 +2,14 @@
 function that raises without stopping training or the server."""
 from __future__ import annotations
 
+import json
 import math
 import time
 
+import torch
+
 from gapaware.common.config import RunConfig
+from tests import metric_tasks
 from gapaware.processes import ServerProcess, start_worker
 from gapaware.server.build import build_state
 from gapaware.server.evaluator import Evaluator, MetricsLog
@@ -71,3 +75,33 @@ def test_a_metrics_function_that_raises_is_reported_and_training_goes_on(tmp_pat
     assert final["version"] == 400 and final["eval_error"] == status.last_eval_error
     assert final["eval_errors"] == len(server.records()) >= 2
     assert "Traceback" in server.log() and "the user's evaluation code is broken" in server.log()
+
+
+def test_evaluations_that_updates_outpace_are_counted_as_skipped_with_the_reason(tmp_path):
+    config = RunConfig(task="tests.metric_tasks:held", max_updates=100, batch_size=16, eval_every=2)
+    task, state = build_state(config)
+    evaluator = Evaluator(state, task, MetricsLog(tmp_path / "metrics.jsonl"))
+    worker = state.join("test", "cpu", None).worker_id
+
+    def update() -> None:
+        version, _ = state.pull(worker)
+        state.push(state.admit(worker, torch.zeros(state.layout.numel), base_version=version))
+
+    evaluator.start()
+    try:
+        update(), update()
+        assert metric_tasks.EVALUATING.wait(timeout=30)  # evaluating version 2 (or later)
+        for _ in range(7):
+            update()  # versions 3 to 9 arrive while it evaluates: 4 and 6 are skipped, 8 is evaluated at 9
+        metric_tasks.RELEASE.set()
+        deadline = time.monotonic() + 30
+        while evaluator.last["version"] < 9:
+            assert time.monotonic() < deadline, evaluator.last
+            time.sleep(0.01)
+    finally:
+        metric_tasks.RELEASE.set()
+        state.finish()
+        evaluator.stop()
+    first, second = (json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()[:2])
+    assert second["version"] == 9 and second["evals_skipped"] == 9 // 2 - first["version"] // 2 - 1 >= 2
+    assert "updates outpaced evaluation" in second["skip_reason"] and "skip_reason" not in first
