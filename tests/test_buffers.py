@@ -8,12 +8,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from gapaware.common.buffers import buffer_specs, checksum, model_buffers, unpack_buffers
+from gapaware.common.config import RunConfig
 from gapaware.common.evaluation import evaluate
 from gapaware.common.layout import ParamLayout
 from gapaware.common.tasks import load_task
 from gapaware.common.transport import TransportError
 from gapaware.export import export_model
 from gapaware.processes import ServerProcess, start_worker
+from gapaware.server.checkpoint import read_checkpoint, write_checkpoint
+from gapaware.server.push import admit
+from gapaware.server.state import ParameterServerState
 
 BN_TASK = "tests.bn_task:task"
 
@@ -73,3 +77,25 @@ def test_server_accuracy_is_the_exported_models_with_its_buffers(tmp_path):
     task.model[1].reset_running_stats()
     _, without_statistics = evaluate(task.model, task.loss, task.test)
     assert without_statistics < accuracy - 0.1, (without_statistics, accuracy)
+
+
+def test_checkpoints_save_and_restore_the_buffers(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    layout = ParamLayout.from_module(model)
+    config = RunConfig(max_updates=10)
+    state = ParameterServerState(config, layout, torch.zeros(layout.numel), train_size=100,
+                                 buffers=model_buffers(model, layout.buffers))
+    worker = state.join("test", "cpu", layout).worker_id
+    model(torch.randn(8, 3) + 5)
+    pushed = model_buffers(model, layout.buffers)
+    version, _ = state.pull(worker)
+    state.push(admit(worker, torch.zeros(layout.numel), numel=layout.numel, base_version=version,
+                     buffers=pushed, buffers_crc32c=checksum(pushed)))
+    assert state.buffers() == (pushed, checksum(pushed)), "the latest applied push's buffers are kept"
+    restored = ParameterServerState(config, layout, torch.zeros(layout.numel), train_size=100,
+                                    buffers=model_buffers(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)),
+                                                          layout.buffers))
+    restored.restore(read_checkpoint(write_checkpoint(tmp_path, state.checkpoint())), incarnation=1)
+    buffers = restored.buffer_tensors()
+    assert buffers["1.num_batches_tracked"].dtype == torch.int64 and buffers["1.num_batches_tracked"].item() == 1
+    assert torch.equal(buffers["1.running_mean"], model[1].running_mean)
