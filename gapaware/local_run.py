@@ -153,10 +153,11 @@ def _stop_if_workers_gone(server: ServerProcess, workers: list[subprocess.Popen]
     then writes its final record) and raises with the end of each worker's log: their last errors."""
     with WorkerClient(server.address, timeout=5.0, **security.client_kwargs()) as client:
         try:
-            if client.status().finished:
-                return  # the run ended as the workers left: the server finishes by itself
+            finished = client.status().finished
         except grpc.RpcError:
-            pass
+            finished = True  # the server is going down by itself: the run ended as the workers left
+    if finished:
+        return
     server.proc.terminate()
     try:
         server.proc.wait(timeout=60)
