@@ -76,7 +76,8 @@ def unpack_buffers(data: bytes, crc: int, specs: tuple[BufferSpec, ...]) -> dict
     tensors, offset = {}, 0
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     for spec in specs:
-        tensors[spec.name] = raw[offset:offset + spec.nbytes].view(spec.torch_dtype).reshape(spec.shape)
+        # A tensor of its own each: safetensors refuses to save views of one storage.
+        tensors[spec.name] = raw[offset:offset + spec.nbytes].view(spec.torch_dtype).reshape(spec.shape).clone()
         offset += spec.nbytes
     return tensors
 
