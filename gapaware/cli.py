@@ -320,7 +320,7 @@ def train(workers, out, delay, tls_cert, tls_key, tls_client_ca, tls_ca, token_f
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     final = run_local(config, workers, out, security, delay=delay)
-    if not final or not math.isfinite(final.get("accuracy") or math.nan):
+    if not final or "eval_error" in final or not math.isfinite(final.get("loss") or math.nan):
         sys.exit(1)
 
 
@@ -364,6 +364,25 @@ def plot(metrics_file, out) -> None:
     except PlotError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="safetensors file to write the model's state_dict() to.")
+@click.option("--data-dir", default=None, help="Directory with data sets for tasks that read files.")
+def export(source, out, data_dir) -> None:
+    """Write the model of a checkpoint (SOURCE: a checkpoint file, a --checkpoint-dir or a run directory
+    holding one as 'checkpoints', whose newest valid checkpoint is taken) as its full state_dict(),
+    parameters and buffers, to a safetensors file: model.load_state_dict(safetensors.torch.load_file(OUT))."""
+    from gapaware.common.tasks import TaskError
+    from gapaware.export import ExportError, export_model
+
+    try:
+        checkpoint = export_model(source, out, data_dir)
+    except (ExportError, TaskError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {out} from {checkpoint}")
 
 
 def _positive_ints(ctx, param, value: str) -> tuple[int, ...]:

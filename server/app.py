@@ -28,7 +28,7 @@ from gapaware.server.build import build_state
 from gapaware.server.checkpoint import CheckpointWriteError
 from gapaware.server.checkpointer import Checkpointer, CheckpointOptions
 from gapaware.server.decoding import StrictDecodingInterceptor
-from gapaware.server.evaluator import Evaluator, MetricsLog
+from gapaware.server.evaluator import Evaluator, MetricsLog, describe_metrics
 from gapaware.server.observability import RecordSinks, ServerMetrics, TensorBoardLog
 from gapaware.server.resume import (ResumeError, check_fresh_directory, find_resume_point, next_incarnation,
                                     resolve_config)
@@ -208,8 +208,7 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
         evaluator.stop()
         extra = {**state.totals(), "held_snapshots": state.held_snapshots()}
         final = await loop.run_in_executor(None, evaluator.evaluate_now, "final", extra)
-        log.info("finished at version %d: test accuracy %.4f, loss %.4f", final["version"],
-                 final["accuracy"], final["loss"])
+        log.info("finished at version %d: %s", final["version"], describe_metrics(final))
         if final_checkpoint_error is not None:
             raise final_checkpoint_error
         return final

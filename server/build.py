@@ -2,6 +2,7 @@
 parameters, for the gRPC server (:mod:`gapaware.server.app`) and the simulator alike."""
 from __future__ import annotations
 
+from gapaware.common.buffers import model_buffers
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters, load_flat_parameters
 from gapaware.common.registry import DEFAULTS
@@ -16,7 +17,8 @@ def build_state(config: RunConfig, *, nonfinite: str = DEFAULTS.nonfinite,
     task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)
     layout = ParamLayout.from_module(task.model)
     state = ParameterServerState(config, layout, flat_parameters(task.model), train_size=len(task.train),
-                                 nonfinite=nonfinite, grad_norm_bound=grad_norm_bound)
+                                 nonfinite=nonfinite, grad_norm_bound=grad_norm_bound,
+                                 buffers=model_buffers(task.model, layout.buffers))
     # The model is kept for evaluation only, and each evaluation points it at a copy of θ; until
     # then its parameters are views of θ, so the server holds no second copy of the model.
     load_flat_parameters(task.model, state.theta)

@@ -1,8 +1,8 @@
 """Checkpoints of the server's state: one safetensors file each, written atomically, the last K kept.
 
-A checkpoint file holds the tensors ``theta`` and ``policy/<key>`` (the policy's
+A checkpoint file holds the tensors ``theta``, ``policy/<key>`` (the policy's
 ``state_dict()``: momentum, GA's ``v``, ``k`` and ``η_max``, DANA's buffers; scalars as 0-d
-tensors) and two metadata strings: ``gapaware``, a JSON object (format, version, examples seen,
+tensors) and ``buffer/<name>`` (the model's buffers, BatchNorm's statistics, in their own dtypes) and two metadata strings: ``gapaware``, a JSON object (format, version, examples seen,
 server incarnation, run config, the run's totals), and ``sha256``, the digest of that JSON and
 of every tensor's name, dtype, shape and bytes. safetensors cannot run code on load (unlike
 pickle), and the digest catches what its own header check does not: a torn or corrupted file
@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ MAX_INCARNATION = 10**9
 inside the 64 bits of the wire."""
 MAX_COUNT = 2**63 - 1
 """The largest version or number of examples a checkpoint may hold."""
+BUFFER_PREFIX = "buffer/"
 
 
 class CorruptCheckpoint(ValueError):
@@ -87,6 +88,7 @@ class Checkpoint:
     policy_state: dict[str, torch.Tensor]
     totals: dict[str, float]             # sums over the run's pushes (the state's Window fields)
     push_norms: tuple[float, ...] = ()   # the push bound's recent gradient norms, oldest first
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # the model's buffers, by name
 
 
 def checkpoint_name(incarnation: int, version: int) -> str:
@@ -129,7 +131,8 @@ def _fsync_directory(directory: Path) -> None:
 def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     """Writes ``checkpoint`` into ``directory`` atomically and returns its path."""
     tensors = {"theta": checkpoint.theta.contiguous(),
-               **{POLICY_PREFIX + key: value.contiguous() for key, value in checkpoint.policy_state.items()}}
+               **{POLICY_PREFIX + key: value.contiguous() for key, value in checkpoint.policy_state.items()},
+               **{BUFFER_PREFIX + name: value.contiguous() for name, value in checkpoint.buffers.items()}}
     meta_json = json.dumps({
         "format": FORMAT, "version": checkpoint.version, "samples": checkpoint.samples,
         "incarnation": checkpoint.incarnation, "config": json.loads(checkpoint.config.to_json()),
@@ -180,8 +183,11 @@ def read_checkpoint(path: Path) -> Checkpoint:
         checkpoint = Checkpoint(
             version=int(meta["version"]), samples=int(meta["samples"]), incarnation=int(meta["incarnation"]),
             config=RunConfig.from_json(json.dumps(meta["config"])), theta=tensors.pop("theta"),
-            policy_state={key.removeprefix(POLICY_PREFIX): value for key, value in tensors.items()},
+            policy_state={key.removeprefix(POLICY_PREFIX): value for key, value in tensors.items()
+                          if key.startswith(POLICY_PREFIX)},
             totals=dict(meta["totals"]), push_norms=tuple(float(n) for n in meta.get("push_norms", ())),
+            buffers={key.removeprefix(BUFFER_PREFIX): value for key, value in tensors.items()
+                     if key.startswith(BUFFER_PREFIX)},
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CorruptCheckpoint(f"{path}: invalid metadata ({error})") from None

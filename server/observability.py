@@ -32,7 +32,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 SCALARS = {
     "accuracy": "eval/accuracy", "loss": "eval/loss", "train_loss": "train/loss", "lr": "train/lr",
     "mean_staleness": "push/mean_staleness", "mean_gap": "push/mean_gap", "workers": "run/workers",
-    "epoch": "run/epoch",
+    "epoch": "run/epoch", "eval_errors": "eval/errors", "evals_skipped": "eval/skipped",
 }
 
 
@@ -82,6 +82,12 @@ class ServerMetrics:
         self._accuracy = Gauge("gapaware_eval_accuracy", "Held-out accuracy of the last evaluation.", registry=reg)
         self._loss = Gauge("gapaware_eval_loss", "Held-out loss of the last evaluation.", registry=reg)
         self._eval_version = Gauge("gapaware_eval_version", "Version the last evaluation measured.", registry=reg)
+        self._eval_metric = Gauge("gapaware_eval_metric", "Each metric of the last evaluation (the task's own too), "
+                                  "by name.", ["name"], registry=reg)
+        self._eval_errors = Gauge("gapaware_eval_errors", "Evaluations that failed with an error (logged with "
+                                  "its traceback).", registry=reg)
+        self._evals_skipped = Gauge("gapaware_evals_skipped", "Evaluations skipped because updates outpaced "
+                                    "evaluation.", registry=reg)
         for gauge in (self._accuracy, self._loss):
             gauge.set(math.nan)
 
@@ -109,6 +115,10 @@ class ServerMetrics:
         self._accuracy.set(_number(record.get("accuracy")))
         self._loss.set(_number(record.get("loss")))
         self._eval_version.set(record.get("version", -1))
+        for name in record.get("eval_metrics", ()):
+            self._eval_metric.labels(name).set(_number(record.get(name)))
+        self._eval_errors.set(record.get("eval_errors", 0))
+        self._evals_skipped.set(record.get("evals_skipped", 0))
 
     # -- exposition ----------------------------------------------------------------------------
     def serve(self, host: str, port: int) -> None:
@@ -134,7 +144,8 @@ class TensorBoardLog:
 
     def write(self, record: dict) -> None:
         step = int(record["version"])
-        for key, tag in SCALARS.items():
+        tags = {**SCALARS, **{name: f"eval/{name}" for name in record.get("eval_metrics", ())}}
+        for key, tag in tags.items():
             value = _number(record.get(key))
             if math.isfinite(value):
                 self._writer.add_scalar(tag, value, global_step=step)

@@ -23,10 +23,13 @@ class AdmittedPush:
     samples: int = 0         # examples in the batch
     loss: float = math.nan   # the batch's training loss, for metrics
     finite: bool = True
+    buffers: bytes | None = None  # the worker's buffers, checked (gapaware.common.buffers); None: not sent
+    buffers_crc32c: int = 0
 
 
 def admit(worker_id: int, grad: torch.Tensor, *, numel: int, base_version: int, seq: int = 0, samples: int = 0,
-          loss: float = math.nan, finite: bool | None = None, max_samples: int | None = None) -> AdmittedPush:
+          loss: float = math.nan, finite: bool | None = None, max_samples: int | None = None,
+          buffers: bytes | None = None, buffers_crc32c: int = 0) -> AdmittedPush:
     """The push, checked; ``finite`` when the caller checked the gradient already (the servicer does,
     chunk by chunk as it arrives), None to check it here. A push claiming more than ``max_samples``
     examples (the server's :attr:`~gapaware.server.state.ParameterServerState.max_samples`) is refused:
@@ -38,4 +41,5 @@ def admit(worker_id: int, grad: torch.Tensor, *, numel: int, base_version: int, 
         raise BadPush(f"the push claims {samples} examples; one push may hold at most {max_samples} (the training "
                       "set's size, or the run's batch size if larger): nothing was applied")
     return AdmittedPush(worker_id, grad, base_version=base_version, seq=seq, samples=samples, loss=loss,
-                        finite=all_finite(grad) if finite is None else finite)
+                        finite=all_finite(grad) if finite is None else finite, buffers=buffers,
+                        buffers_crc32c=buffers_crc32c)

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
+from gapaware.common.buffers import unpack_buffers
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
 from gapaware.common.transport import (
@@ -172,8 +173,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 assembler.add(frame)
                 received += len(frame.data)
             grad = assembler.finish()
+            unpack_buffers(header.buffers, header.buffers_crc32c, self._state.layout.buffers)
             return self._state.admit(header.worker_id, grad, base_version=header.base_version, seq=header.seq,
-                                     samples=header.samples, loss=header.loss, finite=assembler.finite), received
+                                     samples=header.samples, loss=header.loss, finite=assembler.finite,
+                                     buffers=header.buffers if self._state.layout.buffers else None,
+                                     buffers_crc32c=header.buffers_crc32c), received
         except (TransportError, BadPush) as error:
             self._metrics.push_rejected(rejection_reason(error), received)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"push rejected: {error}")
@@ -186,6 +190,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             tensor_header, chunks = encode(parameters, dtype)
             header.tensor.CopyFrom(tensor_header)
             header.finished = header.finished or self._state.finished
+            header.buffers, header.buffers_crc32c = self._state.buffers()
             yield pb.PullFrame(header=header)
             for chunk in chunks:
                 yield chunk
@@ -256,4 +261,8 @@ def status_reply(state: ParameterServerState, last_eval: dict) -> pb.StatusReply
         grad_norm_limit=state.grad_norm_limit(),
         checkpoint_failures=health.failures, last_checkpoint_error=health.last_error,
         checkpoint_version=health.version,
+        last_metrics={name: float(last_eval[name]) for name in last_eval.get("eval_metrics", ())
+                      if isinstance(last_eval.get(name), (int, float))},
+        eval_errors=last_eval.get("eval_errors", 0), last_eval_error=last_eval.get("eval_error", ""),
+        evals_skipped=last_eval.get("evals_skipped", 0),
     )

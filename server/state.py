@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from gapaware.common.buffers import checksum, pack_buffers, unpack_buffers
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
@@ -31,13 +32,15 @@ log = logging.getLogger("gapaware.server")
 
 class ParameterServerState:
     def __init__(self, config: RunConfig, layout: ParamLayout, theta: torch.Tensor, train_size: int, *,
-                 nonfinite: str = "reject", grad_norm_bound: float = 0.0) -> None:
+                 nonfinite: str = "reject", grad_norm_bound: float = 0.0, buffers: bytes = b"") -> None:
         if theta.dim() != 1 or theta.numel() != layout.numel or theta.dtype != torch.float32:
             raise ValueError(f"theta must be a flat float32 tensor of {layout.numel} elements")
         self.config = config
         self.layout = layout
         self.train_size = train_size
         self.model = ModelStore(theta, getattr(torch, config.snapshot_dtype))
+        self.model.buffers = (buffers, checksum(buffers))
+        unpack_buffers(*self.model.buffers, layout.buffers)  # refuses buffers that do not fit the layout
         self.updater = Updater(config, layout.numel, config.total_updates(train_size), nonfinite, grad_norm_bound)
         self.checkpoint_health = CheckpointHealth()
         self.workers = WorkerRegistry()
@@ -205,6 +208,8 @@ class ParameterServerState:
         if applied is None:
             return dropped
         staleness, gap = applied
+        if push.buffers is not None:
+            self.model.buffers = (push.buffers, push.buffers_crc32c)
         record.pulled_version = None
         record.pushes += 1
         record.last_gap = gap
@@ -219,6 +224,14 @@ class ParameterServerState:
         """A copy of the current parameters and their version, for evaluation."""
         with self._lock:
             return self.version, self.theta.clone()
+
+    def buffers(self) -> tuple[bytes, int]:
+        """The model's buffers as they travel, and their CRC-32C (one attribute read: no lock)."""
+        return self.model.buffers
+
+    def buffer_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's buffers by name, as new tensors."""
+        return unpack_buffers(*self.buffers(), self.layout.buffers)
 
     def take_window(self) -> dict:
         """Means over the pushes since the previous call, and how many pushes had each staleness."""
@@ -266,7 +279,8 @@ class ParameterServerState:
                               config=self.config, theta=self.theta.clone(),
                               policy_state=self.policy.state_dict(),
                               totals=dataclasses.asdict(self.updater.totals),
-                              push_norms=tuple(self.updater.bound.recent()) if self.updater.bound else ())
+                              push_norms=tuple(self.updater.bound.recent()) if self.updater.bound else (),
+                              buffers=self.buffer_tensors())
 
     def restore(self, checkpoint: Checkpoint, incarnation: int) -> None:
         """Continues the run saved in ``checkpoint`` as server incarnation ``incarnation``.
@@ -281,11 +295,17 @@ class ParameterServerState:
         if checkpoint.theta.shape != self.theta.shape:
             raise ValueError(f"the checkpoint holds {checkpoint.theta.numel()} parameters, the model of task "
                              f"{self.config.task!r} has {self.theta.numel()}")
+        missing = [b.name for b in self.layout.buffers if b.name not in checkpoint.buffers]
+        if missing:
+            raise ValueError(f"the checkpoint holds no buffers {missing} of the model of task {self.config.task!r}")
         with self._lock:
             self.policy.load_state_dict(checkpoint.policy_state)
             for worker_id in self.policy.worker_ids():
                 self.policy.forget_worker(worker_id)
             self.theta.copy_(checkpoint.theta)
+            if self.layout.buffers:
+                data = pack_buffers(checkpoint.buffers, self.layout.buffers)
+                self.model.buffers = (data, checksum(data))
             self.updater.version = checkpoint.version
             self.updater.samples = checkpoint.samples
             self.updater.totals = Window(**checkpoint.totals)

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from gapaware.common.buffers import checksum, pack_buffers, unpack_buffers
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
@@ -86,6 +87,8 @@ class WorkerClient:
             _registered_method=True)
         self._info: JoinInfo | None = None
         self._seq = 0
+        self.buffers: dict[str, torch.Tensor] = {}
+        """The server's model buffers (gapaware.common.buffers) as of the last parameters received."""
 
     # -- lifecycle ------------------------------------------------------------------------
     def join(self, layout: ParamLayout | None = None, *, device: str = "cpu") -> JoinInfo:
@@ -149,35 +152,45 @@ class WorkerClient:
         return self._seq
 
     def push(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
-             loss: float = math.nan, seq: int | None = None) -> PushResult:
-        """Sends a gradient computed on the parameters of ``base_version``.
+             loss: float = math.nan, seq: int | None = None,
+             buffers: dict[str, torch.Tensor] | None = None) -> PushResult:
+        """Sends a gradient computed on the parameters of ``base_version``, and the model's buffers
+        after the batch (``buffers``, by name: ``dict(model.named_buffers())``; required when the
+        layout has buffers).
 
         ``seq`` numbers the push for exactly-once delivery: retrying a push whose reply was lost
         with the same ``seq`` is applied at most once (the copy is answered with ``applied=False``).
         None takes :meth:`next_seq`.
         """
-        header, _ = self._push(grad, base_version, samples, loss, seq, pull=False)
+        header, _ = self._push(grad, base_version, samples, loss, seq, buffers, pull=False)
         return _result(header.push)
 
     def push_pull(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
-                  loss: float = math.nan, seq: int | None = None,
+                  loss: float = math.nan, seq: int | None = None, buffers: dict[str, torch.Tensor] | None = None,
                   out: torch.Tensor | None = None) -> tuple[PushResult, int, torch.Tensor]:
-        """Push, then receive the parameters after the update: one round trip a step. ``seq`` as in
-        :meth:`push`; a retried copy still receives the current parameters; ``out`` as in :meth:`pull`."""
-        header, theta = self._push(grad, base_version, samples, loss, seq, pull=True, out=out)
+        """Push, then receive the parameters after the update: one round trip a step. ``seq`` and
+        ``buffers`` as in :meth:`push`; a retried copy still receives the current parameters; ``out``
+        as in :meth:`pull`."""
+        header, theta = self._push(grad, base_version, samples, loss, seq, buffers, pull=True, out=out)
         return _result(header.push), header.version, theta
 
-    def _push(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None, *,
-              pull: bool, out: torch.Tensor | None = None) -> tuple[pb.PullHeader, torch.Tensor | None]:
+    def _push(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None,
+              buffers: dict[str, torch.Tensor] | None, *, pull: bool,
+              out: torch.Tensor | None = None) -> tuple[pb.PullHeader, torch.Tensor | None]:
         """One Push call: the header goes first, the chunks once the server's ready frame admitted the
         push (gRPC takes them in a thread of its own, so waiting blocks only this call's sending)."""
         if grad.dim() != 1 or grad.numel() != self.info.layout.numel:
             raise ValueError(f"gradient must be flat with {self.info.layout.numel} elements, "
                              f"got shape {tuple(grad.shape)}")
+        specs = self.info.layout.buffers
+        if specs and buffers is None:
+            raise ValueError(f"the model has {len(specs)} buffers: pass buffers=dict(model.named_buffers())")
+        packed = pack_buffers(buffers, specs) if specs else b""
         tensor, chunks = encode(grad, self._dtype, self._chunk_bytes)
         header = pb.PushHeader(worker_id=self.info.worker_id, base_version=base_version,
                                seq=self.next_seq() if seq is None else seq, samples=samples, loss=loss,
-                               tensor=tensor, pull=pull, pull_dtype=self._dtype)
+                               tensor=tensor, pull=pull, pull_dtype=self._dtype, buffers=packed,
+                               buffers_crc32c=checksum(packed))
         decided = threading.Event()  # the ready frame came (admitted), or the call ended without it
         admitted = False
 
@@ -209,6 +222,7 @@ class WorkerClient:
         assembler = Assembler(header.tensor, numel=self.info.layout.numel, out=out)
         for frame in frames:
             assembler.add(frame)
+        self.buffers = unpack_buffers(header.buffers, header.buffers_crc32c, self.info.layout.buffers)
         return assembler.finish()
 
 

@@ -28,6 +28,7 @@ import torch
 
 from gapaware.common.config import RunConfig
 from gapaware.common.data import batches
+from gapaware.common.buffers import load_buffers
 from gapaware.common.layout import ParamLayout, flat_gradients, load_flat_parameters
 from gapaware.common.registry import DEFAULTS
 from gapaware.common.security import ClientSecurity
@@ -166,6 +167,7 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
         finished = info.finished
         while not (finished or stop.is_set()):
             load_flat_parameters(model, theta)
+            load_buffers(model, client.buffers)
             inputs, targets = (t.to(options.device, non_blocking=True) for t in next(data))
             model.zero_grad(set_to_none=True)
             loss = task.loss(model(inputs), targets)
@@ -176,7 +178,7 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
             try:
                 result, version, theta = retry(
                     lambda: client.push_pull(grad, version, samples=len(targets), loss=loss.item(), seq=seq,
-                                             out=received),
+                                             buffers=dict(model.named_buffers()), out=received),
                     what=f"push {seq}")
             except grpc.RpcError as error:
                 if error.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):

@@ -26,7 +26,9 @@ def plain(message: Message) -> dict:
     out = {}
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
+        if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+            value = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in value.items()}
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
             value = [plain(v) for v in value] if field.is_repeated else plain(value)
         elif isinstance(value, float) and not math.isfinite(value):
             value = None
@@ -52,6 +54,12 @@ def format_status(address: str, reply) -> str:
         f"{'finished' if reply.finished else 'running'} for {reply.uptime_seconds:.0f}s",
         f"progress: update {reply.version} of {reply.max_updates}, epoch {reply.epoch:.2f}, {reply.samples} examples",
         f"last test accuracy: {accuracy}",
+        *([f"last evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(reply.last_metrics.items()))]
+          if reply.last_metrics else []),
+        *([f"evaluation errors: {reply.eval_errors}" + (f", last: {reply.last_eval_error}"
+                                                        if reply.last_eval_error else "")]
+          if reply.eval_errors else []),
+        *([f"evaluations skipped (updates outpaced evaluation): {reply.evals_skipped}"] if reply.evals_skipped else []),
         f"pushes so far: mean staleness {reply.mean_staleness:.2f}, mean gap {reply.mean_gap:.3f}"
         + (f", {reply.nonfinite_pushes} with NaN/Inf gradients" if reply.nonfinite_pushes else "")
         + (f", {reply.oversized_pushes} refused over the norm bound" if reply.oversized_pushes else "")
