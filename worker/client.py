@@ -19,7 +19,7 @@ import torch
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
-from gapaware.common.security import ClientSecurity
+from gapaware.common.security import client_security
 from gapaware.common.transport import (
     DEFAULT_CHUNK_BYTES, Assembler, TransportError, dtype_from_name, encode, frame_parser, serialize_frame,
 )
@@ -61,7 +61,9 @@ class WorkerClient:
     Security (see :mod:`gapaware.common.security`): ``tls_ca`` (a PEM file) turns on TLS and
     names the CA that signed the server's certificate; ``tls_cert``/``tls_key`` are this
     client's certificate for a server that requires mutual TLS; ``token`` is the shared
-    secret (``load_token()`` reads it from ``GAPAWARE_TOKEN`` or a file).
+    secret. Each one not given is read as the command line reads it: from ``GAPAWARE_TLS_CA``,
+    ``GAPAWARE_TLS_CERT``, ``GAPAWARE_TLS_KEY``, and the token from the file ``GAPAWARE_TOKEN_FILE``
+    names or else ``GAPAWARE_TOKEN`` (:func:`gapaware.common.security.client_security`).
     """
 
     def __init__(self, address: str, *, transport_dtype: str = "float32",
@@ -72,7 +74,7 @@ class WorkerClient:
         self._dtype = dtype_from_name(transport_dtype)
         self._chunk_bytes = chunk_bytes
         self._timeout = timeout
-        security = ClientSecurity(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
+        security = client_security(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
         self._channel: grpc.Channel = security.open_channel(address, CHANNEL_OPTIONS)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         # The tensor-carrying methods skip protobuf message objects for chunks (gapaware.common.transport).
@@ -122,7 +124,6 @@ class WorkerClient:
 
     def close(self) -> None:
         self._channel.close()
-
     def __enter__(self) -> WorkerClient:
         return self
 
