@@ -33,8 +33,8 @@ def inprocess_servers():
     """Starts in-process servers (:class:`InProcessServer`) on demand and stops them at the end of the test."""
     started: list[InProcessServer] = []
 
-    def start(state, options=None) -> InProcessServer:
-        server = InProcessServer(state, options)
+    def start(state, options=None, port: int = 0) -> InProcessServer:
+        server = InProcessServer(state, options, port)
         started.append(server)
         return server
 

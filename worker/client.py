@@ -76,6 +76,10 @@ class WorkerClient:
         self._timeout = timeout
         security = client_security(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
         self._channel: grpc.Channel = security.open_channel(address, CHANNEL_OPTIONS)
+        self.connected = threading.Event()
+        """Set while the channel is connected to the server, clear while it is not (gRPC's connectivity
+        state READY): a retry after a lost connection waits on it (:mod:`gapaware.worker.retry`)."""
+        self._channel.subscribe(self._track_connectivity)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         # The tensor-carrying methods skip protobuf message objects for chunks (gapaware.common.transport).
         method = f"/{pb.DESCRIPTOR.services_by_name['ParameterServer'].full_name}/"
@@ -123,7 +127,15 @@ class WorkerClient:
         return self._stub.Status(pb.StatusRequest(), timeout=self._timeout)
 
     def close(self) -> None:
+        self._channel.unsubscribe(self._track_connectivity)
         self._channel.close()
+
+    def _track_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.READY:
+            self.connected.set()
+        else:
+            self.connected.clear()
+
     def __enter__(self) -> WorkerClient:
         return self
 

@@ -5,6 +5,12 @@ the server restarting, the network down) and ``DEADLINE_EXCEEDED`` (no answer in
 may be retried safely because it carries its sequence number (the server applies it at most
 once); gRPC's own transparent retries are not used for gradients, since they skip messages
 bigger than gRPC's retry buffer. Every other status is an answer and goes to the caller.
+
+A retry after the connection failed (``UNAVAILABLE`` while the channel is not connected) goes as
+soon as the channel has connected again, within its backoff: the channel re-attempts the
+connection meanwhile (:data:`gapaware.worker.client.CHANNEL_OPTIONS`), so a restarted server is
+reached about a second after it listens, not one whole backoff later, and a retry made on a
+connection still marked refused does not fail at once to wait a whole backoff more.
 """
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ log = logging.getLogger("gapaware.worker")
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 T = TypeVar("T")
+
+_STOP_POLL_SECONDS = 0.1
+"""While waiting for the connection, how often a stop request is looked at."""
 
 
 class RetryAborted(Exception):
@@ -63,11 +72,14 @@ def is_retryable(error: BaseException) -> bool:
 
 
 def call_with_retries(call: Callable[[], T], policy: RetryPolicy, *, what: str,
-                      stop: threading.Event | None = None, rng: random.Random | None = None) -> T:
+                      stop: threading.Event | None = None, rng: random.Random | None = None,
+                      connected: threading.Event | None = None) -> T:
     """``call()``, retried per ``policy`` while it fails with a retryable status.
 
-    Raises the last error once the policy gives up (or at once for any other error), and
-    :class:`RetryAborted` when ``stop`` is set during a wait.
+    ``connected``: set while the channel is connected (:attr:`WorkerClient.connected`); after an
+    ``UNAVAILABLE`` while it is clear, the wait ends as soon as it is set again. Raises the last
+    error once the policy gives up (or at once for any other error), and :class:`RetryAborted`
+    when ``stop`` is set during a wait.
     """
     rng = rng or random.Random()
     backoffs = policy.backoffs(rng)
@@ -87,9 +99,23 @@ def call_with_retries(call: Callable[[], T], policy: RetryPolicy, *, what: str,
                           error.details(), now - first_failure)
                 raise
             attempt += 1
-            log.warning("%s failed (%s: %s); retry %d in %.1fs", what, error.code().name, error.details(),
-                        attempt, wait)
-            if stop is not None and stop.wait(wait):
+            reconnecting = (connected is not None and error.code() is grpc.StatusCode.UNAVAILABLE
+                            and not connected.is_set())
+            log.warning("%s failed (%s: %s); retry %d %s %.1fs", what, error.code().name, error.details(),
+                        attempt, "once connected, within" if reconnecting else "in", wait)
+            if _wait(wait, stop, connected if reconnecting else None):
                 raise RetryAborted(f"{what}: stopped while waiting to retry") from error
-            if stop is None:
-                time.sleep(wait)
+
+
+def _wait(seconds: float, stop: threading.Event | None, connected: threading.Event | None) -> bool:
+    """Waits ``seconds``, or until ``connected`` is set if given; True when ``stop`` was set meanwhile."""
+    if connected is None:
+        if stop is None:
+            time.sleep(seconds)
+            return False
+        return stop.wait(seconds)
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and not connected.wait(min(left, _STOP_POLL_SECONDS)):
+        if stop is not None and stop.is_set():
+            return True
+    return stop is not None and stop.is_set()
