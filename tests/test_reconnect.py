@@ -53,7 +53,8 @@ def test_a_worker_in_backoff_rejoins_a_server_killed_and_resumed_on_its_port(tmp
              "--resume", str(checkpoints))
     first = ServerProcess(tmp_path, *flags, name="first")
     second = None
-    worker = start_worker(first.address, tmp_path, 0, "--retry-initial-backoff", "20", "--retry-max-backoff", "20")
+    worker = start_worker(first.address, tmp_path, 0, "--retry-initial-backoff", "20", "--retry-max-backoff", "20",
+                          "--connect-timeout", "1")  # joined: the long retry applies, not the first-contact deadline
     log = tmp_path / "worker-0.log"
     try:
         wait_for(lambda: "joined" in log.read_text(), 120, "the worker to join")

@@ -76,10 +76,7 @@ class WorkerClient:
         self._timeout = timeout
         security = client_security(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
         self._channel: grpc.Channel = security.open_channel(address, CHANNEL_OPTIONS)
-        self.connected = threading.Event()
-        """Set while the channel is connected to the server, clear while it is not (gRPC's connectivity
-        state READY): a retry after a lost connection waits on it (:mod:`gapaware.worker.retry`)."""
-        self._channel.subscribe(self._track_connectivity)
+        self._connected: threading.Event | None = None
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         # The tensor-carrying methods skip protobuf message objects for chunks (gapaware.common.transport).
         method = f"/{pb.DESCRIPTOR.services_by_name['ParameterServer'].full_name}/"
@@ -126,15 +123,27 @@ class WorkerClient:
     def status(self) -> pb.StatusReply:
         return self._stub.Status(pb.StatusRequest(), timeout=self._timeout)
 
+    @property
+    def connected(self) -> threading.Event:
+        """Set while the channel is connected to the server, clear while it is not (gRPC's connectivity
+        state READY): a retry after a lost connection waits on it (:mod:`gapaware.worker.retry`).
+        Watched from the first time it is asked for, by a thread of gRPC's that polls the channel; a
+        client for one call (``gapaware status``) does without it."""
+        if self._connected is None:
+            self._connected = threading.Event()
+            self._channel.subscribe(self._track_connectivity)
+        return self._connected
+
     def close(self) -> None:
-        self._channel.unsubscribe(self._track_connectivity)
+        if self._connected is not None:  # before the channel closes, or gRPC's polling thread may watch a closed one
+            self._channel.unsubscribe(self._track_connectivity)
         self._channel.close()
 
     def _track_connectivity(self, state: grpc.ChannelConnectivity) -> None:
         if state is grpc.ChannelConnectivity.READY:
-            self.connected.set()
+            self._connected.set()
         else:
-            self.connected.clear()
+            self._connected.clear()
 
     def __enter__(self) -> WorkerClient:
         return self
