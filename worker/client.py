@@ -41,6 +41,44 @@ CHANNEL_OPTIONS = [
 ]
 
 
+class Connection:
+    """A channel's connection to its server, as gRPC's connectivity state tells it: whether it is up
+    (READY), and waiting for it to be while the channel tries to connect. A channel whose connection
+    broke goes IDLE and connects again only when asked: :meth:`wait_until_up` asks (see
+    :mod:`gapaware.worker.retry`). The state is watched by a thread of gRPC's that polls the channel,
+    until :meth:`close`, which must come before the channel's."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._channel = channel
+        self._up = threading.Event()
+        channel.subscribe(self._track)
+
+    def _track(self, state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.READY:
+            self._up.set()
+        else:
+            self._up.clear()
+
+    def up(self) -> bool:
+        return self._up.is_set()
+
+    def wait_until_up(self, timeout: float) -> bool:
+        """Whether the connection is up within ``timeout`` seconds, the channel asked to connect meanwhile."""
+        if self._up.is_set():
+            return True
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=timeout)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            ready.cancel()
+
+    def close(self) -> None:
+        self._channel.unsubscribe(self._track)
+
+
 @dataclass(frozen=True)
 class JoinInfo:
     worker_id: int
@@ -76,7 +114,7 @@ class WorkerClient:
         self._timeout = timeout
         security = client_security(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
         self._channel: grpc.Channel = security.open_channel(address, CHANNEL_OPTIONS)
-        self._connected: threading.Event | None = None
+        self._connection: Connection | None = None
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         # The tensor-carrying methods skip protobuf message objects for chunks (gapaware.common.transport).
         method = f"/{pb.DESCRIPTOR.services_by_name['ParameterServer'].full_name}/"
@@ -124,27 +162,18 @@ class WorkerClient:
         return self._stub.Status(pb.StatusRequest(), timeout=self._timeout)
 
     @property
-    def connected(self) -> threading.Event:
-        """Set while the channel is connected to the server, clear while it is not (gRPC's connectivity
-        state READY): a retry after a lost connection waits on it (:mod:`gapaware.worker.retry`).
-        Watched from the first time it is asked for, by a thread of gRPC's that polls the channel; a
-        client for one call (``gapaware status``) does without it."""
-        if self._connected is None:
-            self._connected = threading.Event()
-            self._channel.subscribe(self._track_connectivity)
-        return self._connected
+    def connection(self) -> Connection:
+        """This client's :class:`Connection`, watched from the first time it is asked for (a client for
+        one call, such as ``gapaware status``, does without the watching): a retry after a lost
+        connection waits on it (:mod:`gapaware.worker.retry`)."""
+        if self._connection is None:
+            self._connection = Connection(self._channel)
+        return self._connection
 
     def close(self) -> None:
-        if self._connected is not None:  # before the channel closes, or gRPC's polling thread may watch a closed one
-            self._channel.unsubscribe(self._track_connectivity)
+        if self._connection is not None:
+            self._connection.close()
         self._channel.close()
-
-    def _track_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        if state is grpc.ChannelConnectivity.READY:
-            self._connected.set()
-        else:
-            self._connected.clear()
-
     def __enter__(self) -> WorkerClient:
         return self
 

@@ -6,11 +6,13 @@ may be retried safely because it carries its sequence number (the server applies
 once); gRPC's own transparent retries are not used for gradients, since they skip messages
 bigger than gRPC's retry buffer. Every other status is an answer and goes to the caller.
 
-A retry after the connection failed (``UNAVAILABLE`` while the channel is not connected) goes as
-soon as the channel has connected again, within its backoff: the channel re-attempts the
-connection meanwhile (:data:`gapaware.worker.client.CHANNEL_OPTIONS`), so a restarted server is
-reached about a second after it listens, not one whole backoff later, and a retry made on a
-connection still marked refused does not fail at once to wait a whole backoff more.
+A retry after ``UNAVAILABLE`` goes as soon as a connection lost before or during its backoff has
+come back: meanwhile the channel is asked to connect (a broken connection leaves it idle until
+asked) and re-attempts at least once a second (:data:`gapaware.worker.client.CHANNEL_OPTIONS`), so
+a restarted server is reached about a second after it listens, not one whole backoff later, and a
+retry made on a connection still marked refused does not fail at once to wait a whole backoff
+more. On a connection that stays up (a proxy answering ``UNAVAILABLE`` for a server behind it)
+the retry waits its whole backoff.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -31,7 +33,16 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 T = TypeVar("T")
 
 _STOP_POLL_SECONDS = 0.1
-"""While waiting for the connection, how often a stop request is looked at."""
+"""While a retry waits with a connection to watch, how often it looks at the connection and at a stop
+request."""
+
+
+class Connection(Protocol):
+    """What a retry needs to know of the connection (:class:`gapaware.worker.client.Connection`)."""
+
+    def up(self) -> bool: ...
+
+    def wait_until_up(self, timeout: float) -> bool: ...
 
 
 class RetryAborted(Exception):
@@ -73,11 +84,11 @@ def is_retryable(error: BaseException) -> bool:
 
 def call_with_retries(call: Callable[[], T], policy: RetryPolicy, *, what: str,
                       stop: threading.Event | None = None, rng: random.Random | None = None,
-                      connected: threading.Event | None = None) -> T:
+                      connection: Connection | None = None) -> T:
     """``call()``, retried per ``policy`` while it fails with a retryable status.
 
-    ``connected``: set while the channel is connected (:attr:`WorkerClient.connected`); after an
-    ``UNAVAILABLE`` while it is clear, the wait ends as soon as it is set again. Raises the last
+    ``connection`` (:attr:`WorkerClient.connection`): after an ``UNAVAILABLE``, the wait ends once a
+    connection lost before or during it is up again. Raises the last
     error once the policy gives up (or at once for any other error), and :class:`RetryAborted`
     when ``stop`` is set during a wait.
     """
@@ -99,23 +110,28 @@ def call_with_retries(call: Callable[[], T], policy: RetryPolicy, *, what: str,
                           error.details(), now - first_failure)
                 raise
             attempt += 1
-            reconnecting = (connected is not None and error.code() is grpc.StatusCode.UNAVAILABLE
-                            and not connected.is_set())
-            log.warning("%s failed (%s: %s); retry %d %s %.1fs", what, error.code().name, error.details(),
-                        attempt, "once connected, within" if reconnecting else "in", wait)
-            if _wait(wait, stop, connected if reconnecting else None):
+            reconnecting = connection is not None and error.code() is grpc.StatusCode.UNAVAILABLE
+            log.warning("%s failed (%s: %s); retry %d in %.1fs%s", what, error.code().name, error.details(),
+                        attempt, wait, " or once reconnected" if reconnecting else "")
+            if _wait(wait, stop, connection if reconnecting else None):
                 raise RetryAborted(f"{what}: stopped while waiting to retry") from error
 
 
-def _wait(seconds: float, stop: threading.Event | None, connected: threading.Event | None) -> bool:
-    """Waits ``seconds``, or until ``connected`` is set if given; True when ``stop`` was set meanwhile."""
-    if connected is None:
-        if stop is None:
-            time.sleep(seconds)
-            return False
-        return stop.wait(seconds)
+def _wait(seconds: float, stop: threading.Event | None, connection: Connection | None) -> bool:
+    """Waits ``seconds``; with ``connection``, less once it is up again after being down. True when
+    ``stop`` was set meanwhile."""
     deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0 and not connected.wait(min(left, _STOP_POLL_SECONDS)):
+    lost = connection is not None and not connection.up()
+    while (left := deadline - time.monotonic()) > 0:
+        step = min(left, _STOP_POLL_SECONDS) if connection is not None else left
+        if lost:
+            if connection.wait_until_up(step):
+                break
+        elif stop is not None:
+            stop.wait(step)
+        else:
+            time.sleep(step)
         if stop is not None and stop.is_set():
             return True
+        lost = connection is not None and not connection.up()
     return stop is not None and stop.is_set()
