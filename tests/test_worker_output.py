@@ -23,9 +23,9 @@ from gapaware.worker.progress import Progress
 PROGRESS_LINE = re.compile(r"worker (\d+): ([\d.]+) steps/s, loss ([\d.e+-]+), staleness ([\d.]+), Gap ([\d.]+) "
                            r"over the last (\d+)s; server version (\d+)")
 EXIT_CPU_SECONDS = 0.4
-"""CPU seconds a worker may spend after logging ``done``: its interpreter's final garbage collections
-over everything torch, scikit-learn and the task made took 0.7 to 0.8 s of them before gc.freeze()
-(5 s of wall time on a busy 2-core machine); 0.15 to 0.2 s with it."""
+"""CPU seconds a worker may spend after logging ``done``: about half of what its interpreter's final
+garbage collections over everything torch, scikit-learn and the task made took before the worker
+froze them at exit (README, "Workers come and go")."""
 
 
 class Clock:
