@@ -1,7 +1,9 @@
 """The ``gapaware`` command line: server, worker, train (a local run), status and simulate."""
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import logging
 import math
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from gapaware.cli_errors import CleanErrors, ExitCode, UserError
 from gapaware.cli_security import (
     client_security_from_options, client_security_options, local_security_options, server_security_from_options,
     server_security_options,
@@ -118,10 +121,6 @@ def config_from_options(values: dict) -> RunConfig:
         raise click.UsageError(str(error)) from None
 
 
-FINAL_CHECKPOINT_LOST = 3
-"""``gapaware server``'s exit status when the run ended but its final checkpoint could not be written."""
-
-
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -130,7 +129,7 @@ log_level_option = click.option("--log-level", default="info", show_default=True
                                 type=click.Choice(["debug", "info", "warning", "error"]))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="gapaware")
 def main() -> None:
     """gapaware: an asynchronous parameter server with Gap-Aware staleness mitigation."""
@@ -191,9 +190,9 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
            max_concurrent_rpcs, threads, chunk_timeout, receive_window_mib, log_level, **values) -> None:
     """Run the parameter server until the run ends.
 
-    Exits 0 when the run ended, 1 when it could not start, and 3 when it ended (final evaluation
-    written) but its final checkpoint could not be written: a supervisor restarting it then resumes
-    from the newest checkpoint that was."""
+    Exits 0 when the run ended, 2 or 4 when it could not start, and 6 when it ended (final
+    evaluation written) but its final checkpoint could not be written: a supervisor restarting it
+    then resumes from the newest checkpoint that was."""
     from gapaware.server.app import ServerOptions, run_server
     from gapaware.server.checkpoint import CheckpointWriteError
     from gapaware.server.checkpointer import CheckpointOptions
@@ -228,15 +227,36 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
                                          max_concurrent_rpcs=max_concurrent_rpcs, threads=threads,
                                          chunk_timeout=chunk_timeout, receive_window_mib=receive_window_mib))
     except ResumeError as error:
-        raise click.ClickException(str(error)) from None
+        raise UserError(str(error), ExitCode.CANNOT_RUN) from None
     except CheckpointWriteError as error:
         click.echo(f"Error: the run ended, but its final checkpoint was not written ({error}); the newest one "
                    "written is in the checkpoint directory", err=True)
-        sys.exit(FINAL_CHECKPOINT_LOST)
+        sys.exit(ExitCode.FINAL_CHECKPOINT_LOST)
+
+
+def _server_address(ctx, param, value: str | None) -> str | None:
+    """``--server HOST:PORT``, the port required: gRPC would dial port 443 for a bare HOST."""
+    if value is None:
+        return value
+    host, _, port = value.rpartition(":")
+    if ":" not in value or value.endswith("]"):
+        raise click.BadParameter(f"{value!r} has no port: give HOST:PORT, e.g. {value}:7070 "
+                                 "(the server listens on 7070 unless given --port)")
+    if not host:
+        raise click.BadParameter(f"{value!r} has no host: give HOST:PORT, e.g. 127.0.0.1{value}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise click.BadParameter(f"{value!r}: an IPv6 address goes in brackets, as [ADDRESS]:PORT "
+                                 "(e.g. [::1]:7070)")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r}: the port {port!r} is not a number from 1 to 65535")
+    return value
+
+
+server_address_option = functools.partial(click.option, "--server", "address", callback=_server_address)
 
 
 @main.command()
-@click.option("--server", "address", required=True, help="The parameter server, HOST:PORT.")
+@server_address_option(required=True, help="The parameter server, HOST:PORT.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option("--batch-size", type=int, default=None, help="Examples per step (default: the run's).")
 @click.option("--task", default=None, help="Task to load (default: the one the server runs).")
@@ -257,19 +277,29 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
 @click.option("--retry-max-backoff", type=click.FloatRange(min=0, min_open=True), default=15.0,
               show_default=True, help="Longest wait between retries.")
 @click.option("--retry-give-up-after", type=click.FloatRange(min=0), default=600.0, show_default=True,
-              help="Give up (exit 1) after retrying one call for this many seconds.")
+              help="Once the server has answered, give up (exit 5) after retrying one call for this many "
+                   "seconds.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+              help="Before the server has ever answered, give up (exit 5) after this many seconds of failed "
+                   "attempts (a wrong address or port fails fast; a server still starting is waited for); "
+                   "0: as long as --retry-give-up-after.")
+@click.option("--progress-every", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+              help="Log a progress line (steps/s, loss, staleness, Gap) every this many seconds; 0: none.")
 @delay_option
 @client_security_options
 @log_level_option
 def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, prefetch_batches, procs,
-           rpc_timeout, retry_initial_backoff, retry_max_backoff, retry_give_up_after, delay, log_level,
-           **values) -> None:
+           rpc_timeout, retry_initial_backoff, retry_max_backoff, retry_give_up_after, connect_timeout,
+           progress_every, delay, log_level, **values) -> None:
     """Join a server and train until the run ends (SIGTERM/SIGINT: leave and exit 0)."""
     from gapaware.worker.loop import WorkerOptions, run_worker
     from gapaware.worker.procs import run_worker_processes
     from gapaware.worker.retry import RetryPolicy
 
     _setup_logging(log_level)
+    # Python's last garbage collections at exit would walk every object torch and the task made:
+    # seconds on a busy machine, for memory the process is about to give back.
+    atexit.register(gc.freeze)
     if procs > 1:
         ctx = click.get_current_context()
         devices = [_device_for(device, i) for i in range(procs)]
@@ -283,6 +313,7 @@ def worker(address, device, batch_size, task, data_dir, threads, transport_dtype
     run_worker(WorkerOptions(server=address, device=_device_for(device, 0), batch_size=batch_size, task=task,
                              data_dir=data_dir, threads=threads, transport_dtype=transport_dtype,
                              prefetch_batches=prefetch_batches, rpc_timeout=rpc_timeout, retry=retry,
+                             connect_timeout=connect_timeout, progress_every=progress_every,
                              security=client_security_from_options(values), delay=delay))
 
 
@@ -325,7 +356,7 @@ def train(workers, out, delay, tls_cert, tls_key, tls_client_ca, tls_ca, token_f
 
 
 @main.command()
-@click.option("--server", "address", default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
+@server_address_option(default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @client_security_options
 def status(address, as_json, **values) -> None:
@@ -336,7 +367,7 @@ def status(address, as_json, **values) -> None:
 
 
 @main.command()
-@click.option("--server", "address", default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
+@server_address_option(default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
 @click.option("--wait", type=float, default=0.0, show_default=True,
               help="Keep asking for up to this many seconds until the server is SERVING.")
 @client_security_options

@@ -86,6 +86,7 @@ class Evaluator:
         record = {
             "event": event,
             "version": version,
+            "incarnation": self._state.incarnation,  # restarts from checkpoints: time restarts at 0 with each
             "time": round(time.monotonic() - self._state.started, 3),
             "epoch": round(self._state.epoch(), 4),
             "accuracy": math.nan,

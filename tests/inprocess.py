@@ -51,11 +51,11 @@ class StateSnapshot:
 
 
 class InProcessServer:
-    """Serves ``state`` on a free loopback port from an event loop in a background thread."""
+    """Serves ``state`` on a loopback port (``port``, or a free one) from an event loop in a background thread."""
 
-    def __init__(self, state: ParameterServerState, options: ServerOptions | None = None) -> None:
+    def __init__(self, state: ParameterServerState, options: ServerOptions | None = None, port: int = 0) -> None:
         self.state = state
-        self._options = dataclasses.replace(options or ServerOptions(), host="127.0.0.1", port=0)
+        self._options = dataclasses.replace(options or ServerOptions(), host="127.0.0.1", port=port)
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._stop: asyncio.Event | None = None

@@ -232,7 +232,7 @@ def test_a_full_disk_stops_neither_training_nor_checkpoints_for_good(small_disk,
 
             fill(small_disk)
             server.proc.send_signal(signal.SIGTERM)
-            assert server.wait(timeout=60) == 3, log_tail(server.log_path)
+            assert server.wait(timeout=60) == 6, log_tail(server.log_path)
         assert "the run ended, but its final checkpoint was not written" in server.log()
         final = server.records("final")
         assert final and math.isfinite(final[0]["accuracy"]), "the final evaluation is written all the same"

@@ -1,6 +1,7 @@
 """The worker's retry policy: bounded exponential backoff with jitter, only for retryable statuses."""
 import random
 import threading
+import time
 
 import grpc
 import pytest
@@ -79,3 +80,62 @@ def test_invalid_policies_are_refused():
         RetryPolicy(initial_backoff=5, max_backoff=1)
     with pytest.raises(ValueError, match="multiplier"):
         RetryPolicy(multiplier=0.5)
+
+
+class FakeConnection:
+    """A connection that is up while ``up_event`` is set; ``wait_until_up`` counts the times it is asked."""
+
+    def __init__(self, up: bool) -> None:
+        self.up_event = threading.Event()
+        if up:
+            self.up_event.set()
+        self.asked = 0
+
+    def up(self) -> bool:
+        return self.up_event.is_set()
+
+    def wait_until_up(self, timeout: float) -> bool:
+        self.asked += 1
+        return self.up_event.wait(timeout)
+
+
+@pytest.mark.parametrize("noticed_before_the_failure", [True, False])
+def test_a_retry_after_a_lost_connection_goes_as_soon_as_it_is_back(noticed_before_the_failure):
+    """The channel may notice the lost connection before the call fails, or only after it (the call's
+    stream broke first, the channel's state still says connected)."""
+    call, calls = failing([grpc.StatusCode.UNAVAILABLE])
+    connection = FakeConnection(up=not noticed_before_the_failure)
+    if not noticed_before_the_failure:
+        threading.Timer(0.1, connection.up_event.clear).start()
+    threading.Timer(0.4, connection.up_event.set).start()
+    started = time.monotonic()
+    assert call_with_retries(call, RetryPolicy(initial_backoff=60, max_backoff=60), what="push",
+                             connection=connection) == "ok"
+    assert time.monotonic() - started < 5, "waited for the backoff (30 s or more), not for the connection"
+    assert len(calls) == 2 and connection.asked >= 1
+
+
+@pytest.mark.parametrize(("code", "up"), [(grpc.StatusCode.UNAVAILABLE, True),
+                                          (grpc.StatusCode.DEADLINE_EXCEEDED, False)])
+def test_a_connection_that_is_up_or_a_call_that_timed_out_waits_the_whole_backoff(code, up):
+    """A server (or a proxy in front of it) answering UNAVAILABLE on a live connection, or one too slow
+    to answer, is not retried at once: the backoff is what spares it."""
+    call, calls = failing([code])
+    connection = FakeConnection(up=up)
+    if not up:
+        threading.Timer(0.05, connection.up_event.set).start()
+    started = time.monotonic()
+    call_with_retries(call, RetryPolicy(initial_backoff=0.6, max_backoff=0.6), what="push", connection=connection)
+    assert time.monotonic() - started >= 0.3, "the backoff is uniform in [0.3, 0.6] s"
+    assert len(calls) == 2
+
+
+def test_a_stop_request_interrupts_the_wait_for_the_connection():
+    call, calls = failing([grpc.StatusCode.UNAVAILABLE] * 10)
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(RetryAborted):
+        call_with_retries(call, RetryPolicy(initial_backoff=30, max_backoff=30), what="join", stop=stop,
+                          connection=FakeConnection(up=False))
+    assert time.monotonic() - started < 5 and len(calls) == 1

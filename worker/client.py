@@ -20,7 +20,7 @@ from gapaware.common.buffers import checksum, pack_buffers, unpack_buffers
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
-from gapaware.common.security import ClientSecurity
+from gapaware.common.security import client_security
 from gapaware.common.transport import (
     DEFAULT_CHUNK_BYTES, Assembler, TransportError, dtype_from_name, encode, frame_parser, serialize_frame,
 )
@@ -40,6 +40,44 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.min_reconnect_backoff_ms", 5000),
 ]
+
+
+class Connection:
+    """A channel's connection to its server, as gRPC's connectivity state tells it: whether it is up
+    (READY), and waiting for it to be while the channel tries to connect. A channel whose connection
+    broke goes IDLE and connects again only when asked: :meth:`wait_until_up` asks (see
+    :mod:`gapaware.worker.retry`). The state is watched by a thread of gRPC's that polls the channel,
+    until :meth:`close`, which must come before the channel's."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._channel = channel
+        self._up = threading.Event()
+        channel.subscribe(self._track)
+
+    def _track(self, state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.READY:
+            self._up.set()
+        else:
+            self._up.clear()
+
+    def up(self) -> bool:
+        return self._up.is_set()
+
+    def wait_until_up(self, timeout: float) -> bool:
+        """Whether the connection is up within ``timeout`` seconds, the channel asked to connect meanwhile."""
+        if self._up.is_set():
+            return True
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=timeout)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            ready.cancel()
+
+    def close(self) -> None:
+        self._channel.unsubscribe(self._track)
 
 
 @dataclass(frozen=True)
@@ -62,7 +100,9 @@ class WorkerClient:
     Security (see :mod:`gapaware.common.security`): ``tls_ca`` (a PEM file) turns on TLS and
     names the CA that signed the server's certificate; ``tls_cert``/``tls_key`` are this
     client's certificate for a server that requires mutual TLS; ``token`` is the shared
-    secret (``load_token()`` reads it from ``GAPAWARE_TOKEN`` or a file).
+    secret. Each one not given is read as the command line reads it: from ``GAPAWARE_TLS_CA``,
+    ``GAPAWARE_TLS_CERT``, ``GAPAWARE_TLS_KEY``, and the token from the file ``GAPAWARE_TOKEN_FILE``
+    names or else ``GAPAWARE_TOKEN`` (:func:`gapaware.common.security.client_security`).
     """
 
     def __init__(self, address: str, *, transport_dtype: str = "float32",
@@ -73,8 +113,9 @@ class WorkerClient:
         self._dtype = dtype_from_name(transport_dtype)
         self._chunk_bytes = chunk_bytes
         self._timeout = timeout
-        security = ClientSecurity(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
+        security = client_security(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
         self._channel: grpc.Channel = security.open_channel(address, CHANNEL_OPTIONS)
+        self._connection: Connection | None = None
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         # The tensor-carrying methods skip protobuf message objects for chunks (gapaware.common.transport).
         method = f"/{pb.DESCRIPTOR.services_by_name['ParameterServer'].full_name}/"
@@ -123,9 +164,19 @@ class WorkerClient:
     def status(self) -> pb.StatusReply:
         return self._stub.Status(pb.StatusRequest(), timeout=self._timeout)
 
-    def close(self) -> None:
-        self._channel.close()
+    @property
+    def connection(self) -> Connection:
+        """This client's :class:`Connection`, watched from the first time it is asked for (a client for
+        one call, such as ``gapaware status``, does without the watching): a retry after a lost
+        connection waits on it (:mod:`gapaware.worker.retry`)."""
+        if self._connection is None:
+            self._connection = Connection(self._channel)
+        return self._connection
 
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+        self._channel.close()
     def __enter__(self) -> WorkerClient:
         return self
 

@@ -5,6 +5,14 @@ the server restarting, the network down) and ``DEADLINE_EXCEEDED`` (no answer in
 may be retried safely because it carries its sequence number (the server applies it at most
 once); gRPC's own transparent retries are not used for gradients, since they skip messages
 bigger than gRPC's retry buffer. Every other status is an answer and goes to the caller.
+
+A retry after ``UNAVAILABLE`` goes as soon as a connection lost before or during its backoff has
+come back: meanwhile the channel is asked to connect (a broken connection leaves it idle until
+asked) and re-attempts at least once a second (:data:`gapaware.worker.client.CHANNEL_OPTIONS`), so
+a restarted server is reached about a second after it listens, not one whole backoff later, and a
+retry made on a connection still marked refused does not fail at once to wait a whole backoff
+more. On a connection that stays up (a proxy answering ``UNAVAILABLE`` for a server behind it)
+the retry waits its whole backoff.
 """
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -23,6 +31,18 @@ log = logging.getLogger("gapaware.worker")
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 T = TypeVar("T")
+
+_STOP_POLL_SECONDS = 0.1
+"""While a retry waits with a connection to watch, how often it looks at the connection and at a stop
+request."""
+
+
+class Connection(Protocol):
+    """What a retry needs to know of the connection (:class:`gapaware.worker.client.Connection`)."""
+
+    def up(self) -> bool: ...
+
+    def wait_until_up(self, timeout: float) -> bool: ...
 
 
 class RetryAborted(Exception):
@@ -63,11 +83,14 @@ def is_retryable(error: BaseException) -> bool:
 
 
 def call_with_retries(call: Callable[[], T], policy: RetryPolicy, *, what: str,
-                      stop: threading.Event | None = None, rng: random.Random | None = None) -> T:
+                      stop: threading.Event | None = None, rng: random.Random | None = None,
+                      connection: Connection | None = None) -> T:
     """``call()``, retried per ``policy`` while it fails with a retryable status.
 
-    Raises the last error once the policy gives up (or at once for any other error), and
-    :class:`RetryAborted` when ``stop`` is set during a wait.
+    ``connection`` (:attr:`WorkerClient.connection`): after an ``UNAVAILABLE``, the wait ends once a
+    connection lost before or during it is up again. Raises the last
+    error once the policy gives up (or at once for any other error), and :class:`RetryAborted`
+    when ``stop`` is set during a wait.
     """
     rng = rng or random.Random()
     backoffs = policy.backoffs(rng)
@@ -87,9 +110,28 @@ def call_with_retries(call: Callable[[], T], policy: RetryPolicy, *, what: str,
                           error.details(), now - first_failure)
                 raise
             attempt += 1
-            log.warning("%s failed (%s: %s); retry %d in %.1fs", what, error.code().name, error.details(),
-                        attempt, wait)
-            if stop is not None and stop.wait(wait):
+            reconnecting = connection is not None and error.code() is grpc.StatusCode.UNAVAILABLE
+            log.warning("%s failed (%s: %s); retry %d in %.1fs%s", what, error.code().name, error.details(),
+                        attempt, wait, " or once reconnected" if reconnecting else "")
+            if _wait(wait, stop, connection if reconnecting else None):
                 raise RetryAborted(f"{what}: stopped while waiting to retry") from error
-            if stop is None:
-                time.sleep(wait)
+
+
+def _wait(seconds: float, stop: threading.Event | None, connection: Connection | None) -> bool:
+    """Waits ``seconds``; with ``connection``, less once it is up again after being down. True when
+    ``stop`` was set meanwhile."""
+    deadline = time.monotonic() + seconds
+    lost = connection is not None and not connection.up()
+    while (left := deadline - time.monotonic()) > 0:
+        step = min(left, _STOP_POLL_SECONDS) if connection is not None else left
+        if lost:
+            if connection.wait_until_up(step):
+                break
+        elif stop is not None:
+            stop.wait(step)
+        else:
+            time.sleep(step)
+        if stop is not None and stop.is_set():
+            return True
+        lost = connection is not None and not connection.up()
+    return stop is not None and stop.is_set()

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from gapaware.cli_errors import UserError, rpc_exit_code
 from gapaware.common.security import ClientSecurity
 from gapaware.worker.client import WorkerClient
 
@@ -91,5 +92,6 @@ def print_status(address: str, as_json: bool, security: ClientSecurity = ClientS
         with WorkerClient(address, timeout=10.0, **security.client_kwargs()) as client:
             reply = client.status()
     except grpc.RpcError as error:
-        raise click.ClickException(f"no status from {address}: {error.code().name}: {error.details()}") from None
+        raise UserError(f"no status from {address}: {error.code().name}: {error.details()}",
+                        rpc_exit_code(error)) from None
     click.echo(json.dumps(status_dict(reply), indent=2) if as_json else format_status(address, reply))
