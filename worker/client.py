@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,14 @@ class Connection:
             ready.cancel()
 
     def close(self) -> None:
+        """Stops watching. gRPC's polling thread notices within one poll (0.2 s) and ends; a channel
+        closed before then makes that thread die with a traceback ("Cannot invoke RPC on closed
+        channel"), so this waits for it, a second at most, on gRPC's own flag."""
         self._channel.unsubscribe(self._track)
+        state = getattr(self._channel, "_connectivity_state", None)
+        deadline = time.monotonic() + 1.0
+        while state is not None and state.polling and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 @dataclass(frozen=True)
