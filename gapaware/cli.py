@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from gapaware.cli_limits import server_limit_options, server_limits_from_options
 from gapaware.cli_security import (
     client_security_from_options, client_security_options, local_security_options, server_security_from_options,
     server_security_options,
@@ -149,22 +150,23 @@ def main() -> None:
               help="A gradient with NaN or Inf: refuse the push, acknowledge and drop it, or apply it "
                    "(the parameters diverge). Counted in status.")
 @click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Calls served at once; more get RESOURCE_EXHAUSTED.")
+              help="Authenticated calls served at once; more get RESOURCE_EXHAUSTED (workers retry it).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Torch threads for the updates (memory-bound: more rarely help, and hurt on a busy machine).")
-@click.option("--chunk-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True, metavar="SECONDS",
+@click.option("--chunk-timeout", type=click.FloatRange(min=0.1), default=15.0, show_default=True, metavar="SECONDS",
               help="A push that sends no chunk for this long is refused with DEADLINE_EXCEEDED (nothing applied).")
 @click.option("--receive-window", "receive_window_mib", type=click.IntRange(min=0, max=1024), default=4,
               show_default=True, metavar="MIB",
               help="gRPC receive window per stream, in MiB: bounds what each push being received (and each "
                    "from a peer that does not wait for its turn) buffers in the server; 0: gRPC's automatic "
                    "window (better across high-latency links).")
+@server_limit_options
 @log_level_option
 def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, lease_seconds, checkpoint_dir,
            checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, max_concurrent_rpcs, threads,
            chunk_timeout, receive_window_mib, log_level, **values) -> None:
     """Run the parameter server until the run ends."""
-    from gapaware.server.app import ServerOptions, run_server
+    from gapaware.server.app import ListenError, ServerOptions, run_server
     from gapaware.server.checkpointer import CheckpointOptions
     from gapaware.server.observability import tensorboard_writer_class
     from gapaware.server.resume import ResumeError
@@ -172,6 +174,7 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
     explicit = explicit_config_flags()
     _setup_logging(log_level)
     security = server_security_from_options(values)
+    limits = server_limits_from_options(values)
     try:
         security.check_listen(host)
     except ValueError as error:
@@ -192,8 +195,9 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
                                          checkpoints=checkpoints, resume=resume, explicit_flags=explicit,
                                          security=security, nonfinite=nonfinite,
                                          max_concurrent_rpcs=max_concurrent_rpcs, threads=threads,
-                                         chunk_timeout=chunk_timeout, receive_window_mib=receive_window_mib))
-    except ResumeError as error:
+                                         chunk_timeout=chunk_timeout, receive_window_mib=receive_window_mib,
+                                         **limits))
+    except (ResumeError, ListenError) as error:
         raise click.ClickException(str(error)) from None
 
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%gapaware/proto/parameter_server.proto\x12\x0bgapaware.v2\"a\n\x0cTensorHeader\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.gapaware.v2.DType\x12\r\n\x05numel\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\rJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"4\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\x07\"(\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\"J\n\x0bParamLayout\x12&\n\x06params\x18\x01 \x03(\x0b\x32\x16.gapaware.v2.ParamSpec\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"Y\n\x0bJoinRequest\x12(\n\x06layout\x18\x01 \x01(\x0b\x32\x18.gapaware.v2.ParamLayout\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\xa1\x01\n\tJoinReply\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x17\n\x0frun_config_json\x18\x02 \x01(\t\x12(\n\x06layout\x18\x03 \x01(\x0b\x32\x18.gapaware.v2.ParamLayout\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rlease_seconds\x18\x06 \x01(\x01J\x04\x08\x07\x10\x08\"C\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.gapaware.v2.DType\"d\n\tPushReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\x04\x12\x10\n\x08mean_gap\x18\x03 \x01(\x01\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x08\"\x80\x01\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12)\n\x06tensor\x18\x02 \x01(\x0b\x32\x19.gapaware.v2.TensorHeader\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12$\n\x04push\x18\x04 \x01(\x0b\x32\x16.gapaware.v2.PushReply\"\x0b\n\tPushReady\"\x93\x01\n\tPullFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.gapaware.v2.PullHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.gapaware.v2.ChunkH\x00\x12\'\n\x05ready\x18\x04 \x01(\x0b\x32\x16.gapaware.v2.PushReadyH\x00\x42\x07\n\x05\x66rameJ\x04\x08\x03\x10\x04\"\xc2\x01\n\nPushHeader\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0f\n\x07samples\x18\x04 \x01(\r\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12)\n\x06tensor\x18\x06 \x01(\x0b\x32\x19.gapaware.v2.TensorHeader\x12\x0c\n\x04pull\x18\x07 \x01(\x08\x12&\n\npull_dtype\x18\x08 \x01(\x0e\x32\x12.gapaware.v2.DType\"j\n\tPushFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.gapaware.v2.PushHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.gapaware.v2.ChunkH\x00\x42\x07\n\x05\x66rameJ\x04\x08\x03\x10\x04\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x04\"\"\n\x0eHeartbeatReply\x12\x10\n\x08\x66inished\x18\x01 \x01(\x08\"!\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x04\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\x93\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tstaleness\x18\x04 \x01(\x04\x12\x0e\n\x06pushes\x18\x05 \x01(\x04\x12\x19\n\x11last_seen_seconds\x18\x06 \x01(\x01\x12\x10\n\x08mean_gap\x18\x07 \x01(\x01\"\xe9\x02\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x0f\n\x07updates\x18\x03 \x01(\x04\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x01\x12*\n\x07workers\x18\x06 \x03(\x0b\x32\x19.gapaware.v2.WorkerStatus\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x17\n\x0frun_config_json\x18\x08 \x01(\t\x12\x15\n\rlast_accuracy\x18\t \x01(\x01\x12\x11\n\tlast_loss\x18\n \x01(\x01\x12\x16\n\x0emean_staleness\x18\x0b \x01(\x01\x12\x10\n\x08mean_gap\x18\x0c \x01(\x01\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x13\n\x0bmax_updates\x18\x0e \x01(\x04\x12\x16\n\x0eheld_snapshots\x18\x0f \x01(\x04\x12\x18\n\x10nonfinite_pushes\x18\x10 \x01(\x04*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x32\x89\x03\n\x0fParameterServer\x12\x38\n\x04Join\x12\x18.gapaware.v2.JoinRequest\x1a\x16.gapaware.v2.JoinReply\x12:\n\x04Pull\x12\x18.gapaware.v2.PullRequest\x1a\x16.gapaware.v2.PullFrame0\x01\x12:\n\x04Push\x12\x16.gapaware.v2.PushFrame\x1a\x16.gapaware.v2.PullFrame(\x01\x30\x01\x12G\n\tHeartbeat\x12\x1d.gapaware.v2.HeartbeatRequest\x1a\x1b.gapaware.v2.HeartbeatReply\x12;\n\x05Leave\x12\x19.gapaware.v2.LeaveRequest\x1a\x17.gapaware.v2.LeaveReply\x12>\n\x06Status\x12\x1a.gapaware.v2.StatusRequest\x1a\x18.gapaware.v2.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%gapaware/proto/parameter_server.proto\x12\x0bgapaware.v2\"a\n\x0cTensorHeader\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.gapaware.v2.DType\x12\r\n\x05numel\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\rJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"4\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\x07\"(\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\"J\n\x0bParamLayout\x12&\n\x06params\x18\x01 \x03(\x0b\x32\x16.gapaware.v2.ParamSpec\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"Y\n\x0bJoinRequest\x12(\n\x06layout\x18\x01 \x01(\x0b\x32\x18.gapaware.v2.ParamLayout\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\xb8\x01\n\tJoinReply\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x17\n\x0frun_config_json\x18\x02 \x01(\t\x12(\n\x06layout\x18\x03 \x01(\x0b\x32\x18.gapaware.v2.ParamLayout\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rlease_seconds\x18\x06 \x01(\x01\x12\x15\n\rworker_secret\x18\x08 \x01(\x0cJ\x04\x08\x07\x10\x08\"Z\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.gapaware.v2.DType\x12\x15\n\rworker_secret\x18\x03 \x01(\x0c\"d\n\tPushReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\x04\x12\x10\n\x08mean_gap\x18\x03 \x01(\x01\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x08\"\x80\x01\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12)\n\x06tensor\x18\x02 \x01(\x0b\x32\x19.gapaware.v2.TensorHeader\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12$\n\x04push\x18\x04 \x01(\x0b\x32\x16.gapaware.v2.PushReply\"\x0b\n\tPushReady\"\x93\x01\n\tPullFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.gapaware.v2.PullHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.gapaware.v2.ChunkH\x00\x12\'\n\x05ready\x18\x04 \x01(\x0b\x32\x16.gapaware.v2.PushReadyH\x00\x42\x07\n\x05\x66rameJ\x04\x08\x03\x10\x04\"\xd9\x01\n\nPushHeader\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0f\n\x07samples\x18\x04 \x01(\r\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12)\n\x06tensor\x18\x06 \x01(\x0b\x32\x19.gapaware.v2.TensorHeader\x12\x0c\n\x04pull\x18\x07 \x01(\x08\x12&\n\npull_dtype\x18\x08 \x01(\x0e\x32\x12.gapaware.v2.DType\x12\x15\n\rworker_secret\x18\t \x01(\x0c\"j\n\tPushFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.gapaware.v2.PushHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.gapaware.v2.ChunkH\x00\x42\x07\n\x05\x66rameJ\x04\x08\x03\x10\x04\"<\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x15\n\rworker_secret\x18\x02 \x01(\x0c\"\"\n\x0eHeartbeatReply\x12\x10\n\x08\x66inished\x18\x01 \x01(\x08\"8\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x15\n\rworker_secret\x18\x02 \x01(\x0c\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\x93\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tstaleness\x18\x04 \x01(\x04\x12\x0e\n\x06pushes\x18\x05 \x01(\x04\x12\x19\n\x11last_seen_seconds\x18\x06 \x01(\x01\x12\x10\n\x08mean_gap\x18\x07 \x01(\x01\"\xe9\x02\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x0f\n\x07updates\x18\x03 \x01(\x04\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x01\x12*\n\x07workers\x18\x06 \x03(\x0b\x32\x19.gapaware.v2.WorkerStatus\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x17\n\x0frun_config_json\x18\x08 \x01(\t\x12\x15\n\rlast_accuracy\x18\t \x01(\x01\x12\x11\n\tlast_loss\x18\n \x01(\x01\x12\x16\n\x0emean_staleness\x18\x0b \x01(\x01\x12\x10\n\x08mean_gap\x18\x0c \x01(\x01\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x13\n\x0bmax_updates\x18\x0e \x01(\x04\x12\x16\n\x0eheld_snapshots\x18\x0f \x01(\x04\x12\x18\n\x10nonfinite_pushes\x18\x10 \x01(\x04*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x32\x89\x03\n\x0fParameterServer\x12\x38\n\x04Join\x12\x18.gapaware.v2.JoinRequest\x1a\x16.gapaware.v2.JoinReply\x12:\n\x04Pull\x12\x18.gapaware.v2.PullRequest\x1a\x16.gapaware.v2.PullFrame0\x01\x12:\n\x04Push\x12\x16.gapaware.v2.PushFrame\x1a\x16.gapaware.v2.PullFrame(\x01\x30\x01\x12G\n\tHeartbeat\x12\x1d.gapaware.v2.HeartbeatRequest\x1a\x1b.gapaware.v2.HeartbeatReply\x12;\n\x05Leave\x12\x19.gapaware.v2.LeaveRequest\x1a\x17.gapaware.v2.LeaveReply\x12>\n\x06Status\x12\x1a.gapaware.v2.StatusRequest\x1a\x18.gapaware.v2.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gapaware.proto.parameter_server_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2005
-  _globals['_DTYPE']._serialized_end=2075
+  _globals['_DTYPE']._serialized_start=2120
+  _globals['_DTYPE']._serialized_end=2190
   _globals['_TENSORHEADER']._serialized_start=54
   _globals['_TENSORHEADER']._serialized_end=151
   _globals['_CHUNK']._serialized_start=153
@@ -44,35 +44,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_start=325
   _globals['_JOINREQUEST']._serialized_end=414
   _globals['_JOINREPLY']._serialized_start=417
-  _globals['_JOINREPLY']._serialized_end=578
-  _globals['_PULLREQUEST']._serialized_start=580
-  _globals['_PULLREQUEST']._serialized_end=647
-  _globals['_PUSHREPLY']._serialized_start=649
-  _globals['_PUSHREPLY']._serialized_end=749
-  _globals['_PULLHEADER']._serialized_start=752
-  _globals['_PULLHEADER']._serialized_end=880
-  _globals['_PUSHREADY']._serialized_start=882
-  _globals['_PUSHREADY']._serialized_end=893
-  _globals['_PULLFRAME']._serialized_start=896
-  _globals['_PULLFRAME']._serialized_end=1043
-  _globals['_PUSHHEADER']._serialized_start=1046
-  _globals['_PUSHHEADER']._serialized_end=1240
-  _globals['_PUSHFRAME']._serialized_start=1242
-  _globals['_PUSHFRAME']._serialized_end=1348
-  _globals['_HEARTBEATREQUEST']._serialized_start=1350
-  _globals['_HEARTBEATREQUEST']._serialized_end=1387
-  _globals['_HEARTBEATREPLY']._serialized_start=1389
-  _globals['_HEARTBEATREPLY']._serialized_end=1423
-  _globals['_LEAVEREQUEST']._serialized_start=1425
-  _globals['_LEAVEREQUEST']._serialized_end=1458
-  _globals['_LEAVEREPLY']._serialized_start=1460
-  _globals['_LEAVEREPLY']._serialized_end=1472
-  _globals['_STATUSREQUEST']._serialized_start=1474
-  _globals['_STATUSREQUEST']._serialized_end=1489
-  _globals['_WORKERSTATUS']._serialized_start=1492
-  _globals['_WORKERSTATUS']._serialized_end=1639
-  _globals['_STATUSREPLY']._serialized_start=1642
-  _globals['_STATUSREPLY']._serialized_end=2003
-  _globals['_PARAMETERSERVER']._serialized_start=2078
-  _globals['_PARAMETERSERVER']._serialized_end=2471
+  _globals['_JOINREPLY']._serialized_end=601
+  _globals['_PULLREQUEST']._serialized_start=603
+  _globals['_PULLREQUEST']._serialized_end=693
+  _globals['_PUSHREPLY']._serialized_start=695
+  _globals['_PUSHREPLY']._serialized_end=795
+  _globals['_PULLHEADER']._serialized_start=798
+  _globals['_PULLHEADER']._serialized_end=926
+  _globals['_PUSHREADY']._serialized_start=928
+  _globals['_PUSHREADY']._serialized_end=939
+  _globals['_PULLFRAME']._serialized_start=942
+  _globals['_PULLFRAME']._serialized_end=1089
+  _globals['_PUSHHEADER']._serialized_start=1092
+  _globals['_PUSHHEADER']._serialized_end=1309
+  _globals['_PUSHFRAME']._serialized_start=1311
+  _globals['_PUSHFRAME']._serialized_end=1417
+  _globals['_HEARTBEATREQUEST']._serialized_start=1419
+  _globals['_HEARTBEATREQUEST']._serialized_end=1479
+  _globals['_HEARTBEATREPLY']._serialized_start=1481
+  _globals['_HEARTBEATREPLY']._serialized_end=1515
+  _globals['_LEAVEREQUEST']._serialized_start=1517
+  _globals['_LEAVEREQUEST']._serialized_end=1573
+  _globals['_LEAVEREPLY']._serialized_start=1575
+  _globals['_LEAVEREPLY']._serialized_end=1587
+  _globals['_STATUSREQUEST']._serialized_start=1589
+  _globals['_STATUSREQUEST']._serialized_end=1604
+  _globals['_WORKERSTATUS']._serialized_start=1607
+  _globals['_WORKERSTATUS']._serialized_end=1754
+  _globals['_STATUSREPLY']._serialized_start=1757
+  _globals['_STATUSREPLY']._serialized_end=2118
+  _globals['_PARAMETERSERVER']._serialized_start=2193
+  _globals['_PARAMETERSERVER']._serialized_end=2586
 # @@protoc_insertion_point(module_scope)
