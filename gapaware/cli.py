@@ -21,6 +21,7 @@ from gapaware.common.registry import (
     DEFAULTS, NESTEROV_ASGD, NONFINITE_ACTIONS, POLICY_NAMES, SCHEDULES, SIMULATED_POLICY_NAMES, SNAPSHOT_DTYPES,
     SYNCHRONOUS_SGD, TASK_NAMES, TRANSPORT_DTYPES,
 )
+from gapaware.server.limits import DEFAULT_CHUNK_TIMEOUT, DEFAULT_MAX_CONCURRENT_RPCS
 
 TASK_HELP = (f"Built-in task ({', '.join(TASK_NAMES)}) or 'package.module:factory' returning a gapaware.Task. "
              "Imports and runs that code.")
@@ -149,11 +150,13 @@ def main() -> None:
 @click.option("--nonfinite", type=click.Choice(NONFINITE_ACTIONS), default=DEFAULTS.nonfinite, show_default=True,
               help="A gradient with NaN or Inf: refuse the push, acknowledge and drop it, or apply it "
                    "(the parameters diverge). Counted in status.")
-@click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=1024, show_default=True,
+@click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=DEFAULT_MAX_CONCURRENT_RPCS,
+              show_default=True,
               help="Authenticated calls served at once; more get RESOURCE_EXHAUSTED (workers retry it).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Torch threads for the updates (memory-bound: more rarely help, and hurt on a busy machine).")
-@click.option("--chunk-timeout", type=click.FloatRange(min=0.1), default=15.0, show_default=True, metavar="SECONDS",
+@click.option("--chunk-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_CHUNK_TIMEOUT, show_default=True,
+              metavar="SECONDS",
               help="A push that sends no chunk for this long is refused with DEADLINE_EXCEEDED (nothing applied).")
 @click.option("--receive-window", "receive_window_mib", type=click.IntRange(min=0, max=1024), default=4,
               show_default=True, metavar="MIB",

@@ -120,7 +120,8 @@ class ServerMetrics:
         try:
             self._http = await serve_metrics(self.registry, host, port)
         except OSError as error:
-            raise OSError(f"could not serve metrics on {host}:{port} (--metrics-port): {error.strerror or error}") from None
+            raise OSError(f"could not serve metrics on {host}:{port} (--metrics-port): "
+                          f"{error.strerror or error}") from None
 
     def close(self) -> None:
         if self._http is not None:

@@ -204,8 +204,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                         break
                     except TimeoutError:
                         self._metrics.push_rejected("stalled", received)
-                        raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                      f"push stalled: no chunk for {self._chunk_timeout:g}s; nothing was applied") from None
+                        raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"push stalled: no chunk for "
+                                      f"{self._chunk_timeout:g}s; nothing was applied") from None
                     assembler.add(frame)
                     received += len(frame.data)
             grad = assembler.finish()
