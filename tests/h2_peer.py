@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -47,14 +48,19 @@ class RawCall:
 
 
 class RawPeer:
-    """One connection to ``address`` that opens ``calls`` and keeps them going until :meth:`close`."""
+    """One connection to ``address`` that opens ``calls`` and keeps them going until :meth:`close`;
+    over TLS when given the CA (a PEM file) that signed the server's certificate."""
 
-    def __init__(self, address: str, calls: list[RawCall]) -> None:
+    def __init__(self, address: str, calls: list[RawCall], tls_ca: str | None = None) -> None:
         host, port = address.rsplit(":", 1)
         self.address = address
         self.calls = calls
         self.opened_at: float | None = None
         self._sock = socket.create_connection((host, int(port)), timeout=10)
+        if tls_ca is not None:
+            context = ssl.create_default_context(cafile=str(tls_ca))
+            context.set_alpn_protocols(["h2"])
+            self._sock = context.wrap_socket(self._sock, server_hostname=host)
         self._settled = False  # the server's SETTINGS arrived: they say how many calls a connection may open
         self._h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self._by_stream: dict[int, RawCall] = {}
@@ -117,7 +123,8 @@ class RawPeer:
         self._flush()
 
     def _read(self) -> None:
-        if not select.select([self._sock], [], [], 0.05)[0]:
+        pending = isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()
+        if not pending and not select.select([self._sock], [], [], 0.05)[0]:
             return
         data = self._sock.recv(65536)
         if not data:
@@ -145,9 +152,10 @@ class RawPeer:
             self._sock.sendall(outgoing)
 
 
-def open_calls(address: str, calls: list[RawCall], per_connection: int = 90) -> list[RawPeer]:
+def open_calls(address: str, calls: list[RawCall], per_connection: int = 90,
+               tls_ca: str | None = None) -> list[RawPeer]:
     """``calls`` opened over as many connections as the server's limit of calls per connection needs."""
-    peers = [RawPeer(address, calls[i:i + per_connection]) for i in range(0, len(calls), per_connection)]
+    peers = [RawPeer(address, calls[i:i + per_connection], tls_ca) for i in range(0, len(calls), per_connection)]
     for peer in peers:
         peer.wait_opened()
     return peers
