@@ -387,7 +387,7 @@ def test_a_pull_that_is_never_read_holds_its_copy_only_until_its_send_deadline(s
     print(f"40 stalled pulls of a {model_mib:.0f} MiB model: server peak memory +{grown:.0f} MiB "
           f"(bound {8 * model_mib:.0f} MiB held by them), copies freed after {freed_after:.1f}s "
           f"(deadline {deadline:.1f}s), slowest push {max(trainer.steps):.2f}s")
-    assert freed_after < deadline + 3
+    assert freed_after < deadline + 6  # noticed between the worker's steps and the puppets' own 32 MiB pulls
     assert grown < 8 * model_mib + 4 * model_mib  # theirs, and the worker's own pushes and pulls
     for client in [trainer, *puppets]:
         client.close()
