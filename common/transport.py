@@ -30,6 +30,12 @@ from gapaware.proto import parameter_server_pb2 as pb
 
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_CHUNK_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 1024
+"""The largest message either side needs to accept: a chunk frame of the largest chunk, with room for its
+framing (21 bytes); headers and the other requests are far smaller."""
+MIN_CHUNK_BYTES = 4096
+"""A server's floor on the chunk size a push may announce (all chunks but the last at least this big on
+average), so that no push can hold its gradient buffer while trickling in a byte per chunk."""
 
 DTYPES = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
 DTYPE_NAMES = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}
@@ -178,30 +184,41 @@ def frame_parser(frame_type: type[Message]) -> Callable[[bytes], Message | Chunk
     return parse
 
 
+def check_header(header: pb.TensorHeader, *, numel: int, min_chunk_bytes: int = 1) -> int:
+    """The byte count of the tensor ``header`` announces, once it is checked against what the receiver
+    needs: ``numel`` elements of a known dtype in chunks of at most :data:`MAX_CHUNK_BYTES` and, but
+    for the last, at least ``min_chunk_bytes`` on average (a whole element at the least)."""
+    if header.dtype not in DTYPES:
+        raise TransportError(f"unknown tensor dtype {header.dtype} (expected one of {sorted(DTYPES)})")
+    if header.numel != numel:
+        raise TransportError(f"tensor has {header.numel} elements but {numel} are expected")
+    size = DTYPES[header.dtype].itemsize
+    nbytes = numel * size
+    fewest = -(-nbytes // MAX_CHUNK_BYTES)
+    most = min(numel, -(-nbytes // max(min_chunk_bytes, size)))
+    if not fewest <= header.chunk_count <= most:
+        raise TransportError(f"header announces {header.chunk_count} chunks for {nbytes} bytes (between {fewest} "
+                             f"and {most} needed with chunks of {max(min_chunk_bytes, size)} to {MAX_CHUNK_BYTES} "
+                             "bytes)")
+    return nbytes
+
+
 class Assembler:
     """Receives the chunks that follow a header into a float32 tensor, checking each as it arrives.
 
     ``numel`` is the element count the receiver needs (the model's size): a header claiming any other
     count is refused before a byte is allocated, so a lying header cannot make the receiver reserve
-    memory. The tensor is written into ``out`` (a flat contiguous float32 CPU tensor of ``numel``
+    memory; ``min_chunk_bytes`` bounds the chunk count it may announce (:func:`check_header`). The
+    tensor is written into ``out`` (a flat contiguous float32 CPU tensor of ``numel``
     elements, which a receiver may reuse across transfers) or a new one. With ``check_finite`` each
     chunk is checked for NaN and Inf while it is in cache (:attr:`finite`). A stream refused half-way
     leaves ``out`` partly overwritten.
     """
 
     def __init__(self, header: pb.TensorHeader, *, numel: int, out: torch.Tensor | None = None,
-                 check_finite: bool = False) -> None:
-        self._dtype = DTYPES.get(header.dtype)
-        if self._dtype is None:
-            raise TransportError(f"unknown tensor dtype {header.dtype} (expected one of {sorted(DTYPES)})")
-        if header.numel != numel:
-            raise TransportError(f"tensor has {header.numel} elements but {numel} are expected")
-        self._nbytes = numel * self._dtype.itemsize
-        fewest = -(-self._nbytes // MAX_CHUNK_BYTES)
-        most = numel
-        if not fewest <= header.chunk_count <= most:
-            raise TransportError(f"header announces {header.chunk_count} chunks for {self._nbytes} bytes (between "
-                                 f"{fewest} and {most} needed with chunks of at most {MAX_CHUNK_BYTES} bytes)")
+                 check_finite: bool = False, min_chunk_bytes: int = 1) -> None:
+        self._nbytes = check_header(header, numel=numel, min_chunk_bytes=min_chunk_bytes)
+        self._dtype = DTYPES[header.dtype]
         if out is None:
             out = torch.empty(numel)
         elif out.shape != (numel,) or out.dtype != torch.float32 or out.device.type != "cpu" \

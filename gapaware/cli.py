@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from gapaware.cli_errors import CleanErrors, ExitCode, UserError
+from gapaware.cli_limits import server_limit_options, server_limits_from_options
 from gapaware.cli_security import (
     client_security_from_options, client_security_options, local_security_options, server_security_from_options,
     server_security_options,
@@ -23,6 +24,7 @@ from gapaware.common.registry import (
     DEFAULTS, NESTEROV_ASGD, NONFINITE_ACTIONS, POLICY_NAMES, SCHEDULES, SIMULATED_POLICY_NAMES, SNAPSHOT_DTYPES,
     SYNCHRONOUS_SGD, TASK_NAMES, TRANSPORT_DTYPES,
 )
+from gapaware.server.limits import DEFAULT_CHUNK_TIMEOUT, DEFAULT_MAX_CONCURRENT_RPCS
 
 TASK_HELP = (f"Built-in task ({', '.join(TASK_NAMES)}) or 'package.module:factory' returning a gapaware.Task. "
              "Imports and runs that code.")
@@ -173,17 +175,20 @@ def main() -> None:
               metavar="K",
               help="Refuse a push whose gradient norm exceeds K times the median norm of the last 100 accepted "
                    "pushes (from the 100th on; above 1.8e19 always). 0: no bound. Counted in status.")
-@click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Calls served at once; more get RESOURCE_EXHAUSTED.")
+@click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=DEFAULT_MAX_CONCURRENT_RPCS,
+              show_default=True,
+              help="Authenticated calls served at once; more get RESOURCE_EXHAUSTED (workers retry it).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Torch threads for the updates (memory-bound: more rarely help, and hurt on a busy machine).")
-@click.option("--chunk-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True, metavar="SECONDS",
+@click.option("--chunk-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_CHUNK_TIMEOUT, show_default=True,
+              metavar="SECONDS",
               help="A push that sends no chunk for this long is refused with DEADLINE_EXCEEDED (nothing applied).")
 @click.option("--receive-window", "receive_window_mib", type=click.IntRange(min=0, max=1024), default=4,
               show_default=True, metavar="MIB",
               help="gRPC receive window per stream, in MiB: bounds what each push being received (and each "
                    "from a peer that does not wait for its turn) buffers in the server; 0: gRPC's automatic "
                    "window (better across high-latency links).")
+@server_limit_options
 @log_level_option
 def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, lease_seconds, checkpoint_dir,
            checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, grad_norm_bound,
@@ -193,7 +198,7 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
     Exits 0 when the run ended, 2 or 4 when it could not start, and 6 when it ended (final
     evaluation written) but its final checkpoint could not be written: a supervisor restarting it
     then resumes from the newest checkpoint that was."""
-    from gapaware.server.app import ServerOptions, run_server
+    from gapaware.server.app import ListenError, ServerOptions, run_server
     from gapaware.server.checkpoint import CheckpointWriteError
     from gapaware.server.checkpointer import CheckpointOptions
     from gapaware.server.observability import tensorboard_writer_class
@@ -202,6 +207,7 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
     explicit = explicit_config_flags()
     _setup_logging(log_level)
     security = server_security_from_options(values)
+    limits = server_limits_from_options(values)
     try:
         security.check_listen(host)
     except ValueError as error:
@@ -225,8 +231,9 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
                                          checkpoints=checkpoints, resume=resume, explicit_flags=explicit,
                                          security=security, nonfinite=nonfinite, grad_norm_bound=grad_norm_bound,
                                          max_concurrent_rpcs=max_concurrent_rpcs, threads=threads,
-                                         chunk_timeout=chunk_timeout, receive_window_mib=receive_window_mib))
-    except ResumeError as error:
+                                         chunk_timeout=chunk_timeout, receive_window_mib=receive_window_mib,
+                                         **limits))
+    except (ResumeError, ListenError) as error:
         raise UserError(str(error), ExitCode.CANNOT_RUN) from None
     except CheckpointWriteError as error:
         click.echo(f"Error: the run ended, but its final checkpoint was not written ({error}); the newest one "

@@ -77,28 +77,32 @@ class JoinRequest(_message.Message):
     def __init__(self, layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "run_config_json", "layout", "version", "finished", "lease_seconds")
+    __slots__ = ("worker_id", "run_config_json", "layout", "version", "finished", "lease_seconds", "worker_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     run_config_json: str
     layout: ParamLayout
     version: int
     finished: bool
     lease_seconds: float
-    def __init__(self, worker_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., version: _Optional[int] = ..., finished: _Optional[bool] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    worker_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., version: _Optional[int] = ..., finished: _Optional[bool] = ..., lease_seconds: _Optional[float] = ..., worker_secret: _Optional[bytes] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker_id", "dtype")
+    __slots__ = ("worker_id", "dtype", "worker_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     dtype: DType
-    def __init__(self, worker_id: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    worker_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., worker_secret: _Optional[bytes] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("version", "staleness", "mean_gap", "finished", "applied")
@@ -145,7 +149,7 @@ class PullFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., ready: _Optional[_Union[PushReady, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull", "pull_dtype", "buffers", "buffers_crc32c")
+    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull", "pull_dtype", "buffers", "buffers_crc32c", "worker_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +160,7 @@ class PushHeader(_message.Message):
     PULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_CRC32C_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     base_version: int
     seq: int
@@ -166,7 +171,8 @@ class PushHeader(_message.Message):
     pull_dtype: DType
     buffers: bytes
     buffers_crc32c: int
-    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull: _Optional[bool] = ..., pull_dtype: _Optional[_Union[DType, str]] = ..., buffers: _Optional[bytes] = ..., buffers_crc32c: _Optional[int] = ...) -> None: ...
+    worker_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull: _Optional[bool] = ..., pull_dtype: _Optional[_Union[DType, str]] = ..., buffers: _Optional[bytes] = ..., buffers_crc32c: _Optional[int] = ..., worker_secret: _Optional[bytes] = ...) -> None: ...
 
 class PushFrame(_message.Message):
     __slots__ = ("header", "chunk")
@@ -177,10 +183,12 @@ class PushFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "worker_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
-    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+    worker_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., worker_secret: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("finished",)
@@ -189,10 +197,12 @@ class HeartbeatReply(_message.Message):
     def __init__(self, finished: _Optional[bool] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "worker_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
-    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+    worker_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., worker_secret: _Optional[bytes] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ()

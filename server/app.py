@@ -3,6 +3,10 @@
 Next to the parameter service the gRPC server carries the standard health service
 (SERVING while the run goes on, NOT_SERVING from the moment it ends) and server
 reflection, so ``grpc_health_probe``, grpcurl and Kubernetes ``grpc`` probes work.
+
+Every call passes three interceptors in order: the token (:mod:`~gapaware.server.auth`), the
+limit of calls at once (:mod:`~gapaware.server.call_limits`) and the reading of the request
+(:mod:`~gapaware.server.decoding`); docs/SECURITY.md says what each protects.
 """
 from __future__ import annotations
 
@@ -23,12 +27,17 @@ from grpc_reflection.v1alpha import reflection
 from gapaware.common.config import RunConfig
 from gapaware.common.registry import DEFAULTS
 from gapaware.common.security import ServerSecurity
+from gapaware.common.transport import MAX_MESSAGE_BYTES
 from gapaware.server.auth import TokenAuthInterceptor
 from gapaware.server.build import build_state
+from gapaware.server.call_limits import CallLimitInterceptor
 from gapaware.server.checkpoint import CheckpointWriteError
 from gapaware.server.checkpointer import Checkpointer, CheckpointOptions
 from gapaware.server.decoding import StrictDecodingInterceptor
 from gapaware.server.evaluator import Evaluator, MetricsLog, describe_metrics
+from gapaware.server.limits import (DEFAULT_CHUNK_TIMEOUT, DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_MAX_WORKERS,
+                                    DEFAULT_MIN_TRANSFER_RATE, DEFAULT_REQUEST_TIMEOUT, connection_options,
+                                    raise_open_file_limit, transfer_seconds)
 from gapaware.server.observability import RecordSinks, ServerMetrics, TensorBoardLog
 from gapaware.server.resume import (ResumeError, check_fresh_directory, find_resume_point, next_incarnation,
                                     resolve_config)
@@ -38,12 +47,9 @@ from gapaware.server.state import ParameterServerState
 log = logging.getLogger("gapaware.server")
 
 
-# Chunks are at most 4 MiB; leave room for the frame around them. A bigger message is refused
-# by gRPC itself with RESOURCE_EXHAUSTED before it reaches the servicer.
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-    ("grpc.max_send_message_length", 8 * 1024 * 1024),
-]
+class ListenError(OSError):
+    """The server cannot listen where it was told to (a port taken by another server): the message says
+    what to change."""
 
 
 def receive_window_options(mib: int) -> list[tuple[str, int]]:
@@ -78,12 +84,15 @@ class ServerOptions:
     resume: Path | None = None                    # continue the run checkpointed there
     explicit_flags: frozenset[str] = frozenset()  # run-config fields given on the command line
     security: ServerSecurity = field(default_factory=ServerSecurity)
-    max_concurrent_rpcs: int = 1024     # beyond it a call gets RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS  # authenticated calls at once; more: RESOURCE_EXHAUSTED
     nonfinite: str = "reject"           # a push with NaN or Inf: "reject" or "skip"
     grad_norm_bound: float = DEFAULTS.grad_norm_bound  # k of the push bound; 0: none
-    chunk_timeout: float = 60.0         # seconds a push may stall between chunks before it is ended
+    chunk_timeout: float = DEFAULT_CHUNK_TIMEOUT  # seconds a push may stall between chunks before it is ended
     threads: int = 1                    # torch intra-op threads
     receive_window_mib: int = 4         # per-stream receive window; 0: gRPC's automatic window
+    max_workers: int = DEFAULT_MAX_WORKERS            # workers registered at once; more Joins: RESOURCE_EXHAUSTED
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds a call's first request message may take to arrive
+    min_transfer_rate: float = DEFAULT_MIN_TRANSFER_RATE  # MiB/s below which a tensor transfer is ended
 
 
 def listen_address(host: str, port: int) -> str:
@@ -103,7 +112,8 @@ def prepare_state(config: RunConfig, options: ServerOptions):
         config = resolve_config(checkpoint.config, config, options.explicit_flags)
     elif checkpoint_dir is not None:
         check_fresh_directory(checkpoint_dir)
-    task, state = build_state(config, nonfinite=options.nonfinite, grad_norm_bound=options.grad_norm_bound)
+    task, state = build_state(config, nonfinite=options.nonfinite, grad_norm_bound=options.grad_norm_bound,
+                              max_workers=options.max_workers)
     if checkpoint is not None:
         others = [checkpoint_dir] if checkpoint_dir is not None else []
         try:
@@ -130,6 +140,16 @@ async def reap_expired(state: ParameterServerState, lease_seconds: float) -> Non
                     record.worker_id, record.hostname, lease_seconds, record.pushes)
 
 
+def grpc_options(options: ServerOptions, model_bytes: int) -> list[tuple[str, int]]:
+    """The gRPC options of a server with ``options`` for a model of ``model_bytes``. Chunks are at most
+    4 MiB: a message bigger than one with its frame is refused by gRPC itself with RESOURCE_EXHAUSTED
+    before it reaches the servicer. An old connection's calls get the longest an honest call takes once
+    its request is in (a gradient received, the parameters sent) to finish."""
+    longest_call = options.request_timeout + 2 * transfer_seconds(model_bytes, options.chunk_timeout,
+                                                                  options.min_transfer_rate)
+    return connection_options(MAX_MESSAGE_BYTES, longest_call) + receive_window_options(options.receive_window_mib)
+
+
 def build_grpc_server(state: ParameterServerState, options: ServerOptions, *, last_eval: Callable[[], dict] = dict,
                       metrics: ServerMetrics | None = None) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """The gRPC server for ``state``, with ``options``' security and limits, bound but not started:
@@ -141,20 +161,27 @@ def build_grpc_server(state: ParameterServerState, options: ServerOptions, *, la
     security.check_listen(options.host)
     authentication = [TokenAuthInterceptor(security.token)] if security.token else []
     server = grpc.aio.server(
-        options=GRPC_OPTIONS + receive_window_options(options.receive_window_mib),
-        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
-        interceptors=[*authentication, StrictDecodingInterceptor()],  # nothing is parsed before the token is checked
+        options=grpc_options(options, model_bytes=state.layout.numel * 4),
+        # Nothing counts against the limit before the token is checked, nothing is read before both.
+        interceptors=[*authentication, CallLimitInterceptor(options.max_concurrent_rpcs),
+                      StrictDecodingInterceptor(options.request_timeout)],
     )
     add_to_server(ParameterServerServicer(state, last_eval=last_eval, lease_seconds=options.lease_seconds,
-                                          metrics=metrics, chunk_timeout=options.chunk_timeout), server)
+                                          metrics=metrics, chunk_timeout=options.chunk_timeout,
+                                          min_transfer_rate=options.min_transfer_rate), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = listen_address(options.host, options.port)
     credentials = security.credentials()
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"could not listen on {address}")
+        raise ListenError(f"could not listen on {address}: the port is taken (by another gapaware server? "
+                          f"`gapaware status --server {address}` asks it) or the address is not this host's; "
+                          "stop that server or give another --port")
     return server, port, health_servicer
 
 
@@ -162,6 +189,7 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
     """Runs the server until the run ends (or SIGTERM/SIGINT), then returns the final record."""
     options.security.check_listen(options.host)  # before the slow part: loading the task
     torch.set_num_threads(options.threads)
+    raise_open_file_limit()
     task, state, checkpointer = prepare_state(config, options)
     config = state.config
     metrics = ServerMetrics(state)
@@ -171,7 +199,10 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
     server, port, health_servicer = build_grpc_server(state, options, last_eval=lambda: evaluator.last,
                                                       metrics=metrics)
     if options.metrics_port:
-        metrics.serve(options.host, options.metrics_port)
+        try:
+            await metrics.serve(options.host, options.metrics_port)
+        except OSError as error:
+            raise ListenError(str(error)) from None
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

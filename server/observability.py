@@ -19,10 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gapaware.common.results import PushResult
+from gapaware.server.metrics_http import serve_metrics
 from gapaware.server.state import ParameterServerState
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
@@ -79,6 +80,9 @@ class ServerMetrics:
                                   buckets=LATENCY_BUCKETS, registry=reg)
         self._bytes_in = Counter("gapaware_received_bytes", "Tensor payload bytes received (gradients).", registry=reg)
         self._bytes_out = Counter("gapaware_sent_bytes", "Tensor payload bytes sent (parameters).", registry=reg)
+        self._sends_ended = Counter("gapaware_sends_ended",
+                                    "Replies cut off because the client did not take them by their deadline.",
+                                    registry=reg)
         self._accuracy = Gauge("gapaware_eval_accuracy", "Held-out accuracy of the last evaluation.", registry=reg)
         self._loss = Gauge("gapaware_eval_loss", "Held-out loss of the last evaluation.", registry=reg)
         self._eval_version = Gauge("gapaware_eval_version", "Version the last evaluation measured.", registry=reg)
@@ -110,6 +114,9 @@ class ServerMetrics:
     def sent(self, nbytes: int) -> None:
         self._bytes_out.inc(nbytes)
 
+    def send_ended(self) -> None:
+        self._sends_ended.inc()
+
     # -- a record sink, fed by the evaluator ---------------------------------------------------
     def write(self, record: dict) -> None:
         self._accuracy.set(_number(record.get("accuracy")))
@@ -121,17 +128,18 @@ class ServerMetrics:
         self._evals_skipped.set(record.get("evals_skipped", 0))
 
     # -- exposition ----------------------------------------------------------------------------
-    def serve(self, host: str, port: int) -> None:
-        """Serves ``/metrics`` over HTTP on ``host:port`` from a background thread."""
+    async def serve(self, host: str, port: int) -> None:
+        """Serves ``/metrics`` over HTTP on ``host:port`` from the running event loop
+        (:mod:`gapaware.server.metrics_http`)."""
         try:
-            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+            self._http = await serve_metrics(self.registry, host, port)
         except OSError as error:
-            raise OSError(f"could not serve metrics on {host}:{port} (--metrics-port): {error}") from None
+            raise OSError(f"could not serve metrics on {host}:{port} (--metrics-port): "
+                          f"{error.strerror or error}") from None
 
     def close(self) -> None:
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
             self._http = None
 
 

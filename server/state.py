@@ -21,10 +21,11 @@ from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
 from gapaware.server.checkpoint import Checkpoint, CheckpointHealth
-from gapaware.server.errors import InvalidLayout, LayoutMismatch
+from gapaware.server.errors import InvalidLayout, LayoutMismatch, TooManyWorkers
+from gapaware.server.limits import DEFAULT_MAX_WORKERS
 from gapaware.server.model_store import ModelStore
 from gapaware.server.push import AdmittedPush, admit
-from gapaware.server.registry import WorkerRecord, WorkerRegistry, first_worker_id
+from gapaware.server.registry import WorkerRecord, WorkerRegistry, check_join_labels, first_worker_id
 from gapaware.server.updater import Updater, Window
 
 log = logging.getLogger("gapaware.server")
@@ -32,7 +33,8 @@ log = logging.getLogger("gapaware.server")
 
 class ParameterServerState:
     def __init__(self, config: RunConfig, layout: ParamLayout, theta: torch.Tensor, train_size: int, *,
-                 nonfinite: str = "reject", grad_norm_bound: float = 0.0, buffers: bytes = b"") -> None:
+                 nonfinite: str = "reject", grad_norm_bound: float = 0.0, buffers: bytes = b"",
+                 max_workers: int = DEFAULT_MAX_WORKERS) -> None:
         if theta.dim() != 1 or theta.numel() != layout.numel or theta.dtype != torch.float32:
             raise ValueError(f"theta must be a flat float32 tensor of {layout.numel} elements")
         self.config = config
@@ -44,6 +46,7 @@ class ParameterServerState:
         self.updater = Updater(config, layout.numel, config.total_updates(train_size), nonfinite, grad_norm_bound)
         self.checkpoint_health = CheckpointHealth()
         self.workers = WorkerRegistry()
+        self.max_workers = max_workers
         self.finished = False
         self.incarnation = 0
         self.started = time.monotonic()
@@ -96,8 +99,10 @@ class ParameterServerState:
 
     # -- membership -------------------------------------------------------------------------
     def join(self, hostname: str, device: str, layout: ParamLayout | None, *, fingerprint: str = "") -> WorkerRecord:
-        """Registers a worker. ``layout`` and its claimed ``fingerprint`` (either may be absent) must
-        agree with each other and with the server's layout."""
+        """Registers a worker, up to :attr:`max_workers` at once. ``layout`` and its claimed ``fingerprint``
+        (either may be absent) must agree with each other and with the server's layout; ``hostname`` and
+        ``device`` must be plain names of bounded length (:func:`check_join_labels`)."""
+        check_join_labels(hostname, device)
         if fingerprint and layout is not None and fingerprint != layout.fingerprint:
             raise InvalidLayout(f"the layout's fingerprint {fingerprint[:16]}... is not that of the {len(layout.names)} "
                                 "parameters it lists: the message is corrupt or was built by other code")
@@ -111,6 +116,8 @@ class ParameterServerState:
                                  f"layout fingerprint {fingerprint[:16]}..., the server's is "
                                  f"{self.layout.fingerprint[:16]}...")
         with self._lock:
+            if len(self.workers) >= self.max_workers:
+                raise TooManyWorkers(self.max_workers)
             record = self.workers.add(hostname, device)
         log.info("worker %d joined from %s (%s)", record.worker_id, hostname, device)
         return record
@@ -134,6 +141,12 @@ class ParameterServerState:
     def _forget(self, worker_id: int) -> None:
         self.model.forget(worker_id)
         self.policy.forget_worker(worker_id)
+
+    def authenticate(self, worker_id: int, secret: bytes) -> None:
+        """Refuses a call for ``worker_id`` that does not present the secret it was given at Join
+        (:meth:`WorkerRegistry.authenticate`, which needs no lock: the event loop calls this and never
+        waits for an update in progress)."""
+        self.workers.authenticate(worker_id, secret)
 
     def heartbeat(self, worker_id: int) -> bool:
         with self._lock:

@@ -39,11 +39,12 @@ def test_backoffs_grow_exponentially_within_jitter_and_are_capped():
     assert len({round(w, 6) for w in waits[4:]}) == 4, "jitter spreads the capped waits"
 
 
-def test_unavailable_and_deadline_are_retried_until_success(caplog):
-    call, calls = failing([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
+def test_unavailable_deadline_and_a_full_server_are_retried_until_success(caplog):
+    call, calls = failing([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                           grpc.StatusCode.RESOURCE_EXHAUSTED])
     policy = RetryPolicy(initial_backoff=0.01, max_backoff=0.02)
     assert call_with_retries(call, policy, what="push 7") == "ok"
-    assert len(calls) == 3
+    assert len(calls) == 4
     assert "push 7 failed (UNAVAILABLE: fake UNAVAILABLE); retry 1" in caplog.text
     assert "retry 2" in caplog.text
 

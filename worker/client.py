@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -96,6 +96,7 @@ class JoinInfo:
     version: int
     finished: bool
     lease_seconds: float
+    worker_secret: bytes = field(default=b"", repr=False)  # presented by every later call as this worker
 
 
 class WorkerClient:
@@ -150,7 +151,7 @@ class WorkerClient:
         self._info = JoinInfo(
             worker_id=reply.worker_id, config=RunConfig.from_json(reply.run_config_json),
             layout=ParamLayout.from_proto(reply.layout), version=reply.version, finished=reply.finished,
-            lease_seconds=reply.lease_seconds,
+            lease_seconds=reply.lease_seconds, worker_secret=reply.worker_secret,
         )
         return self._info
 
@@ -161,12 +162,14 @@ class WorkerClient:
         return self._info
 
     def leave(self) -> None:
-        self._stub.Leave(pb.LeaveRequest(worker_id=self.info.worker_id), timeout=self._timeout)
+        self._stub.Leave(pb.LeaveRequest(worker_id=self.info.worker_id, worker_secret=self.info.worker_secret),
+                         timeout=self._timeout)
         self._info = None
 
     def heartbeat(self, timeout: float | None = None) -> bool:
         """Keeps the lease alive; returns True once the run is finished."""
-        return self._stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.info.worker_id),
+        return self._stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.info.worker_id,
+                                                        worker_secret=self.info.worker_secret),
                                     timeout=timeout or self._timeout).finished
 
     def status(self) -> pb.StatusReply:
@@ -200,7 +203,8 @@ class WorkerClient:
         allocation per step (fresh memory costs the kernel a page fault and zeroing per page). A
         call that fails leaves it partly overwritten. None allocates a new tensor.
         """
-        frames = iter(self._pull_frames(pb.PullRequest(worker_id=self.info.worker_id, dtype=self._dtype),
+        frames = iter(self._pull_frames(pb.PullRequest(worker_id=self.info.worker_id, dtype=self._dtype,
+                                                       worker_secret=self.info.worker_secret),
                                         timeout=self._timeout))
         header = self._reply_header(frames)
         return header.version, self._receive(header, frames, out)
@@ -246,7 +250,8 @@ class WorkerClient:
             raise ValueError(f"the model has {len(specs)} buffers: pass buffers=dict(model.named_buffers())")
         packed = pack_buffers(buffers, specs) if specs else b""
         tensor, chunks = encode(grad, self._dtype, self._chunk_bytes)
-        header = pb.PushHeader(worker_id=self.info.worker_id, base_version=base_version,
+        header = pb.PushHeader(worker_id=self.info.worker_id, worker_secret=self.info.worker_secret,
+                               base_version=base_version,
                                seq=self.next_seq() if seq is None else seq, samples=samples, loss=loss,
                                tensor=tensor, pull=pull, pull_dtype=self._dtype, buffers=packed,
                                buffers_crc32c=checksum(packed))

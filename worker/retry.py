@@ -1,7 +1,9 @@
 """Retrying calls to a server that is restarting or unreachable: exponential backoff with jitter.
 
 Only failures that say nothing reached a decision are retried: ``UNAVAILABLE`` (no connection,
-the server restarting, the network down) and ``DEADLINE_EXCEEDED`` (no answer in time). A push
+the server restarting, the network down), ``DEADLINE_EXCEEDED`` (no answer in time) and
+``RESOURCE_EXHAUSTED`` (the server is serving its most calls, or workers, at once: a place frees
+up, and backing off is what makes room). A push
 may be retried safely because it carries its sequence number (the server applies it at most
 once); gRPC's own transparent retries are not used for gradients, since they skip messages
 bigger than gRPC's retry buffer. Every other status is an answer and goes to the caller.
@@ -28,7 +30,8 @@ import grpc
 
 log = logging.getLogger("gapaware.worker")
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 T = TypeVar("T")
 
