@@ -1,5 +1,5 @@
 """A worker waiting out a long backoff reaches a restarted server about a second after it listens,
-not at the end of its backoff (worker/retry.py, ``WorkerClient.connection``)."""
+not at the end of its backoff (worker/retry.py, ``WorkerClient.answers``)."""
 from __future__ import annotations
 
 import signal
@@ -30,12 +30,11 @@ def wait_for(condition, timeout: float, what: str) -> None:
 def test_a_retry_in_backoff_reaches_a_server_restarted_on_the_same_port(inprocess_servers, caplog):
     first = inprocess_servers(small_state(50))
     with WorkerClient(first.address, timeout=10) as client:
-        connection = client.connection  # watched from the start, as the worker loop does
         client.status()
         first.close()
         answered = []
         retrying = threading.Thread(target=lambda: answered.append(
-            call_with_retries(client.status, LONG_BACKOFF, what="status", connection=connection)))
+            call_with_retries(client.status, LONG_BACKOFF, what="status", answers=client.answers)))
         retrying.start()
         wait_for(lambda: "status failed" in caplog.text and "retry 1 " in caplog.text, 30, "the first retry's wait")
         inprocess_servers(small_state(50), port=first.port)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gapaware.common.buffers import checksum, pack_buffers, unpack_buffers
 from gapaware.common.config import RunConfig
@@ -41,51 +41,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.min_reconnect_backoff_ms", 5000),
 ]
-
-
-class Connection:
-    """A channel's connection to its server, as gRPC's connectivity state tells it: whether it is up
-    (READY), and waiting for it to be while the channel tries to connect. A channel whose connection
-    broke goes IDLE and connects again only when asked: :meth:`wait_until_up` asks (see
-    :mod:`gapaware.worker.retry`). The state is watched by a thread of gRPC's that polls the channel,
-    until :meth:`close`, which must come before the channel's."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        self._channel = channel
-        self._up = threading.Event()
-        channel.subscribe(self._track)
-
-    def _track(self, state: grpc.ChannelConnectivity) -> None:
-        if state is grpc.ChannelConnectivity.READY:
-            self._up.set()
-        else:
-            self._up.clear()
-
-    def up(self) -> bool:
-        return self._up.is_set()
-
-    def wait_until_up(self, timeout: float) -> bool:
-        """Whether the connection is up within ``timeout`` seconds, the channel asked to connect meanwhile."""
-        if self._up.is_set():
-            return True
-        ready = grpc.channel_ready_future(self._channel)
-        try:
-            ready.result(timeout=timeout)
-            return True
-        except grpc.FutureTimeoutError:
-            return False
-        finally:
-            ready.cancel()
-
-    def close(self) -> None:
-        """Stops watching. gRPC's polling thread notices within one poll (0.2 s) and ends; a channel
-        closed before then makes that thread die with a traceback ("Cannot invoke RPC on closed
-        channel"), so this waits for it, a second at most, on gRPC's own flag."""
-        self._channel.unsubscribe(self._track)
-        state = getattr(self._channel, "_connectivity_state", None)
-        deadline = time.monotonic() + 1.0
-        while state is not None and state.polling and time.monotonic() < deadline:
-            time.sleep(0.01)
 
 
 @dataclass(frozen=True)
@@ -124,7 +79,7 @@ class WorkerClient:
         self._timeout = timeout
         security = client_security(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
         self._channel: grpc.Channel = security.open_channel(address, CHANNEL_OPTIONS)
-        self._connection: Connection | None = None
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         # The tensor-carrying methods skip protobuf message objects for chunks (gapaware.common.transport).
         method = f"/{pb.DESCRIPTOR.services_by_name['ParameterServer'].full_name}/"
@@ -175,18 +130,20 @@ class WorkerClient:
     def status(self) -> pb.StatusReply:
         return self._stub.Status(pb.StatusRequest(), timeout=self._timeout)
 
-    @property
-    def connection(self) -> Connection:
-        """This client's :class:`Connection`, watched from the first time it is asked for (a client for
-        one call, such as ``gapaware status``, does without the watching): a retry after a lost
-        connection waits on it (:mod:`gapaware.worker.retry`)."""
-        if self._connection is None:
-            self._connection = Connection(self._channel)
-        return self._connection
+    def answers(self, timeout: float, *, wait_for_connection: bool = True) -> bool:
+        """Whether the server answers within ``timeout`` seconds: a call to the standard health
+        service, which needs no token. With ``wait_for_connection`` the call waits for the channel to
+        connect (one whose connection broke stays idle until a call asks it to), else it fails at once
+        on a broken connection. Any answer counts, ``NOT_SERVING`` too; ``UNAVAILABLE`` (no
+        connection, or a proxy with no server behind it) and no answer in time do not. A retry after
+        a lost connection asks it (:mod:`gapaware.worker.retry`)."""
+        try:
+            self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=wait_for_connection)
+        except grpc.RpcError as error:
+            return error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return True
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
         self._channel.close()
     def __enter__(self) -> WorkerClient:
         return self

@@ -149,7 +149,7 @@ def run_worker(options: WorkerOptions) -> WorkerSummary:
     with stop_on_signals(threading.Event()) as stop, \
             WorkerClient(options.server, transport_dtype=options.transport_dtype,
                          timeout=options.rpc_timeout, **options.security.client_kwargs()) as client:
-        retry = functools.partial(call_with_retries, policy=options.retry, stop=stop, connection=client.connection)
+        retry = functools.partial(call_with_retries, policy=options.retry, stop=stop, answers=client.answers)
         try:
             return _train(client, options, retry, stop)
         except RetryAborted as aborted:

@@ -8,13 +8,15 @@ may be retried safely because it carries its sequence number (the server applies
 once); gRPC's own transparent retries are not used for gradients, since they skip messages
 bigger than gRPC's retry buffer. Every other status is an answer and goes to the caller.
 
-A retry after ``UNAVAILABLE`` goes as soon as a connection lost before or during its backoff has
-come back: meanwhile the channel is asked to connect (a broken connection leaves it idle until
-asked) and re-attempts at least once a second (:data:`gapaware.worker.client.CHANNEL_OPTIONS`), so
-a restarted server is reached about a second after it listens, not one whole backoff later, and a
-retry made on a connection still marked refused does not fail at once to wait a whole backoff
-more. On a connection that stays up (a proxy answering ``UNAVAILABLE`` for a server behind it)
-the retry waits its whole backoff.
+A retry after ``UNAVAILABLE`` goes as soon as the server answers again, within its backoff: the
+wait asks, every half second at most, whether it does (``answers``, a health check that waits for
+the channel to connect; the channel re-attempts at least once a second,
+:data:`gapaware.worker.client.CHANNEL_OPTIONS`). So a restarted server is reached about a second
+after it listens, not one whole backoff later, and a retry made on a connection still marked
+refused does not fail at once to wait a whole backoff more. A server that answers the first
+question (the failure was not its absence: a proxy refusing one call) and one that only times out
+(``DEADLINE_EXCEEDED``: too slow to answer) get the whole backoff, so nothing is retried in a
+tight loop.
 """
 from __future__ import annotations
 
@@ -35,17 +37,16 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 
 T = TypeVar("T")
 
-_STOP_POLL_SECONDS = 0.1
-"""While a retry waits with a connection to watch, how often it looks at the connection and at a stop
-request."""
+ASK_EVERY_SECONDS = 0.5
+"""While a retry waits after ``UNAVAILABLE``, how often it asks whether the server answers again
+(and looks at a stop request)."""
 
 
-class Connection(Protocol):
-    """What a retry needs to know of the connection (:class:`gapaware.worker.client.Connection`)."""
+class Answers(Protocol):
+    """Whether the server answers within ``timeout`` seconds; with ``wait_for_connection`` the
+    channel connects meanwhile, else a broken connection fails at once (:meth:`WorkerClient.answers`)."""
 
-    def up(self) -> bool: ...
-
-    def wait_until_up(self, timeout: float) -> bool: ...
+    def __call__(self, timeout: float, *, wait_for_connection: bool) -> bool: ...
 
 
 class RetryAborted(Exception):
@@ -87,11 +88,11 @@ def is_retryable(error: BaseException) -> bool:
 
 def call_with_retries(call: Callable[[], T], policy: RetryPolicy, *, what: str,
                       stop: threading.Event | None = None, rng: random.Random | None = None,
-                      connection: Connection | None = None) -> T:
+                      answers: Answers | None = None) -> T:
     """``call()``, retried per ``policy`` while it fails with a retryable status.
 
-    ``connection`` (:attr:`WorkerClient.connection`): after an ``UNAVAILABLE``, the wait ends once a
-    connection lost before or during it is up again. Raises the last
+    ``answers`` (:meth:`WorkerClient.answers`): after an ``UNAVAILABLE``, the wait ends once a
+    server that did not answer does. Raises the last
     error once the policy gives up (or at once for any other error), and :class:`RetryAborted`
     when ``stop`` is set during a wait.
     """
@@ -113,28 +114,34 @@ def call_with_retries(call: Callable[[], T], policy: RetryPolicy, *, what: str,
                           error.details(), now - first_failure)
                 raise
             attempt += 1
-            reconnecting = connection is not None and error.code() is grpc.StatusCode.UNAVAILABLE
+            asking = answers if error.code() is grpc.StatusCode.UNAVAILABLE else None
             log.warning("%s failed (%s: %s); retry %d in %.1fs%s", what, error.code().name, error.details(),
-                        attempt, wait, " or once reconnected" if reconnecting else "")
-            if _wait(wait, stop, connection if reconnecting else None):
+                        attempt, wait, " or once the server answers" if asking else "")
+            if _wait(wait, stop, asking):
                 raise RetryAborted(f"{what}: stopped while waiting to retry") from error
 
 
-def _wait(seconds: float, stop: threading.Event | None, connection: Connection | None) -> bool:
-    """Waits ``seconds``; with ``connection``, less once it is up again after being down. True when
+def _wait(seconds: float, stop: threading.Event | None, answers: Answers | None) -> bool:
+    """Waits ``seconds``, or less once the server, silent at first, answers (asked every
+    :data:`ASK_EVERY_SECONDS`, waiting for the channel to connect). A server that answers at once,
+    on the connection as it is, was not what failed: it gets the whole wait, unasked. True when
     ``stop`` was set meanwhile."""
     deadline = time.monotonic() + seconds
-    lost = connection is not None and not connection.up()
+    if answers is not None and answers(min(seconds, ASK_EVERY_SECONDS), wait_for_connection=False):
+        answers = None
     while (left := deadline - time.monotonic()) > 0:
-        step = min(left, _STOP_POLL_SECONDS) if connection is not None else left
-        if lost:
-            if connection.wait_until_up(step):
-                break
-        elif stop is not None:
-            stop.wait(step)
-        else:
-            time.sleep(step)
-        if stop is not None and stop.is_set():
+        slot_end = time.monotonic() + (min(left, ASK_EVERY_SECONDS) if answers is not None else left)
+        if answers is not None and answers(slot_end - time.monotonic(), wait_for_connection=True):
+            break
+        if _sleep_until(slot_end, stop):
             return True
-        lost = connection is not None and not connection.up()
     return stop is not None and stop.is_set()
+
+
+def _sleep_until(moment: float, stop: threading.Event | None) -> bool:
+    """Sleeps until ``moment`` (``time.monotonic``); True when ``stop`` was set."""
+    left = max(0.0, moment - time.monotonic())
+    if stop is None:
+        time.sleep(left)
+        return False
+    return stop.wait(left)
