@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.tta_runs import Run
+from gapaware.cli_reference import replace_block
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 DOCS_OUT = DOCS / "time_to_accuracy"
@@ -107,7 +108,7 @@ def write(results: list[Result], out: Path, targets: dict[str, tuple[float, floa
         written.append(_plot([r for r in results if (r.task, r.workers) == (task, workers)], targets[task],
                              out / f"{task}-n{workers}.png"))
     if out.resolve() == DOCS_OUT and DOC.exists():
-        DOC.write_text(replace_block(DOC.read_text(), markdown_tables(results, targets)))
+        DOC.write_text(replace_block(DOC.read_text(), markdown_tables(results, targets), START, END))
         written.append(DOC)
     return written
 
@@ -182,10 +183,3 @@ def markdown_tables(results: list[Result], targets: dict[str, tuple[float, float
         parts += ["| " + " | ".join(str(cell) for cell in r.row()) + " |\n" for r in results if r.task == task]
     return "".join(parts) + "\n"
 
-
-def replace_block(text: str, block: str) -> str:
-    head, found, rest = text.partition(START)
-    _, found_end, tail = rest.partition(END)
-    if not found or not found_end:
-        raise ValueError(f"the file has no {START} ... {END} block")
-    return f"{head}{START}\n{block}{END}{tail}"

@@ -58,11 +58,9 @@ def receive_window_options(mib: int) -> list[tuple[str, int]]:
 
     gRPC fills a stream's window before the servicer reads it. A push sends nothing but its header
     until it is admitted (:mod:`gapaware.server.admission`); the window bounds what any other stream
-    can make the server buffer. Before pushes were admitted, the automatic window grew larger on loopback: a burst
-    of 64 pushes of 25 MiB peaked at 88.8 model sizes against 82.7 with 4 MiB windows
-    (bench/memory.py), and 100 MiB pushes went faster with the fixed window. A window caps one
-    stream at window ÷ round-trip time: 4 MiB gives 4 GB/s at 1 ms, 400 MB/s at 10 ms; across
-    regions, 0 (automatic) or a bigger window is the better choice.
+    can make the server buffer (bench/memory.py measures it, docs/PERFORMANCE.md section 5). A
+    window caps one stream at window ÷ round-trip time; across regions, 0 (automatic) or a bigger
+    window is the better choice.
     """
     if mib == 0:
         return []
