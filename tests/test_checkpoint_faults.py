@@ -134,7 +134,7 @@ def test_a_tampered_checkpoint_does_not_make_a_real_server_import_its_module(tmp
     CheckpointDirectory(tmp_path / "ckpt").save(state.checkpoint())
     done = subprocess.run(gapaware_command("server", "--resume", str(tmp_path / "ckpt"), "--port", "0"),
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.returncode == 4, done.stdout + done.stderr  # ExitCode.CANNOT_RUN
     assert "cannot make the server import code: pass --task evilmod:build" in done.stderr
     assert "Traceback" not in done.stderr
     assert not marker.exists(), "the module a checkpoint names was imported"
