@@ -9,6 +9,8 @@ that the simulator can call too; :func:`in_slices` runs them slice by slice on t
 """
 from __future__ import annotations
 
+from gapaware.common.registry import DEFAULTS
+
 from .asgd import ASGD, asgd_push_
 from .base import Policy, PolicySettings
 from .dana import DanaGapAware, DanaZero, dana_gap_aware_push_, dana_look_ahead, dana_push_, dana_step
@@ -27,7 +29,7 @@ POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (
 
 
 def make_policy(name: str, numel: int, *, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                ga_beta: float = 0.999, ga_eps: float = 1e-8) -> Policy:
+                ga_beta: float = DEFAULTS.ga_beta, ga_eps: float = DEFAULTS.ga_eps) -> Policy:
     """The policy registered as ``name`` for ``numel`` parameters. Every policy takes every setting
     (those without a Gap ignore ``ga_beta`` and ``ga_eps``); all are validated here, a bad one
     raises ``ValueError``."""

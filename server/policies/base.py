@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from gapaware.common.registry import DEFAULTS
+
 
 @dataclasses.dataclass(frozen=True)
 class PolicySettings:
@@ -35,8 +37,8 @@ class PolicySettings:
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
-    ga_beta: float = 0.999
-    ga_eps: float = 1e-8
+    ga_beta: float = DEFAULTS.ga_beta
+    ga_eps: float = DEFAULTS.ga_eps
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.momentum < 1.0:
