@@ -112,8 +112,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def children_of(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+def health_children_of(pid: int) -> list[int]:
+    """The ``gapaware health`` processes ``pid`` started (other tests may have left children of theirs)."""
+    children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [child for child in children if b"health" in _cmdline(child)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -125,7 +134,7 @@ def test_a_procs_parent_reports_a_killed_child_at_once_and_lets_the_others_run(c
 
     def kill_one_then_the_other() -> None:
         deadline = time.monotonic() + 120
-        while len(children := children_of(os.getpid())) < 2:
+        while len(children := health_children_of(os.getpid())) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         first, second = children
