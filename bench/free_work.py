@@ -3,8 +3,9 @@
 
     python -m bench.free_work
 
-1. "gapaware, free": gapaware with the CRC-32C checksums, the check that a gradient is finite and the
-   update each replaced by a no-op, in the server and in every worker. The bytes on the wire are the
+1. "gapaware, free": gapaware with the CRC-32C checksums, the checks that a gradient and an update's
+   result are finite, the push bound's norm and the update each replaced by a no-op, in the server
+   and in every worker. The bytes on the wire are the
    same; what it still spends is gRPC, Python, and the copies and casts between tensors and
    messages. It runs beside PyTorch RPC over TCP, the gRPC floor (:mod:`bench.grpc_floor`, with
    messages of the transport dtype's size, doing nothing with them) and gapaware as it is,
@@ -41,7 +42,8 @@ from bench.models import MIB
 from gapaware.cli import main as gapaware_main
 from gapaware.common import transport
 from gapaware.common.transport import tensor_bytes
-from gapaware.server import push
+from gapaware.server import push, updater
+from gapaware.server.policies import make_policy
 from gapaware.server.policies.asgd import ASGD
 
 CASES = quick_or([(64 * 1024, 2, "float32", 1.2), (64 * 1024, 2, "bfloat16", 1.3)],
@@ -57,11 +59,14 @@ WORK = ("checksums", "finiteness", "update", "copies")
 
 @contextlib.contextmanager
 def free_arithmetic() -> Iterator[None]:
-    """This process (and those it forks meanwhile) with gapaware's checksums, finiteness check and
-    update replaced by no-ops: every checksum is 0, every gradient finite, and θ never changes."""
+    """This process (and those it forks meanwhile) with gapaware's checksums, finiteness checks, the
+    push bound's norm and the update replaced by no-ops: every checksum is 0, every gradient and
+    result finite, every norm 0, and θ never changes."""
     with mock.patch.object(crc32c, "crc32c", lambda data, value=0: value), \
             mock.patch.object(transport, "all_finite", lambda tensor: True), \
             mock.patch.object(push, "all_finite", lambda tensor: True), \
+            mock.patch.object(updater, "all_finite", lambda tensor: True), \
+            mock.patch.object(updater, "gradient_norm", lambda tensor: 0.0), \
             mock.patch.object(ASGD, "apply", lambda self, theta, grad, **kwargs: 1.0):
         yield
 
@@ -84,7 +89,7 @@ def work_ms(nbytes: int, dtype: str) -> dict[str, float]:
     numel, sent_dtype = nbytes // 4, torch.bfloat16 if dtype == "bfloat16" else torch.float32
     theta, grad, received = torch.randn(numel), torch.randn(numel) * 1e-3, torch.empty(numel)
     sent = torch.empty(numel, dtype=sent_dtype)
-    policy = ASGD(numel, momentum=0.9)
+    policy = make_policy("asgd", numel, momentum=0.9)
     out_ms = _alone_ms(lambda: sent.copy_(theta))
     in_ms = _alone_ms(lambda: received.copy_(sent))
     return {

@@ -22,7 +22,7 @@ import grpc
 
 from gapaware.common.transport import DEFAULT_CHUNK_BYTES
 from gapaware.processes import NotReady, spawn_ready
-from gapaware.server.app import GRPC_OPTIONS, ServerOptions, receive_window_options
+from gapaware.server.app import ServerOptions, grpc_options
 from gapaware.worker.client import CHANNEL_OPTIONS
 
 SERVICE = "gapaware.bench.Floor"
@@ -63,7 +63,7 @@ async def _serve(nbytes: int, ready_file: Path, host: str) -> None:
         "Push": grpc.stream_stream_rpc_method_handler(push, **plain),
         "PushPull": grpc.stream_stream_rpc_method_handler(push_pull, **plain),
     })
-    server = grpc.aio.server(options=GRPC_OPTIONS + receive_window_options(ServerOptions.receive_window_mib))
+    server = grpc.aio.server(options=grpc_options(ServerOptions(), model_bytes=nbytes))
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port(f"{host}:0")
     await server.start()

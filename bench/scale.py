@@ -40,8 +40,8 @@ class Client:
     async def start(self) -> None:
         self.info = await self.stub.Join(pb.JoinRequest(hostname="bench-scale"), timeout=CALL_TIMEOUT)
         self.numel = sum(int(np.prod(p.shape)) for p in self.info.layout.params)
-        self.version, _ = await self._receive(self.stub.Pull(pb.PullRequest(worker_id=self.info.worker_id),
-                                                             timeout=CALL_TIMEOUT))
+        pull = pb.PullRequest(worker_id=self.info.worker_id, worker_secret=self.info.worker_secret)
+        self.version, _ = await self._receive(self.stub.Pull(pull, timeout=CALL_TIMEOUT))
         self.grad = torch.full((self.numel,), 1e-6)
 
     async def _receive(self, call) -> tuple[int, torch.Tensor]:
@@ -57,8 +57,8 @@ class Client:
 
     def _frames(self):
         header, chunks = encode(self.grad)
-        yield pb.PushFrame(header=pb.PushHeader(worker_id=self.info.worker_id, base_version=self.version,
-                                                tensor=header, samples=1, pull=True))
+        yield pb.PushFrame(header=pb.PushHeader(worker_id=self.info.worker_id, worker_secret=self.info.worker_secret,
+                                                base_version=self.version, tensor=header, samples=1, pull=True))
         for chunk in chunks:
             yield pb.PushFrame.FromString(chunk)
 

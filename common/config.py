@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from gapaware.common.registry import DEFAULTS, SCHEDULES, SNAPSHOT_DTYPES
 
 
+MAX_LR = 1000.0
+"""The largest learning rate a run accepts: far above any SGD recipe's, it keeps a config (one
+read from a checkpoint too) from scaling every update by 1e30."""
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a training run. The server owns it; workers receive it at Join."""
@@ -36,19 +41,19 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.lr >= 0 and math.isfinite(self.lr), f"Invalid learning rate: {self.lr}"),
+            (0 <= self.lr <= MAX_LR, f"Invalid learning rate: {self.lr} (at most {MAX_LR:g})"),
             (0 <= self.momentum < 1, f"Invalid momentum: {self.momentum} (must be in [0, 1))"),
             (not self.nesterov or self.momentum > 0, "Nesterov momentum requires a momentum > 0"),
-            (self.weight_decay >= 0, f"Invalid weight decay: {self.weight_decay}"),
+            (0 <= self.weight_decay < math.inf, f"Invalid weight decay: {self.weight_decay}"),
             (self.warmup_updates >= 0, f"Invalid warm-up: {self.warmup_updates}"),
             (self.schedule in SCHEDULES, f"Invalid schedule: {self.schedule!r} (choose from {', '.join(SCHEDULES)})"),
             (all(0 < f < 1 for f in self.decay_at), f"Invalid decay points: {self.decay_at} (fractions in (0, 1))"),
             (0 < self.decay_factor <= 1, f"Invalid decay factor: {self.decay_factor}"),
             (0 <= self.ga_beta < 1, f"Invalid GA beta: {self.ga_beta}"),
-            (self.ga_eps > 0, f"Invalid GA epsilon: {self.ga_eps}"),
+            (0 < self.ga_eps < math.inf, f"Invalid GA epsilon: {self.ga_eps}"),
             (self.batch_size >= 1, f"Invalid batch size: {self.batch_size}"),
             (self.max_updates >= 0, f"Invalid max updates: {self.max_updates}"),
-            (self.epochs >= 0, f"Invalid epochs: {self.epochs}"),
+            (0 <= self.epochs < math.inf, f"Invalid epochs: {self.epochs}"),
             (self.max_updates > 0 or self.epochs > 0, "Give --max-updates or --epochs: the run needs an end"),
             (self.eval_every >= 1, f"Invalid eval interval: {self.eval_every}"),
             (self.snapshot_dtype in SNAPSHOT_DTYPES,

@@ -1,8 +1,9 @@
 """The parameter layout: which named tensors, of which shapes, make up the flat vector.
 
 Server and workers exchange one flat float32 vector; the layout says how it maps
-onto the model's parameters (in ``model.named_parameters()`` order) and its
-fingerprint lets the server refuse a worker whose model differs.
+onto the model's parameters (in ``model.named_parameters()`` order), which buffers
+travel beside it (:mod:`gapaware.common.buffers`), and its fingerprint lets the
+server refuse a worker whose model differs.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from gapaware.common.buffers import BufferSpec, buffer_specs
 from gapaware.proto import parameter_server_pb2 as pb
 
 
@@ -21,20 +23,23 @@ from gapaware.proto import parameter_server_pb2 as pb
 class ParamLayout:
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
+    buffers: tuple[BufferSpec, ...] = ()
 
     @classmethod
     def from_module(cls, model: nn.Module) -> ParamLayout:
         named = list(model.named_parameters())
-        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
+        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named), buffer_specs(model))
 
     @classmethod
     def from_proto(cls, message: pb.ParamLayout) -> ParamLayout:
-        return cls(tuple(p.name for p in message.params), tuple(tuple(p.shape) for p in message.params))
+        return cls(tuple(p.name for p in message.params), tuple(tuple(p.shape) for p in message.params),
+                   tuple(BufferSpec(b.name, tuple(b.shape), b.dtype) for b in message.buffers))
 
     def to_proto(self) -> pb.ParamLayout:
         return pb.ParamLayout(
             params=[pb.ParamSpec(name=n, shape=s) for n, s in zip(self.names, self.shapes)],
             fingerprint=self.fingerprint,
+            buffers=[pb.BufferSpec(name=b.name, shape=b.shape, dtype=b.dtype) for b in self.buffers],
         )
 
     @property
@@ -43,7 +48,10 @@ class ParamLayout:
 
     @property
     def fingerprint(self) -> str:
-        text = json.dumps([[n, list(s)] for n, s in zip(self.names, self.shapes)])
+        described = [[n, list(s)] for n, s in zip(self.names, self.shapes)]
+        if self.buffers:
+            described.append([[b.name, list(b.shape), b.dtype] for b in self.buffers])
+        text = json.dumps(described)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def describe_mismatch(self, other: ParamLayout) -> str | None:
@@ -54,8 +62,15 @@ class ParamLayout:
             if mine != theirs:
                 return (f"parameter #{i} is {theirs[0]} {list(theirs[1])} but the server's model has "
                         f"{mine[0]} {list(mine[1])}")
-        return (f"the model has {len(other.names)} parameter tensors ({other.numel} elements) but the "
-                f"server's has {len(self.names)} ({self.numel} elements)")
+        if (self.names, self.shapes) != (other.names, other.shapes):
+            return (f"the model has {len(other.names)} parameter tensors ({other.numel} elements) but the "
+                    f"server's has {len(self.names)} ({self.numel} elements)")
+        return (f"the model's buffers are {_describe(other.buffers)} but the server's model has "
+                f"{_describe(self.buffers)}")
+
+
+def _describe(buffers: tuple[BufferSpec, ...]) -> str:
+    return ", ".join(f"{b.name} {list(b.shape)} {b.dtype}" for b in buffers) or "none"
 
 
 def _prod(shape: tuple[int, ...]) -> int:

@@ -73,6 +73,9 @@ class Defaults:
     eval_every: int = 100
     snapshot_dtype: str = "float32"
     nonfinite: str = "reject"
+    grad_norm_bound: float = 100.0
+    """The server refuses a push whose gradient norm exceeds this many times the median of the
+    recent accepted ones (docs/ALGORITHMS.md#bounding-a-push)."""
     transport_dtype: str = "float32"
     full_pull_every: int = 100
     """A delta-pulling worker's every this-many-th pull is a full float32 one."""

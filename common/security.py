@@ -12,7 +12,9 @@ without TLS travels in clear text: fine on loopback or a private network you tru
 otherwise add TLS.
 
 The token comes from a file (``--token-file``) or the ``GAPAWARE_TOKEN`` environment
-variable, never from a flag value, which ``ps`` shows to every user of the machine.
+variable, never from a flag value, which ``ps`` shows to every user of the machine. A client
+built in Python (:func:`client_security`, used by :class:`gapaware.WorkerClient`) reads the
+same variables as the command line for whatever it is not given.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from pathlib import Path
 import grpc
 
 TOKEN_ENV = "GAPAWARE_TOKEN"
+CLIENT_ENV = {"tls_ca": "GAPAWARE_TLS_CA", "tls_cert": "GAPAWARE_TLS_CERT", "tls_key": "GAPAWARE_TLS_KEY",
+              "token_file": "GAPAWARE_TOKEN_FILE"}
+"""The variables of the command line's ``--tls-ca``, ``--tls-cert``, ``--tls-key`` and ``--token-file``."""
 TOKEN_METADATA_KEY = "authorization"
 
 log = logging.getLogger("gapaware.security")
@@ -179,6 +184,22 @@ class ClientSecurity:
             log.warning("sending the token to %s without TLS: it travels in clear text; give --tls-ca "
                         "unless the network is trusted", address)
         return grpc.intercept_channel(channel, TokenMetadataInterceptor(self.token))
+
+
+def client_security(*, tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                    tls_key: str | Path | None = None, token: str | None = None,
+                    environ: Mapping[str, str] = os.environ) -> ClientSecurity:
+    """A client's security as the command line would build it: each setting not given (None) is read
+    from its variable (:data:`CLIENT_ENV`), and the token from the file ``$GAPAWARE_TOKEN_FILE`` names,
+    or else from ``$GAPAWARE_TOKEN`` (:func:`load_token`). An empty variable counts as unset."""
+    def path(given: str | Path | None, name: str) -> Path | None:
+        value = given if given is not None else environ.get(CLIENT_ENV[name]) or None
+        return None if value is None else Path(value)
+
+    if token is None:
+        token = load_token(path(None, "token_file"), environ)
+    return ClientSecurity(tls_ca=path(tls_ca, "tls_ca"), tls_cert=path(tls_cert, "tls_cert"),
+                          tls_key=path(tls_key, "tls_key"), token=token)
 
 
 class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",

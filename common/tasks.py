@@ -41,12 +41,19 @@ class Task:
 
     ``train`` and ``test`` are ``torch.utils.data.Dataset`` s of ``(input, target)`` pairs;
     ``loss(model(inputs), targets)`` returns the mean loss of a batch.
+
+    The server evaluates on ``test``: the loss always, the accuracy where the outputs are ``(N, C)``
+    and the targets class indices, the perplexity (``exp`` of the loss) when ``language_model``, and
+    whatever ``metrics(model, test)`` returns, a dict of named floats (called in eval mode, without
+    gradients; see :func:`gapaware.common.evaluation.evaluate_task`).
     """
 
     model: nn.Module
     loss: Callable[[Tensor, Tensor], Tensor]
     train: Dataset
     test: Dataset
+    metrics: Callable[[nn.Module, Dataset], dict[str, float]] | None = None
+    language_model: bool = False
 
 
 def load_task(spec: str, *, seed: int = 0, data_dir: str | None = None) -> Task:

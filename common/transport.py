@@ -37,6 +37,12 @@ from gapaware.proto import parameter_server_pb2 as pb
 
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_CHUNK_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 1024
+"""The largest message either side needs to accept: a chunk frame of the largest chunk, with room for its
+framing (21 bytes); headers and the other requests are far smaller."""
+MIN_CHUNK_BYTES = 4096
+"""A server's floor on the chunk size a push may announce (all chunks but the last at least this big on
+average), so that no push can hold its gradient buffer while trickling in a byte per chunk."""
 
 DTYPES = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16}
 DTYPE_NAMES = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}
@@ -250,12 +256,38 @@ def frame_parser(frame_type: type[Message]) -> Callable[[bytes], Message | Chunk
     return parse
 
 
+def check_header(header: pb.TensorHeader, *, numel: int, min_chunk_bytes: int = 1) -> int:
+    """The byte count of the tensor ``header`` announces, once it is checked against what the receiver
+    needs: ``numel`` elements of a known dtype in chunks of at most :data:`MAX_CHUNK_BYTES` and, but
+    for the last, at least ``min_chunk_bytes`` on average (a whole element at the least; for an 8-bit
+    dtype, a whole block)."""
+    _known(header.dtype)
+    if header.numel != numel:
+        raise TransportError(f"tensor has {header.numel} elements but {numel} are expected")
+    nbytes = wire_bytes(header.dtype, numel)
+    codec = CODECS.get(header.dtype)
+    if codec is None:
+        smallest, units = DTYPES[header.dtype].itemsize, numel
+        fewest = -(-nbytes // MAX_CHUNK_BYTES)
+    else:
+        smallest, units = _block_bytes(codec), codec.blocks(numel)
+        fewest = -(-units // (MAX_CHUNK_BYTES // smallest))
+    smallest = max(min_chunk_bytes, smallest)
+    most = min(units, -(-nbytes // smallest))
+    if not fewest <= header.chunk_count <= most:
+        raise TransportError(f"header announces {header.chunk_count} chunks for {nbytes} bytes (between {fewest} "
+                             f"and {most} needed with chunks of {smallest} to {MAX_CHUNK_BYTES} bytes"
+                             + (")" if codec is None else ", of whole blocks)"))
+    return nbytes
+
+
 class Assembler:
     """Receives the chunks that follow a header into a float32 tensor, checking each as it arrives.
 
     ``numel`` is the element count the receiver needs (the model's size): a header claiming any other
     count is refused before a byte is allocated, so a lying header cannot make the receiver reserve
-    memory. The tensor is written into ``out`` (a flat contiguous float32 CPU tensor of ``numel``
+    memory; ``min_chunk_bytes`` bounds the chunk count it may announce (:func:`check_header`). The
+    tensor is written into ``out`` (a flat contiguous float32 CPU tensor of ``numel``
     elements, which a receiver may reuse across transfers) or a new one; with ``accumulate`` (a delta
     pull, 8-bit dtypes only) what arrives is added to ``out`` instead. With ``check_finite`` each
     chunk is checked for NaN and Inf while it is in cache (:attr:`finite`). A stream refused half-way
@@ -263,26 +295,14 @@ class Assembler:
     """
 
     def __init__(self, header: pb.TensorHeader, *, numel: int, out: torch.Tensor | None = None,
-                 check_finite: bool = False, accumulate: bool = False) -> None:
-        _known(header.dtype)
+                 check_finite: bool = False, min_chunk_bytes: int = 1, accumulate: bool = False) -> None:
+        self._nbytes = check_header(header, numel=numel, min_chunk_bytes=min_chunk_bytes)
         self._dtype = DTYPES.get(header.dtype)
         self._codec = CODECS.get(header.dtype)
-        if header.numel != numel:
-            raise TransportError(f"tensor has {header.numel} elements but {numel} are expected")
         if accumulate and self._codec is None:
             raise TransportError(f"a delta must come in an 8-bit dtype, not in dtype {header.dtype}")
         if accumulate and out is None:
             raise ValueError("a delta is added to the tensor it updates: give it as out")
-        self._nbytes = wire_bytes(header.dtype, numel)
-        if self._codec is None:
-            fewest, most = -(-self._nbytes // MAX_CHUNK_BYTES), numel
-        else:
-            blocks = self._codec.blocks(numel)
-            fewest, most = -(-blocks // (MAX_CHUNK_BYTES // _block_bytes(self._codec))), blocks
-        if not fewest <= header.chunk_count <= most:
-            raise TransportError(f"header announces {header.chunk_count} chunks for {self._nbytes} bytes (between "
-                                 f"{fewest} and {most} needed with chunks of at most {MAX_CHUNK_BYTES} bytes"
-                                 + (")" if self._codec is None else " of whole blocks)"))
         if out is None:
             out = torch.empty(numel)
         elif out.shape != (numel,) or out.dtype != torch.float32 or out.device.type != "cpu" \
@@ -291,6 +311,7 @@ class Assembler:
                              f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}")
         self._chunk_count = header.chunk_count
         self._out = out
+        self._out_bytes = tensor_bytes(out)
         self._check_finite = check_finite
         self._accumulate = accumulate
         self._scratch: torch.Tensor | None = None
@@ -313,15 +334,18 @@ class Assembler:
         if crc32c.crc32c(frame.data) != frame.crc32c:
             raise TransportError(f"checksum mismatch in chunk {frame.index}: its bytes are not those that were sent")
         target = self._out[self._elements:self._elements + elements]
-        if self._codec is None:
-            target.copy_(_read_only_tensor(frame.data, self._dtype))
-        else:
+        if self._codec is not None:
             scales = _read_only_tensor(frame.data[:4 * blocks], torch.float32)
             values = _read_only_tensor(frame.data[4 * blocks:], self._codec.values)
             if self._accumulate:
                 add_dequantized_(self._codec, target, values, scales, self._scratch_of(elements))
             else:
                 decode_slice(self._codec, values, scales, target)
+        elif self._dtype == torch.float32:  # a plain memcpy: torch's copy_ may hand 1 MiB to its thread pool
+            start = self._elements * 4
+            self._out_bytes[start:start + length] = frame.data
+        else:
+            target.copy_(_read_only_tensor(frame.data, self._dtype))
         if self._check_finite and self.finite:
             self.finite = all_finite(target)
         self._elements += elements

@@ -1,7 +1,9 @@
 """The ``gapaware`` command line: server, worker, train (a local run), status and simulate."""
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import logging
 import math
 import sys
@@ -10,6 +12,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from gapaware.cli_errors import CleanErrors, ExitCode, UserError
+from gapaware.cli_limits import server_limit_options, server_limits_from_options
 from gapaware.cli_security import (
     client_security_from_options, client_security_options, local_security_options, server_security_from_options,
     server_security_options,
@@ -20,9 +24,11 @@ from gapaware.common.registry import (
     DEFAULTS, NESTEROV_ASGD, NONFINITE_ACTIONS, POLICY_NAMES, SCHEDULES, SIMULATED_POLICY_NAMES, SNAPSHOT_DTYPES,
     SYNCHRONOUS_SGD, TASK_NAMES, TRANSPORT_DTYPES, WIRE_DTYPES,
 )
+from gapaware.server.limits import DEFAULT_CHUNK_TIMEOUT, DEFAULT_MAX_CONCURRENT_RPCS
 
 TASK_HELP = (f"Built-in task ({', '.join(TASK_NAMES)}) or 'package.module:factory' returning a gapaware.Task. "
              "Imports and runs that code.")
+from gapaware.worker.delay import DelaySpec
 
 
 def _fractions(ctx, param, value: str) -> tuple[float, ...]:
@@ -30,6 +36,22 @@ def _fractions(ctx, param, value: str) -> tuple[float, ...]:
         return tuple(float(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated fractions such as 0.5,0.75, got {value!r}") from None
+
+
+def _delay_spec(ctx, param, value: str | None) -> DelaySpec | None:
+    if value is None:
+        return None
+    try:
+        return DelaySpec.parse(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+delay_option = click.option(
+    "--delay", default=None, callback=_delay_spec, metavar="SPEC",
+    help="Benchmarking: wait after each step as a straggler would. SPEC: none, or any of gamma:mean=S,shape=K ; "
+         "hiccup:p=P,length=S ; slow:fraction=F,factor=X ; seed=N joined by ';' (seconds). Worker k waits "
+         "the same delays in every run with the same SPEC.")
 
 
 def run_config_options(fn):
@@ -113,7 +135,7 @@ log_level_option = click.option("--log-level", default="info", show_default=True
                                 type=click.Choice(["debug", "info", "warning", "error"]))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="gapaware")
 def main() -> None:
     """gapaware: an asynchronous parameter server with Gap-Aware staleness mitigation."""
@@ -150,25 +172,38 @@ def main() -> None:
                    "holds none). Its run config is used; run flags given explicitly override it.")
 @server_security_options
 @click.option("--nonfinite", type=click.Choice(NONFINITE_ACTIONS), default=DEFAULTS.nonfinite, show_default=True,
-              help="A gradient with NaN or Inf: refuse the push, acknowledge and drop it, or apply it "
-                   "(the parameters diverge). Counted in status.")
-@click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Calls served at once; more get RESOURCE_EXHAUSTED.")
+              help="A gradient with NaN or Inf, or an update that would leave NaN or Inf in the parameters: "
+                   "refuse the push, acknowledge and drop it (either way the parameters stay as they were), or "
+                   "apply it (the parameters diverge). Counted in status.")
+@click.option("--grad-norm-bound", type=click.FloatRange(min=0), default=DEFAULTS.grad_norm_bound, show_default=True,
+              metavar="K",
+              help="Refuse a push whose gradient norm exceeds K times the median norm of the last 100 accepted "
+                   "pushes (from the 100th on; above 1.8e19 always). 0: no bound. Counted in status.")
+@click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=DEFAULT_MAX_CONCURRENT_RPCS,
+              show_default=True,
+              help="Authenticated calls served at once; more get RESOURCE_EXHAUSTED (workers retry it).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Torch threads for the updates (memory-bound: more rarely help, and hurt on a busy machine).")
-@click.option("--chunk-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True, metavar="SECONDS",
+@click.option("--chunk-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_CHUNK_TIMEOUT, show_default=True,
+              metavar="SECONDS",
               help="A push that sends no chunk for this long is refused with DEADLINE_EXCEEDED (nothing applied).")
 @click.option("--receive-window", "receive_window_mib", type=click.IntRange(min=0, max=1024), default=4,
               show_default=True, metavar="MIB",
               help="gRPC receive window per stream, in MiB: bounds what each push being received (and each "
                    "from a peer that does not wait for its turn) buffers in the server; 0: gRPC's automatic "
                    "window (better across high-latency links).")
+@server_limit_options
 @log_level_option
 def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, lease_seconds, checkpoint_dir,
-           checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, max_concurrent_rpcs, threads,
-           chunk_timeout, receive_window_mib, log_level, **values) -> None:
-    """Run the parameter server until the run ends."""
-    from gapaware.server.app import ServerOptions, run_server
+           checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, grad_norm_bound,
+           max_concurrent_rpcs, threads, chunk_timeout, receive_window_mib, log_level, **values) -> None:
+    """Run the parameter server until the run ends.
+
+    Exits 0 when the run ended, 2 or 4 when it could not start, and 6 when it ended (final
+    evaluation written) but its final checkpoint could not be written: a supervisor restarting it
+    then resumes from the newest checkpoint that was."""
+    from gapaware.server.app import ListenError, ServerOptions, run_server
+    from gapaware.server.checkpoint import CheckpointWriteError
     from gapaware.server.checkpointer import CheckpointOptions
     from gapaware.server.observability import tensorboard_writer_class
     from gapaware.server.resume import ResumeError
@@ -176,6 +211,7 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
     explicit = explicit_config_flags()
     _setup_logging(log_level)
     security = server_security_from_options(values)
+    limits = server_limits_from_options(values)
     try:
         security.check_listen(host)
     except ValueError as error:
@@ -186,6 +222,9 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
             tensorboard_writer_class()
         except RuntimeError as error:
             raise click.UsageError(str(error)) from None
+    if 0 < grad_norm_bound <= 1:
+        raise click.BadParameter(f"{grad_norm_bound:g}: the bound is a ratio above 1 (0 turns it off)",
+                                 param_hint="--grad-norm-bound")
     checkpoint_dir = checkpoint_dir or resume
     checkpoints = None if checkpoint_dir is None else CheckpointOptions(
         checkpoint_dir, every_updates=checkpoint_every, every_seconds=checkpoint_seconds, keep=keep_checkpoints)
@@ -194,15 +233,41 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
                                          linger_seconds=linger, metrics_port=metrics_port,
                                          tensorboard_dir=tensorboard_dir, lease_seconds=lease_seconds,
                                          checkpoints=checkpoints, resume=resume, explicit_flags=explicit,
-                                         security=security, nonfinite=nonfinite,
+                                         security=security, nonfinite=nonfinite, grad_norm_bound=grad_norm_bound,
                                          max_concurrent_rpcs=max_concurrent_rpcs, threads=threads,
-                                         chunk_timeout=chunk_timeout, receive_window_mib=receive_window_mib))
-    except ResumeError as error:
-        raise click.ClickException(str(error)) from None
+                                         chunk_timeout=chunk_timeout, receive_window_mib=receive_window_mib,
+                                         **limits))
+    except (ResumeError, ListenError) as error:
+        raise UserError(str(error), ExitCode.CANNOT_RUN) from None
+    except CheckpointWriteError as error:
+        click.echo(f"Error: the run ended, but its final checkpoint was not written ({error}); the newest one "
+                   "written is in the checkpoint directory", err=True)
+        sys.exit(ExitCode.FINAL_CHECKPOINT_LOST)
+
+
+def _server_address(ctx, param, value: str | None) -> str | None:
+    """``--server HOST:PORT``, the port required: gRPC would dial port 443 for a bare HOST."""
+    if value is None:
+        return value
+    host, _, port = value.rpartition(":")
+    if ":" not in value or value.endswith("]"):
+        raise click.BadParameter(f"{value!r} has no port: give HOST:PORT, e.g. {value}:7070 "
+                                 "(the server listens on 7070 unless given --port)")
+    if not host:
+        raise click.BadParameter(f"{value!r} has no host: give HOST:PORT, e.g. 127.0.0.1{value}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise click.BadParameter(f"{value!r}: an IPv6 address goes in brackets, as [ADDRESS]:PORT "
+                                 "(e.g. [::1]:7070)")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r}: the port {port!r} is not a number from 1 to 65535")
+    return value
+
+
+server_address_option = functools.partial(click.option, "--server", "address", callback=_server_address)
 
 
 @main.command()
-@click.option("--server", "address", required=True, help="The parameter server, HOST:PORT.")
+@server_address_option(required=True, help="The parameter server, HOST:PORT.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option("--batch-size", type=int, default=None, help="Examples per step (default: the run's).")
 @click.option("--task", default=None, help="Task to load (default: the one the server runs).")
@@ -229,17 +294,29 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
 @click.option("--retry-max-backoff", type=click.FloatRange(min=0, min_open=True), default=15.0,
               show_default=True, help="Longest wait between retries.")
 @click.option("--retry-give-up-after", type=click.FloatRange(min=0), default=600.0, show_default=True,
-              help="Give up (exit 1) after retrying one call for this many seconds.")
+              help="Once the server has answered, give up (exit 5) after retrying one call for this many "
+                   "seconds.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+              help="Before the server has ever answered, give up (exit 5) after this many seconds of failed "
+                   "attempts (a wrong address or port fails fast; a server still starting is waited for); "
+                   "0: as long as --retry-give-up-after.")
+@click.option("--progress-every", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+              help="Log a progress line (steps/s, loss, staleness, Gap) every this many seconds; 0: none.")
+@delay_option
 @client_security_options
 @log_level_option
 def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, prefetch_batches, procs,
-           rpc_timeout, retry_initial_backoff, retry_max_backoff, retry_give_up_after, log_level, **values) -> None:
+           rpc_timeout, retry_initial_backoff, retry_max_backoff, retry_give_up_after, connect_timeout,
+           progress_every, delay, log_level, **values) -> None:
     """Join a server and train until the run ends (SIGTERM/SIGINT: leave and exit 0)."""
     from gapaware.worker.loop import WorkerOptions, run_worker
     from gapaware.worker.procs import run_worker_processes
     from gapaware.worker.retry import RetryPolicy
 
     _setup_logging(log_level)
+    # Python's last garbage collections at exit would walk every object torch and the task made:
+    # seconds on a busy machine, for memory the process is about to give back.
+    atexit.register(gc.freeze)
     if procs > 1:
         ctx = click.get_current_context()
         devices = [_device_for(device, i) for i in range(procs)]
@@ -254,7 +331,8 @@ def worker(address, device, batch_size, task, data_dir, threads, transport_dtype
                              data_dir=data_dir, threads=threads, transport_dtype=transport_dtype,
                              push_dtype=values.pop("push_dtype"), pull_dtype=values.pop("pull_dtype"),
                              prefetch_batches=prefetch_batches, rpc_timeout=rpc_timeout, retry=retry,
-                             security=client_security_from_options(values)))
+                             connect_timeout=connect_timeout, progress_every=progress_every,
+                             security=client_security_from_options(values), delay=delay))
 
 
 def _device_for(device: str, index: int) -> str:
@@ -276,8 +354,9 @@ def _flags_of(ctx: click.Context, skip: str) -> list[str]:
 @click.option("--workers", type=int, default=4, show_default=True, help="Worker processes to start.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Directory for metrics and logs (default: runs/<time>).")
+@delay_option
 @local_security_options
-def train(workers, out, tls_cert, tls_key, tls_client_ca, tls_ca, token_file, **values) -> None:
+def train(workers, out, delay, tls_cert, tls_key, tls_client_ca, tls_ca, token_file, **values) -> None:
     """Start a server and WORKERS worker processes on this machine and train."""
     from gapaware.local_run import LocalSecurity, run_local
 
@@ -289,13 +368,13 @@ def train(workers, out, tls_cert, tls_key, tls_client_ca, tls_ca, token_file, **
                                  token_file=token_file)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    final = run_local(config, workers, out, security)
-    if not final or not math.isfinite(final.get("accuracy") or math.nan):
+    final = run_local(config, workers, out, security, delay=delay)
+    if not final or "eval_error" in final or not math.isfinite(final.get("loss") or math.nan):
         sys.exit(1)
 
 
 @main.command()
-@click.option("--server", "address", default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
+@server_address_option(default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @client_security_options
 def status(address, as_json, **values) -> None:
@@ -306,7 +385,7 @@ def status(address, as_json, **values) -> None:
 
 
 @main.command()
-@click.option("--server", "address", default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
+@server_address_option(default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
 @click.option("--wait", type=float, default=0.0, show_default=True,
               help="Keep asking for up to this many seconds until the server is SERVING.")
 @client_security_options
@@ -334,6 +413,25 @@ def plot(metrics_file, out) -> None:
     except PlotError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="safetensors file to write the model's state_dict() to.")
+@click.option("--data-dir", default=None, help="Directory with data sets for tasks that read files.")
+def export(source, out, data_dir) -> None:
+    """Write the model of a checkpoint (SOURCE: a checkpoint file, a --checkpoint-dir or a run directory
+    holding one as 'checkpoints', whose newest valid checkpoint is taken) as its full state_dict(),
+    parameters and buffers, to a safetensors file: model.load_state_dict(safetensors.torch.load_file(OUT))."""
+    from gapaware.common.tasks import TaskError
+    from gapaware.export import ExportError, export_model
+
+    try:
+        checkpoint = export_model(source, out, data_dir)
+    except (ExportError, TaskError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {out} from {checkpoint}")
 
 
 def _positive_ints(ctx, param, value: str) -> tuple[int, ...]:

@@ -27,12 +27,13 @@ def render() -> str:
     return "\n".join(parts)
 
 
-def replace_block(text: str, block: str) -> str:
-    head, found, rest = text.partition(START)
-    _, found_end, tail = rest.partition(END)
+def replace_block(text: str, block: str, start: str = START, end: str = END) -> str:
+    """``text`` with what stands between the markers ``start`` and ``end`` replaced by ``block``."""
+    head, found, rest = text.partition(start)
+    _, found_end, tail = rest.partition(end)
     if not found or not found_end:
-        raise ValueError(f"the file has no {START} ... {END} block")
-    return f"{head}{START}\n{block}{END}{tail}"
+        raise ValueError(f"the file has no {start} ... {end} block")
+    return f"{head}{start}\n{block}{end}{tail}"
 
 
 if __name__ == "__main__":

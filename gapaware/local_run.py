@@ -19,7 +19,9 @@ from gapaware.command_line import config_flags, flags
 from gapaware.common.config import RunConfig
 from gapaware.common.security import ClientSecurity, SecurityConfigError, ServerSecurity, load_token
 from gapaware.processes import NotReady, ServerProcess, log_tail, start_worker
+from gapaware.server.evaluator import describe_metrics
 from gapaware.worker.client import WorkerClient
+from gapaware.worker.delay import DelaySpec
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class LocalSecurity:
 
 
 def run_local(config: RunConfig, workers: int, out: Path | None,
-              security: LocalSecurity = LocalSecurity()) -> dict | None:
+              security: LocalSecurity = LocalSecurity(), delay: DelaySpec | None = None) -> dict | None:
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -71,9 +73,11 @@ def run_local(config: RunConfig, workers: int, out: Path | None,
         raise click.ClickException(str(error)) from None
     procs: list[subprocess.Popen] = []
     try:
+        delay_flags = [] if delay is None else ["--delay", str(delay)]
         for i in range(workers):
-            procs.append(start_worker(server.address, out, i, *security.worker_flags()))
-        _show_progress(server.address, server.proc, security.client())
+            procs.append(start_worker(server.address, out, i, *delay_flags, *security.worker_flags()))
+        if not _show_progress(server.address, server.proc, procs, security.client()):
+            _stop_if_workers_gone(server, procs, out, security.client())
         server.proc.wait()
         for proc in procs:
             proc.wait(timeout=30)
@@ -89,7 +93,7 @@ def run_local(config: RunConfig, workers: int, out: Path | None,
     final = finals[-1]
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     click.echo(
-        f"final test accuracy {final['accuracy']:.4f} (loss {final['loss']:.4f}) after {final['version']} updates "
+        f"final {describe_metrics(final)} after {final['version']} updates "
         f"in {time.monotonic() - started:.1f}s; mean staleness {final['run_mean_staleness']:.2f}, "
         f"mean gap {final['run_mean_gap']:.3f}"
         + (f"; workers {failed} exited with errors, see their logs in {out}" if failed else "")
@@ -97,18 +101,23 @@ def run_local(config: RunConfig, workers: int, out: Path | None,
     return final
 
 
-def _show_progress(address: str, server: subprocess.Popen, security: ClientSecurity) -> None:
+def _show_progress(address: str, server: subprocess.Popen, workers: list[subprocess.Popen],
+                   security: ClientSecurity) -> bool:
+    """Shows the run's progress until it ends, the server exits or every worker has exited; returns
+    whether the server said the run had finished (or exited by itself)."""
     with WorkerClient(address, timeout=5.0, **security.client_kwargs()) as client:
         try:
             status = client.status()
         except grpc.RpcError:
-            return
+            return _wait(server, workers)
         with tqdm(total=status.max_updates, unit="upd", dynamic_ncols=True) as bar:
-            _follow(client, server, bar, status)
+            return _follow(client, server, workers, bar, status)
 
 
-def _follow(client: WorkerClient, server: subprocess.Popen, bar: tqdm, status) -> None:
-    """Updates ``bar`` from the server's Status every half second until the run ends."""
+def _follow(client: WorkerClient, server: subprocess.Popen, workers: list[subprocess.Popen], bar: tqdm,
+            status) -> bool:
+    """Updates ``bar`` from the server's Status every half second until the run ends (True), the
+    server exits (True) or every worker has exited before the end (False)."""
     while True:
         bar.n = status.version
         bar.set_postfix(acc=f"{status.last_accuracy:.3f}", workers=len(status.workers),
@@ -116,9 +125,50 @@ def _follow(client: WorkerClient, server: subprocess.Popen, bar: tqdm, status) -
                         refresh=False)
         bar.refresh()
         if status.finished or server.poll() is not None:
-            return
+            return True
+        if all(worker.poll() is not None for worker in workers):
+            return False
         time.sleep(0.5)
         try:
             status = client.status()
         except grpc.RpcError:
-            return
+            return _wait(server, workers)
+
+
+def _wait(server: subprocess.Popen, workers: list[subprocess.Popen]) -> bool:
+    """Waits until the server exits (True) or every worker has (False)."""
+    while server.poll() is None:
+        if all(worker.poll() is not None for worker in workers):
+            return False
+        try:
+            server.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+    return True
+
+
+def _stop_if_workers_gone(server: ServerProcess, workers: list[subprocess.Popen], out: Path,
+                          security: ClientSecurity) -> None:
+    """Every worker exited before the run ended: nothing would ever push again. Stops the server (it
+    then writes its final record) and raises with the end of each worker's log: their last errors."""
+    with WorkerClient(server.address, timeout=5.0, **security.client_kwargs()) as client:
+        try:
+            finished = client.status().finished
+        except grpc.RpcError:
+            finished = True  # the server is going down by itself: the run ended as the workers left
+    if finished:
+        return
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+    errors = "\n".join(f"worker {i} (exit {proc.returncode}, {out / f'worker-{i}.log'}):\n"
+                       f"{_last_lines(out / f'worker-{i}.log')}" for i, proc in enumerate(workers))
+    raise click.ClickException(f"every worker exited before the run ended; the server was stopped. "
+                               f"The workers' last words:\n{errors}")
+
+
+def _last_lines(log_path: Path, count: int = 5) -> str:
+    lines = [line for line in log_tail(log_path).splitlines() if line.strip()]
+    return "\n".join(f"  {line}" for line in lines[-count:])

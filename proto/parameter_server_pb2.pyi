@@ -50,13 +50,25 @@ class ParamSpec(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class BufferSpec(_message.Message):
+    __slots__ = ("name", "shape", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
 class ParamLayout(_message.Message):
-    __slots__ = ("params", "fingerprint")
+    __slots__ = ("params", "fingerprint", "buffers")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
     fingerprint: str
-    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    buffers: _containers.RepeatedCompositeFieldContainer[BufferSpec]
+    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., fingerprint: _Optional[str] = ..., buffers: _Optional[_Iterable[_Union[BufferSpec, _Mapping]]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("layout", "hostname", "device")
@@ -69,30 +81,34 @@ class JoinRequest(_message.Message):
     def __init__(self, layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "run_config_json", "layout", "version", "finished", "lease_seconds")
+    __slots__ = ("worker_id", "run_config_json", "layout", "version", "finished", "lease_seconds", "worker_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     run_config_json: str
     layout: ParamLayout
     version: int
     finished: bool
     lease_seconds: float
-    def __init__(self, worker_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., version: _Optional[int] = ..., finished: _Optional[bool] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    worker_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., version: _Optional[int] = ..., finished: _Optional[bool] = ..., lease_seconds: _Optional[float] = ..., worker_secret: _Optional[bytes] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker_id", "dtype", "delta_base")
+    __slots__ = ("worker_id", "dtype", "worker_secret", "delta_base")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
     DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     dtype: DType
+    worker_secret: bytes
     delta_base: int
-    def __init__(self, worker_id: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., delta_base: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., worker_secret: _Optional[bytes] = ..., delta_base: _Optional[int] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("version", "staleness", "mean_gap", "finished", "applied")
@@ -109,20 +125,24 @@ class PushReply(_message.Message):
     def __init__(self, version: _Optional[int] = ..., staleness: _Optional[int] = ..., mean_gap: _Optional[float] = ..., finished: _Optional[bool] = ..., applied: _Optional[bool] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("version", "tensor", "finished", "push", "delta", "delta_id")
+    __slots__ = ("version", "tensor", "finished", "push", "buffers", "buffers_crc32c", "delta", "delta_id")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_CRC32C_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     DELTA_ID_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensor: TensorHeader
     finished: bool
     push: PushReply
+    buffers: bytes
+    buffers_crc32c: int
     delta: bool
     delta_id: int
-    def __init__(self, version: _Optional[int] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., finished: _Optional[bool] = ..., push: _Optional[_Union[PushReply, _Mapping]] = ..., delta: _Optional[bool] = ..., delta_id: _Optional[int] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., finished: _Optional[bool] = ..., push: _Optional[_Union[PushReply, _Mapping]] = ..., buffers: _Optional[bytes] = ..., buffers_crc32c: _Optional[int] = ..., delta: _Optional[bool] = ..., delta_id: _Optional[int] = ...) -> None: ...
 
 class PushReady(_message.Message):
     __slots__ = ()
@@ -139,7 +159,7 @@ class PullFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., ready: _Optional[_Union[PushReady, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull", "pull_dtype", "delta_base")
+    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull", "pull_dtype", "buffers", "buffers_crc32c", "worker_secret", "delta_base")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +168,9 @@ class PushHeader(_message.Message):
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
     PULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_CRC32C_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
     DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     base_version: int
@@ -157,8 +180,11 @@ class PushHeader(_message.Message):
     tensor: TensorHeader
     pull: bool
     pull_dtype: DType
+    buffers: bytes
+    buffers_crc32c: int
+    worker_secret: bytes
     delta_base: int
-    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull: _Optional[bool] = ..., pull_dtype: _Optional[_Union[DType, str]] = ..., delta_base: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull: _Optional[bool] = ..., pull_dtype: _Optional[_Union[DType, str]] = ..., buffers: _Optional[bytes] = ..., buffers_crc32c: _Optional[int] = ..., worker_secret: _Optional[bytes] = ..., delta_base: _Optional[int] = ...) -> None: ...
 
 class PushFrame(_message.Message):
     __slots__ = ("header", "chunk")
@@ -169,10 +195,12 @@ class PushFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "worker_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
-    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+    worker_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., worker_secret: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("finished",)
@@ -181,10 +209,12 @@ class HeartbeatReply(_message.Message):
     def __init__(self, finished: _Optional[bool] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "worker_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
-    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+    worker_secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., worker_secret: _Optional[bytes] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ()
@@ -213,7 +243,14 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ..., staleness: _Optional[int] = ..., pushes: _Optional[int] = ..., last_seen_seconds: _Optional[float] = ..., mean_gap: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "policy", "updates", "samples", "epoch", "workers", "finished", "run_config_json", "last_accuracy", "last_loss", "mean_staleness", "mean_gap", "uptime_seconds", "max_updates", "held_snapshots", "nonfinite_pushes")
+    __slots__ = ("version", "policy", "updates", "samples", "epoch", "workers", "finished", "run_config_json", "last_accuracy", "last_loss", "mean_staleness", "mean_gap", "uptime_seconds", "max_updates", "held_snapshots", "nonfinite_pushes", "oversized_pushes", "nonfinite_updates", "grad_norm_limit", "checkpoint_failures", "last_checkpoint_error", "checkpoint_version", "last_metrics", "eval_errors", "last_eval_error", "evals_skipped")
+    class LastMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +267,16 @@ class StatusReply(_message.Message):
     MAX_UPDATES_FIELD_NUMBER: _ClassVar[int]
     HELD_SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     NONFINITE_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    OVERSIZED_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKPOINT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAST_METRICS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVAL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    EVALS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     version: int
     policy: str
     updates: int
@@ -246,4 +293,14 @@ class StatusReply(_message.Message):
     max_updates: int
     held_snapshots: int
     nonfinite_pushes: int
-    def __init__(self, version: _Optional[int] = ..., policy: _Optional[str] = ..., updates: _Optional[int] = ..., samples: _Optional[int] = ..., epoch: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., finished: _Optional[bool] = ..., run_config_json: _Optional[str] = ..., last_accuracy: _Optional[float] = ..., last_loss: _Optional[float] = ..., mean_staleness: _Optional[float] = ..., mean_gap: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., max_updates: _Optional[int] = ..., held_snapshots: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ...) -> None: ...
+    oversized_pushes: int
+    nonfinite_updates: int
+    grad_norm_limit: float
+    checkpoint_failures: int
+    last_checkpoint_error: str
+    checkpoint_version: int
+    last_metrics: _containers.ScalarMap[str, float]
+    eval_errors: int
+    last_eval_error: str
+    evals_skipped: int
+    def __init__(self, version: _Optional[int] = ..., policy: _Optional[str] = ..., updates: _Optional[int] = ..., samples: _Optional[int] = ..., epoch: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., finished: _Optional[bool] = ..., run_config_json: _Optional[str] = ..., last_accuracy: _Optional[float] = ..., last_loss: _Optional[float] = ..., mean_staleness: _Optional[float] = ..., mean_gap: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., max_updates: _Optional[int] = ..., held_snapshots: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ..., oversized_pushes: _Optional[int] = ..., nonfinite_updates: _Optional[int] = ..., grad_norm_limit: _Optional[float] = ..., checkpoint_failures: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., checkpoint_version: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., eval_errors: _Optional[int] = ..., last_eval_error: _Optional[str] = ..., evals_skipped: _Optional[int] = ...) -> None: ...

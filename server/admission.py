@@ -9,14 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import torch
 
-from gapaware.server.errors import PushInFlight
+from gapaware.server.errors import PushInFlight, RequestRefused
 from gapaware.server.model_store import ModelStore
 
 GRADIENTS_IN_MEMORY = 2
+
+
+class OneAtATime:
+    """The workers with a call of one kind in progress; a second such call of the same worker, while
+    the first is, is refused with ``refusal(worker_id)``. Used on the event loop only."""
+
+    def __init__(self, refusal: Callable[[int], RequestRefused]) -> None:
+        self._refusal = refusal
+        self._busy: set[int] = set()
+
+    @contextlib.contextmanager
+    def held(self, worker_id: int) -> Iterator[None]:
+        if worker_id in self._busy:
+            raise self._refusal(worker_id)
+        self._busy.add(worker_id)
+        try:
+            yield
+        finally:
+            self._busy.discard(worker_id)
 
 
 class PushAdmission:
@@ -25,7 +44,7 @@ class PushAdmission:
     def __init__(self, model: ModelStore, slots: int = GRADIENTS_IN_MEMORY) -> None:
         self._model = model
         self._slots = asyncio.Semaphore(slots)
-        self._in_flight: set[int] = set()
+        self._pushing = OneAtATime(PushInFlight)
 
     @contextlib.asynccontextmanager
     async def admitted(self, worker_id: int) -> AsyncIterator[torch.Tensor]:
@@ -33,10 +52,7 @@ class PushAdmission:
         worker while its first is in flight is refused (:class:`PushInFlight`). The buffer is a spare
         again once the block ends, unless the call was cancelled: an update in a pool thread may then
         still be reading it, and it is left to the garbage collector."""
-        if worker_id in self._in_flight:
-            raise PushInFlight(worker_id)
-        self._in_flight.add(worker_id)
-        try:
+        with self._pushing.held(worker_id):
             async with self._slots:
                 buffer = self._model.spare()
                 try:
@@ -46,5 +62,3 @@ class PushAdmission:
                     raise
                 finally:
                     self._model.recycle(buffer)
-        finally:
-            self._in_flight.discard(worker_id)

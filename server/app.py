@@ -3,6 +3,10 @@
 Next to the parameter service the gRPC server carries the standard health service
 (SERVING while the run goes on, NOT_SERVING from the moment it ends) and server
 reflection, so ``grpc_health_probe``, grpcurl and Kubernetes ``grpc`` probes work.
+
+Every call passes three interceptors in order: the token (:mod:`~gapaware.server.auth`), the
+limit of calls at once (:mod:`~gapaware.server.call_limits`) and the reading of the request
+(:mod:`~gapaware.server.decoding`); docs/SECURITY.md says what each protects.
 """
 from __future__ import annotations
 
@@ -21,12 +25,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gapaware.common.config import RunConfig
+from gapaware.common.registry import DEFAULTS
 from gapaware.common.security import ServerSecurity
+from gapaware.common.transport import MAX_MESSAGE_BYTES
 from gapaware.server.auth import TokenAuthInterceptor
 from gapaware.server.build import build_state
+from gapaware.server.call_limits import CallLimitInterceptor
+from gapaware.server.checkpoint import CheckpointWriteError
 from gapaware.server.checkpointer import Checkpointer, CheckpointOptions
 from gapaware.server.decoding import StrictDecodingInterceptor
-from gapaware.server.evaluator import Evaluator, MetricsLog
+from gapaware.server.evaluator import Evaluator, MetricsLog, describe_metrics
+from gapaware.server.limits import (DEFAULT_CHUNK_TIMEOUT, DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_MAX_WORKERS,
+                                    DEFAULT_MIN_TRANSFER_RATE, DEFAULT_REQUEST_TIMEOUT, connection_options,
+                                    raise_open_file_limit, transfer_seconds)
 from gapaware.server.observability import RecordSinks, ServerMetrics, TensorBoardLog
 from gapaware.server.resume import (ResumeError, check_fresh_directory, find_resume_point, next_incarnation,
                                     resolve_config)
@@ -36,12 +47,9 @@ from gapaware.server.state import ParameterServerState
 log = logging.getLogger("gapaware.server")
 
 
-# Chunks are at most 4 MiB; leave room for the frame around them. A bigger message is refused
-# by gRPC itself with RESOURCE_EXHAUSTED before it reaches the servicer.
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-    ("grpc.max_send_message_length", 8 * 1024 * 1024),
-]
+class ListenError(OSError):
+    """The server cannot listen where it was told to (a port taken by another server): the message says
+    what to change."""
 
 
 def receive_window_options(mib: int) -> list[tuple[str, int]]:
@@ -50,11 +58,9 @@ def receive_window_options(mib: int) -> list[tuple[str, int]]:
 
     gRPC fills a stream's window before the servicer reads it. A push sends nothing but its header
     until it is admitted (:mod:`gapaware.server.admission`); the window bounds what any other stream
-    can make the server buffer. Before pushes were admitted, the automatic window grew larger on loopback: a burst
-    of 64 pushes of 25 MiB peaked at 88.8 model sizes against 82.7 with 4 MiB windows
-    (bench/memory.py), and 100 MiB pushes went faster with the fixed window. A window caps one
-    stream at window ÷ round-trip time: 4 MiB gives 4 GB/s at 1 ms, 400 MB/s at 10 ms; across
-    regions, 0 (automatic) or a bigger window is the better choice.
+    can make the server buffer (bench/memory.py measures it, docs/PERFORMANCE.md section 5). A
+    window caps one stream at window ÷ round-trip time; across regions, 0 (automatic) or a bigger
+    window is the better choice.
     """
     if mib == 0:
         return []
@@ -76,11 +82,15 @@ class ServerOptions:
     resume: Path | None = None                    # continue the run checkpointed there
     explicit_flags: frozenset[str] = frozenset()  # run-config fields given on the command line
     security: ServerSecurity = field(default_factory=ServerSecurity)
-    max_concurrent_rpcs: int = 1024     # beyond it a call gets RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS  # authenticated calls at once; more: RESOURCE_EXHAUSTED
     nonfinite: str = "reject"           # a push with NaN or Inf: "reject" or "skip"
-    chunk_timeout: float = 60.0         # seconds a push may stall between chunks before it is ended
+    grad_norm_bound: float = DEFAULTS.grad_norm_bound  # k of the push bound; 0: none
+    chunk_timeout: float = DEFAULT_CHUNK_TIMEOUT  # seconds a push may stall between chunks before it is ended
     threads: int = 1                    # torch intra-op threads
     receive_window_mib: int = 4         # per-stream receive window; 0: gRPC's automatic window
+    max_workers: int = DEFAULT_MAX_WORKERS            # workers registered at once; more Joins: RESOURCE_EXHAUSTED
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds a call's first request message may take to arrive
+    min_transfer_rate: float = DEFAULT_MIN_TRANSFER_RATE  # MiB/s below which a tensor transfer is ended
 
 
 def listen_address(host: str, port: int) -> str:
@@ -94,23 +104,29 @@ def prepare_state(config: RunConfig, options: ServerOptions):
     """The task, the state (resumed from ``options.resume`` when it holds a checkpoint) and the
     checkpointer, which has already written this server incarnation's first checkpoint: from then
     on a crash at any moment can be resumed, and worker ids stay unique across restarts."""
-    checkpoint = find_resume_point(options.resume) if options.resume is not None else None
+    checkpoint_dir = options.checkpoints.directory if options.checkpoints is not None else None
+    checkpoint = None if options.resume is None else find_resume_point(options.resume, checkpoint_dir=checkpoint_dir)
     if checkpoint is not None:
         config = resolve_config(checkpoint.config, config, options.explicit_flags)
-    elif options.checkpoints is not None:
-        check_fresh_directory(options.checkpoints.directory)
-    task, state = build_state(config, nonfinite=options.nonfinite)
+    elif checkpoint_dir is not None:
+        check_fresh_directory(checkpoint_dir)
+    task, state = build_state(config, nonfinite=options.nonfinite, grad_norm_bound=options.grad_norm_bound,
+                              max_workers=options.max_workers)
     if checkpoint is not None:
-        directories = [d for d in (options.resume, options.checkpoints and options.checkpoints.directory) if d]
+        others = [checkpoint_dir] if checkpoint_dir is not None else []
         try:
-            state.restore(checkpoint, incarnation=max(next_incarnation(*directories), checkpoint.incarnation + 1))
+            state.restore(checkpoint, incarnation=next_incarnation(checkpoint, options.resume, *others))
         except ValueError as error:
             raise ResumeError(f"cannot resume this checkpoint with the run's settings: {error}") from None
     checkpointer = None
     if options.checkpoints is not None:
         checkpointer = Checkpointer(state, options.checkpoints)
         checkpointer.directory.remove_partial_writes()
-        checkpointer.save("resumed" if checkpoint is not None else "start")
+        try:
+            checkpointer.save("resumed" if checkpoint is not None else "start")
+        except CheckpointWriteError as error:
+            raise ResumeError(f"{error}: the server writes its first checkpoint before it serves (it keeps worker "
+                              "ids unique across restarts); free space or choose another --checkpoint-dir") from None
     return task, state, checkpointer
 
 
@@ -120,6 +136,16 @@ async def reap_expired(state: ParameterServerState, lease_seconds: float) -> Non
     for record in expired:
         log.warning("worker %d (%s) silent for over %.1fs: lease expired, forgotten after %d pushes",
                     record.worker_id, record.hostname, lease_seconds, record.pushes)
+
+
+def grpc_options(options: ServerOptions, model_bytes: int) -> list[tuple[str, int]]:
+    """The gRPC options of a server with ``options`` for a model of ``model_bytes``. Chunks are at most
+    4 MiB: a message bigger than one with its frame is refused by gRPC itself with RESOURCE_EXHAUSTED
+    before it reaches the servicer. An old connection's calls get the longest an honest call takes once
+    its request is in (a gradient received, the parameters sent) to finish."""
+    longest_call = options.request_timeout + 2 * transfer_seconds(model_bytes, options.chunk_timeout,
+                                                                  options.min_transfer_rate)
+    return connection_options(MAX_MESSAGE_BYTES, longest_call) + receive_window_options(options.receive_window_mib)
 
 
 def build_grpc_server(state: ParameterServerState, options: ServerOptions, *, last_eval: Callable[[], dict] = dict,
@@ -133,20 +159,27 @@ def build_grpc_server(state: ParameterServerState, options: ServerOptions, *, la
     security.check_listen(options.host)
     authentication = [TokenAuthInterceptor(security.token)] if security.token else []
     server = grpc.aio.server(
-        options=GRPC_OPTIONS + receive_window_options(options.receive_window_mib),
-        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
-        interceptors=[*authentication, StrictDecodingInterceptor()],  # nothing is parsed before the token is checked
+        options=grpc_options(options, model_bytes=state.layout.numel * 4),
+        # Nothing counts against the limit before the token is checked, nothing is read before both.
+        interceptors=[*authentication, CallLimitInterceptor(options.max_concurrent_rpcs),
+                      StrictDecodingInterceptor(options.request_timeout)],
     )
     add_to_server(ParameterServerServicer(state, last_eval=last_eval, lease_seconds=options.lease_seconds,
-                                          metrics=metrics, chunk_timeout=options.chunk_timeout), server)
+                                          metrics=metrics, chunk_timeout=options.chunk_timeout,
+                                          min_transfer_rate=options.min_transfer_rate), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = listen_address(options.host, options.port)
     credentials = security.credentials()
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"could not listen on {address}")
+        raise ListenError(f"could not listen on {address}: the port is taken (by another gapaware server? "
+                          f"`gapaware status --server {address}` asks it) or the address is not this host's; "
+                          "stop that server or give another --port")
     return server, port, health_servicer
 
 
@@ -154,6 +187,7 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
     """Runs the server until the run ends (or SIGTERM/SIGINT), then returns the final record."""
     options.security.check_listen(options.host)  # before the slow part: loading the task
     torch.set_num_threads(options.threads)
+    raise_open_file_limit()
     task, state, checkpointer = prepare_state(config, options)
     config = state.config
     metrics = ServerMetrics(state)
@@ -163,7 +197,10 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
     server, port, health_servicer = build_grpc_server(state, options, last_eval=lambda: evaluator.last,
                                                       metrics=metrics)
     if options.metrics_port:
-        metrics.serve(options.host, options.metrics_port)
+        try:
+            await metrics.serve(options.host, options.metrics_port)
+        except OSError as error:
+            raise ListenError(str(error)) from None
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -187,17 +224,22 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
                 await reap_expired(state, options.lease_seconds)
                 next_reap = time.monotonic() + min(1.0, options.lease_seconds / 4)
         await health_servicer.enter_graceful_shutdown()
+        final_checkpoint_error = None
         if checkpointer is not None:
             checkpointer.stop()
-            await loop.run_in_executor(None, checkpointer.save, "final")
+            try:
+                await loop.run_in_executor(None, checkpointer.save, "final")
+            except CheckpointWriteError as error:  # logged by the checkpointer; the evaluation still comes
+                final_checkpoint_error = error
         deadline = time.monotonic() + options.linger_seconds
         while state.live_workers() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         evaluator.stop()
         extra = {**state.totals(), "held_snapshots": state.held_snapshots()}
         final = await loop.run_in_executor(None, evaluator.evaluate_now, "final", extra)
-        log.info("finished at version %d: test accuracy %.4f, loss %.4f", final["version"],
-                 final["accuracy"], final["loss"])
+        log.info("finished at version %d: %s", final["version"], describe_metrics(final))
+        if final_checkpoint_error is not None:
+            raise final_checkpoint_error
         return final
     finally:
         await server.stop(grace=1.0)

@@ -2,9 +2,10 @@
 
 A server interceptor, so no servicer method can forget the check. The comparison is
 constant-time (:func:`hmac.compare_digest`), so the time a refusal takes says nothing
-about how much of a guess was right. A refused call gets ``UNAUTHENTICATED`` without its
-request being decoded or its stream read, so an unauthenticated peer cannot make the server
-assemble a tensor.
+about how much of a guess was right. The token travels in the call's headers, so it is checked
+before any of the request is read: a refused call gets ``UNAUTHENTICATED`` at once, without its
+request message being waited for, read or decoded, so an unauthenticated peer holds neither a call
+slot nor a buffered message beyond the moment its headers arrive.
 """
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from collections.abc import Callable
 import grpc
 
 from gapaware.common.security import TOKEN_ENV, TOKEN_METADATA_KEY, bearer
+from gapaware.server.refusal import answer
 
 log = logging.getLogger("gapaware.server.auth")
 
 
-OPEN_SERVICES = ("/grpc.health.v1.Health/",)
-"""Services answered without a token: health says only SERVING or NOT_SERVING, and Kubernetes
-probes and load balancers cannot send one."""
+OPEN_METHODS = ("/grpc.health.v1.Health/Check",)
+"""Methods answered without a token: a health check says only SERVING or NOT_SERVING, and Kubernetes
+probes and load balancers cannot send one. ``Watch`` stays behind the token: it lasts as long as its
+caller likes."""
 
 
 REFUSAL_LOG_SECONDS = 10.0
@@ -57,7 +60,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._refusals = refusals or RefusalLog()
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
-        if handler_call_details.method.startswith(OPEN_SERVICES):
+        if handler_call_details.method in OPEN_METHODS:
             return await continuation(handler_call_details)
         given = [value for key, value in handler_call_details.invocation_metadata or ()
                  if key == TOKEN_METADATA_KEY]
@@ -76,18 +79,14 @@ def _as_bytes(value: str | bytes) -> bytes:
 
 def _refusal(handler: grpc.RpcMethodHandler | None, method: str, reason: str,
              refusals: RefusalLog) -> grpc.RpcMethodHandler | None:
-    """A handler of the same kind as ``handler`` that aborts with ``UNAUTHENTICATED``."""
+    """A handler that ends the call with ``UNAUTHENTICATED`` as soon as it runs. It is request-streaming
+    whatever the method, so gRPC does not wait for a unary request before running it (the wire does
+    not tell the two apart: the client sees its call refused)."""
     if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED, which reveals nothing
         return None
 
-    async def refuse(request, context: grpc.aio.ServicerContext):
+    async def refuse(requests, context: grpc.aio.ServicerContext) -> None:
         refusals.refused(method, context.peer(), reason)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+        answer(context, grpc.StatusCode.UNAUTHENTICATED, reason)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    return grpc.stream_stream_rpc_method_handler(refuse)

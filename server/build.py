@@ -2,19 +2,25 @@
 parameters, for the gRPC server (:mod:`gapaware.server.app`) and the simulator alike."""
 from __future__ import annotations
 
+from gapaware.common.buffers import model_buffers
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters, load_flat_parameters
 from gapaware.common.registry import DEFAULTS
 from gapaware.common.tasks import Task, load_task
+from gapaware.server.limits import DEFAULT_MAX_WORKERS
 from gapaware.server.state import ParameterServerState
 
 
-def build_state(config: RunConfig, *, nonfinite: str = DEFAULTS.nonfinite) -> tuple[Task, ParameterServerState]:
-    """The task (for layout and evaluation) and the server state with the seeded initial parameters."""
+def build_state(config: RunConfig, *, nonfinite: str = DEFAULTS.nonfinite,
+                grad_norm_bound: float = 0.0,
+                max_workers: int = DEFAULT_MAX_WORKERS) -> tuple[Task, ParameterServerState]:
+    """The task (for layout and evaluation) and the server state with the seeded initial parameters;
+    ``grad_norm_bound`` is the push bound's k (0, for the simulator: none)."""
     task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)
     layout = ParamLayout.from_module(task.model)
     state = ParameterServerState(config, layout, flat_parameters(task.model), train_size=len(task.train),
-                                 nonfinite=nonfinite)
+                                 nonfinite=nonfinite, grad_norm_bound=grad_norm_bound, max_workers=max_workers,
+                                 buffers=model_buffers(task.model, layout.buffers))
     # The model is kept for evaluation only, and each evaluation points it at a copy of θ; until
     # then its parameters are views of θ, so the server holds no second copy of the model.
     load_flat_parameters(task.model, state.theta)

@@ -1,34 +1,43 @@
 """Checkpoints of the server's state: one safetensors file each, written atomically, the last K kept.
 
-A checkpoint file holds the tensors ``theta`` and ``policy/<key>`` (the policy's
+A checkpoint file holds the tensors ``theta``, ``policy/<key>`` (the policy's
 ``state_dict()``: momentum, GA's ``v``, ``k`` and ``η_max``, DANA's buffers; scalars as 0-d
-tensors) and two metadata strings: ``gapaware``, a JSON object (format, version, examples seen,
+tensors) and ``buffer/<name>`` (the model's buffers, BatchNorm's statistics, in their own dtypes) and two metadata strings: ``gapaware``, a JSON object (format, version, examples seen,
 server incarnation, run config, the run's totals), and ``sha256``, the digest of that JSON and
 of every tensor's name, dtype, shape and bytes. safetensors cannot run code on load (unlike
 pickle), and the digest catches what its own header check does not: a torn or corrupted file
 is refused with a :class:`CorruptCheckpoint` that says why.
 
 A write goes to a temporary file in the same directory, is fsynced, renamed over its final
-name and the directory fsynced, so a crash leaves either the whole new file or none of it.
+name and the directory fsynced, so a crash leaves either the whole new file or none of it. A
+write that fails (a full disk, a read-only directory) raises :class:`CheckpointWriteError` and
+leaves no temporary file behind; a state holding NaN or Inf is not written at all.
 Files are named ``checkpoint-i<incarnation>-v<version>.safetensors``; their order by
 (incarnation, version) is the order in which they were written, since each restart of the
-server is a new incarnation.
+server is a new incarnation. A file whose name is out of range (incarnation above
+:data:`MAX_INCARNATION`) is not one of ours and is ignored with a warning; one that does not
+read, verify and hold finite, in-range values is skipped, so it can neither be resumed nor
+move the next incarnation.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gapaware.common.config import RunConfig
+from gapaware.common.transport import all_finite
+from gapaware.server.push_bound import NORM_CEILING
 
 log = logging.getLogger("gapaware.server.checkpoint")
 
@@ -36,10 +45,35 @@ FORMAT = 1
 SUFFIX = ".safetensors"
 NAME = re.compile(r"^checkpoint-i(\d+)-v(\d+)\.safetensors$")
 POLICY_PREFIX = "policy/"
+MAX_INCARNATION = 10**9
+"""Restarts a run may have: a billion keeps every worker id (``incarnation × 1,000,000 + n``) far
+inside the 64 bits of the wire."""
+MAX_COUNT = 2**63 - 1
+"""The largest version or number of examples a checkpoint may hold."""
+BUFFER_PREFIX = "buffer/"
 
 
 class CorruptCheckpoint(ValueError):
     """A checkpoint file that is torn, corrupted or not one of ours: the message says which and why."""
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint that could not be written; nothing of it was left behind. ``reason`` says why
+    without naming the file, the same for every write that fails for the same cause."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"could not write checkpoint {path}: {reason}")
+        self.reason = reason
+
+
+@dataclass
+class CheckpointHealth:
+    """How this server's checkpoint writes went, for status and metrics: ``failures`` so far, the
+    ``last_error``'s message and the ``version`` of the newest checkpoint written (-1: none yet)."""
+
+    failures: int = 0
+    last_error: str = ""
+    version: int = -1
 
 
 @dataclass(frozen=True)
@@ -53,10 +87,28 @@ class Checkpoint:
     theta: torch.Tensor
     policy_state: dict[str, torch.Tensor]
     totals: dict[str, float]             # sums over the run's pushes (the state's Window fields)
+    push_norms: tuple[float, ...] = ()   # the push bound's recent gradient norms, oldest first
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # the model's buffers, by name
 
 
 def checkpoint_name(incarnation: int, version: int) -> str:
     return f"checkpoint-i{incarnation:04d}-v{version:010d}{SUFFIX}"
+
+
+def name_order(path: Path) -> tuple[int, int] | None:
+    """(incarnation, version) that a checkpoint file's name gives, or None for another name or one
+    out of range."""
+    match = NAME.match(path.name)
+    if match is None:
+        return None
+    incarnation, version = int(match.group(1)), int(match.group(2))
+    return (incarnation, version) if incarnation <= MAX_INCARNATION and version <= MAX_COUNT else None
+
+
+def nonfinite_tensors(checkpoint: Checkpoint) -> list[str]:
+    """The tensors of ``checkpoint`` (``theta``, ``policy/<key>``) that hold NaN or Inf."""
+    tensors = {"theta": checkpoint.theta, **{POLICY_PREFIX + k: v for k, v in checkpoint.policy_state.items()}}
+    return [name for name, tensor in tensors.items() if tensor.is_floating_point() and not all_finite(tensor)]
 
 
 def _digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -79,24 +131,41 @@ def _fsync_directory(directory: Path) -> None:
 def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     """Writes ``checkpoint`` into ``directory`` atomically and returns its path."""
     tensors = {"theta": checkpoint.theta.contiguous(),
-               **{POLICY_PREFIX + key: value.contiguous() for key, value in checkpoint.policy_state.items()}}
+               **{POLICY_PREFIX + key: value.contiguous() for key, value in checkpoint.policy_state.items()},
+               **{BUFFER_PREFIX + name: value.contiguous() for name, value in checkpoint.buffers.items()}}
     meta_json = json.dumps({
         "format": FORMAT, "version": checkpoint.version, "samples": checkpoint.samples,
         "incarnation": checkpoint.incarnation, "config": json.loads(checkpoint.config.to_json()),
-        "totals": checkpoint.totals,
+        "totals": checkpoint.totals, "push_norms": list(checkpoint.push_norms),
     }, sort_keys=True)
     path = directory / checkpoint_name(checkpoint.incarnation, checkpoint.version)
+    nonfinite = nonfinite_tensors(checkpoint)
+    if nonfinite:
+        raise CheckpointWriteError(path, f"{', '.join(nonfinite)} hold NaN or Inf: not written, so the newest "
+                                         "finite checkpoint is kept")
     temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary), metadata={"gapaware": meta_json, "sha256": _digest(meta_json, tensors)})
-    with temporary.open("rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_directory(directory)
+    try:
+        save_file(tensors, str(temporary), metadata={"gapaware": meta_json, "sha256": _digest(meta_json, tensors)})
+        with temporary.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        _fsync_directory(directory)
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error type
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise CheckpointWriteError(path, _reason(error)) from None
     return path
 
 
+def _reason(error: Exception) -> str:
+    """What went wrong, without the file's name (an OSError's strerror)."""
+    return getattr(error, "strerror", None) or str(error)
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
-    """Loads and verifies one checkpoint file; raises :class:`CorruptCheckpoint` for anything amiss."""
+    """Loads and verifies one checkpoint file; raises :class:`CorruptCheckpoint` for anything amiss:
+    a bad checksum, metadata out of range or that does not match the file's name, settings a run
+    refuses, parameters or policy state holding NaN or Inf."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -114,14 +183,47 @@ def read_checkpoint(path: Path) -> Checkpoint:
         checkpoint = Checkpoint(
             version=int(meta["version"]), samples=int(meta["samples"]), incarnation=int(meta["incarnation"]),
             config=RunConfig.from_json(json.dumps(meta["config"])), theta=tensors.pop("theta"),
-            policy_state={key.removeprefix(POLICY_PREFIX): value for key, value in tensors.items()},
-            totals=dict(meta["totals"]),
+            policy_state={key.removeprefix(POLICY_PREFIX): value for key, value in tensors.items()
+                          if key.startswith(POLICY_PREFIX)},
+            totals=dict(meta["totals"]), push_norms=tuple(float(n) for n in meta.get("push_norms", ())),
+            buffers={key.removeprefix(BUFFER_PREFIX): value for key, value in tensors.items()
+                     if key.startswith(BUFFER_PREFIX)},
         )
     except (KeyError, TypeError, ValueError) as error:
-        raise CorruptCheckpoint(f"{path}: invalid metadata ({error!r})") from None
+        raise CorruptCheckpoint(f"{path}: invalid metadata ({error})") from None
     if fmt != FORMAT:
         raise CorruptCheckpoint(f"{path}: checkpoint format {fmt}, this gapaware reads format {FORMAT}")
+    problem = _out_of_range(checkpoint, name_order(path))
+    if problem:
+        raise CorruptCheckpoint(f"{path}: {problem}: not resumable")
     return checkpoint
+
+
+def _out_of_range(checkpoint: Checkpoint, named: tuple[int, int] | None) -> str:
+    """Why ``checkpoint`` (from a file whose name gives ``named``) cannot be resumed; empty if it can."""
+    if not 0 <= checkpoint.incarnation < MAX_INCARNATION:
+        return f"incarnation {checkpoint.incarnation} is out of range (0 to {MAX_INCARNATION - 1})"
+    if not (0 <= checkpoint.version <= MAX_COUNT and 0 <= checkpoint.samples <= MAX_COUNT):
+        return f"version {checkpoint.version} or examples seen {checkpoint.samples} out of range"
+    if named is not None and named != (checkpoint.incarnation, checkpoint.version):
+        return (f"named for incarnation {named[0]}, version {named[1]} but holding incarnation "
+                f"{checkpoint.incarnation}, version {checkpoint.version}")
+    if checkpoint.theta.dim() != 1 or checkpoint.theta.dtype != torch.float32:
+        return f"the parameters are a {checkpoint.theta.dtype} tensor of shape {tuple(checkpoint.theta.shape)}"
+    nonfinite = nonfinite_tensors(checkpoint)
+    if nonfinite:
+        return f"{', '.join(nonfinite)} hold NaN or Inf"
+    if not all(0 < n < NORM_CEILING and math.isfinite(n) for n in checkpoint.push_norms):
+        return "the push bound's gradient norms are not all positive and finite"
+    if not all(_finite_totals(v) for v in checkpoint.totals.values()):
+        return f"the run's totals are not finite numbers: {checkpoint.totals}"
+    return ""
+
+
+def _finite_totals(value) -> bool:
+    if isinstance(value, list):
+        return all(isinstance(v, int) and v >= 0 for v in value)
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class CheckpointDirectory:
@@ -134,24 +236,38 @@ class CheckpointDirectory:
         self.keep = keep
 
     def paths(self) -> list[Path]:
-        """The checkpoint files present, oldest first."""
+        """The checkpoint files present whose names are in range, oldest first."""
         if not self.path.is_dir():
             return []
-        found = [(tuple(int(g) for g in match.groups()), entry) for entry in self.path.iterdir()
-                 if (match := NAME.match(entry.name))]
+        found = [(order, entry) for entry in self.path.iterdir() if (order := name_order(entry)) is not None]
         return [entry for _, entry in sorted(found)]
 
+    def out_of_range(self) -> list[Path]:
+        """Files named like checkpoints whose incarnation or version is out of range: not ours."""
+        if not self.path.is_dir():
+            return []
+        return sorted(e for e in self.path.iterdir() if NAME.match(e.name) and name_order(e) is None)
+
     def last_incarnation(self) -> int:
-        """The highest incarnation named by any file here, valid or not; -1 when there is none."""
-        names = [NAME.match(p.name) for p in self.paths()]
-        return max((int(m.group(1)) for m in names), default=-1)
+        """The incarnation of the newest valid checkpoint here; -1 when there is none. Files that do
+        not verify are not counted: a junk file cannot move the next incarnation."""
+        checkpoint, _ = self.newest_valid()
+        return -1 if checkpoint is None else checkpoint.incarnation
 
     def save(self, checkpoint: Checkpoint) -> Path:
-        """Writes ``checkpoint``, then deletes all but the newest ``keep`` files."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Writes ``checkpoint``, then deletes all but the newest ``keep`` files up to it (files that
+        sort after it are not this run's: they are left alone). Raises :class:`CheckpointWriteError`."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CheckpointWriteError(self.path, _reason(error)) from None
         written = write_checkpoint(self.path, checkpoint)
-        for old in self.paths()[:-self.keep]:
-            old.unlink(missing_ok=True)
+        up_to = name_order(written)
+        for old in [p for p in self.paths() if name_order(p) <= up_to][:-self.keep]:
+            try:
+                old.unlink(missing_ok=True)
+            except OSError as error:
+                log.warning("could not delete the old checkpoint %s: %s", old, _reason(error))
         return written
 
     def remove_partial_writes(self) -> None:
@@ -163,6 +279,8 @@ class CheckpointDirectory:
     def newest_valid(self) -> tuple[Checkpoint | None, Path | None]:
         """The newest checkpoint that reads and verifies, and its path; each newer file that does not
         is logged with the reason and skipped. ``(None, None)`` when no file is valid."""
+        for path in self.out_of_range():
+            log.warning("ignoring %s: its incarnation or version is out of range, not a checkpoint of gapaware's", path)
         for path in reversed(self.paths()):
             try:
                 return read_checkpoint(path), path

@@ -2,20 +2,30 @@
 
 A background thread waits for every ``eval_every``-th version, copies the parameters
 (the only moment it holds the state's lock) and evaluates the copy while pushes go on.
-Each evaluation appends one JSON line to the metrics file.
+Each evaluation appends one JSON line to the metrics file: the task's metrics
+(:func:`~gapaware.common.evaluation.evaluate_task`), named in its ``eval_metrics``. When
+updates outpace evaluation, the versions passed meanwhile are not evaluated; the next record
+counts them in ``evals_skipped``. An exception in the evaluation (the user's model or metrics
+code) is logged with its traceback and recorded as ``eval_error``; training goes on.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
 from pathlib import Path
 
-from gapaware.common.evaluation import evaluate
+from gapaware.common.buffers import load_buffers
+from gapaware.common.evaluation import evaluate_task
 from gapaware.common.layout import load_flat_parameters
 from gapaware.common.tasks import Task
 from gapaware.server.state import ParameterServerState
+
+log = logging.getLogger("gapaware.server.evaluator")
+
+SKIP_REASON = "updates outpaced evaluation: versions passed during the previous evaluation were not evaluated"
 
 
 class MetricsLog:
@@ -52,6 +62,8 @@ class Evaluator:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gapaware-evaluator", daemon=True)
         self.last: dict = {"accuracy": math.nan, "loss": math.nan, "version": -1}
+        self.errors = 0
+        self.skipped = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -64,31 +76,70 @@ class Evaluator:
         """Evaluates the current parameters and logs the record, with ``extra`` fields (the final
         record carries the run's totals)."""
         version, theta = self._state.parameters()
-        load_flat_parameters(self._task.model, theta)
-        loss, accuracy = evaluate(self._task.model, self._task.loss, self._task.test, device=self._device)
-        load_flat_parameters(self._task.model, self._state.theta)  # frees the copy: see build_state
-        del theta
+        try:
+            load_flat_parameters(self._task.model, theta)
+            load_buffers(self._task.model, self._state.buffer_tensors())
+            metrics, error = self._metrics()
+        finally:
+            load_flat_parameters(self._task.model, self._state.theta)  # frees the copy: see build_state
+            del theta
         record = {
             "event": event,
             "version": version,
+            "incarnation": self._state.incarnation,  # restarts from checkpoints: time restarts at 0 with each
             "time": round(time.monotonic() - self._state.started, 3),
             "epoch": round(self._state.epoch(), 4),
-            "loss": loss,
-            "accuracy": accuracy,
+            "accuracy": math.nan,
+            **metrics,
+            "eval_metrics": sorted(metrics),
             "lr": self._state.lr(),
             "workers": len(self._state.live_workers()),
+            "eval_errors": self.errors,
+            "evals_skipped": self.skipped,
             **self._state.take_window(),
             **(extra or {}),
         }
+        if error is not None:
+            record["eval_error"] = error
         self.last = record
         self._log.write(record)
         return record
 
+    def _metrics(self) -> tuple[dict[str, float], str | None]:
+        """The task's metrics, or NaN loss and the error that stopped them (logged with its traceback)."""
+        try:
+            metrics = evaluate_task(self._task, self._task.model, device=self._device)
+        except Exception as error:  # the user's model and metrics code: any error, reported, never fatal
+            log.exception("evaluation failed; training goes on")
+            self.errors += 1
+            return {"loss": math.nan}, f"{type(error).__name__}: {error}"
+        clashes = sorted(set(metrics) & RECORD_FIELDS)
+        if clashes:
+            self.errors += 1
+            return {"loss": math.nan}, f"the task's metrics use the names {clashes}, which the record uses itself"
+        return metrics, None
+
     def _run(self) -> None:
         every = self._state.config.eval_every
-        next_version = every
+        evaluated = 0
         while not self._stop.is_set() and not self._state.finished:
-            version = self._state.wait_for_version(next_version, timeout=0.5)
-            if version >= next_version and not self._state.finished:
-                self.evaluate_now()
-                next_version = (version // every + 1) * every
+            version = self._state.wait_for_version((evaluated // every + 1) * every, timeout=0.5)
+            if version // every > evaluated // every and not self._state.finished:
+                missed = version // every - evaluated // every - 1  # multiples of every passed unevaluated
+                if missed:
+                    self.skipped += missed
+                    log.info("%d evaluations skipped: %s", missed, SKIP_REASON)
+                evaluated = self.evaluate_now(extra={"skip_reason": SKIP_REASON} if missed else None)["version"]
+
+
+RECORD_FIELDS = frozenset({"event", "version", "time", "epoch", "eval_metrics", "lr", "workers", "eval_errors",
+                           "evals_skipped", "eval_error", "skip_reason", "staleness_counts", "pushes",
+                           "mean_staleness", "mean_gap", "train_loss", "held_snapshots",
+                           "run_mean_staleness", "run_mean_gap", "run_train_loss"})
+"""Names an evaluation record uses for itself, which a task's metrics may not take."""
+
+
+def describe_metrics(record: dict) -> str:
+    """An evaluation record's metrics as one line: ``accuracy 0.9512, loss 0.1834``, and its error."""
+    text = ", ".join(f"{name} {record[name]:.4g}" for name in record.get("eval_metrics", ()))
+    return text + (f"; evaluation failed: {record['eval_error']}" if "eval_error" in record else "")

@@ -67,6 +67,9 @@ class ModelStore:
         self._copy_ids = itertools.count(1)
         self._spares: list[torch.Tensor] = []
         self._spares_lock = threading.Lock()
+        # The model's buffers as they travel (gapaware.common.buffers), and their CRC-32C: those of the
+        # latest applied push from any worker (docs/ALGORITHMS.md#buffers).
+        self.buffers: tuple[bytes, int] = (b"", 0)
 
     def sent_copy(self, worker_id: int, parameters: torch.Tensor, dtype: torch.dtype, *,
                   keep_snapshot: bool) -> Outgoing:

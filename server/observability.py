@@ -19,9 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gapaware.common.results import PushResult
+from gapaware.server.metrics_http import serve_metrics
 from gapaware.server.state import ParameterServerState
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
@@ -31,7 +33,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 SCALARS = {
     "accuracy": "eval/accuracy", "loss": "eval/loss", "train_loss": "train/loss", "lr": "train/lr",
     "mean_staleness": "push/mean_staleness", "mean_gap": "push/mean_gap", "workers": "run/workers",
-    "epoch": "run/epoch",
+    "epoch": "run/epoch", "eval_errors": "eval/errors", "evals_skipped": "eval/skipped",
 }
 
 
@@ -63,6 +65,9 @@ class ServerMetrics:
               registry=reg).set_function(lambda: len(state.live_workers()))
         Gauge("gapaware_run_finished", "1 once the run has ended.",
               registry=reg).set_function(lambda: float(state.finished))
+        Gauge("gapaware_grad_norm_limit", "The largest gradient norm a push may have now (NaN: no bound).",
+              registry=reg).set_function(state.grad_norm_limit)
+        reg.register(_StateCounters(state))
         self._accepted = Counter("gapaware_pushes_accepted", "Pushes applied as an update.", registry=reg)
         self._rejected = Counter("gapaware_pushes_rejected", "Pushes refused or not applied, by reason.",
                                  ["reason"], registry=reg)
@@ -75,9 +80,18 @@ class ServerMetrics:
                                   buckets=LATENCY_BUCKETS, registry=reg)
         self._bytes_in = Counter("gapaware_received_bytes", "Tensor payload bytes received (gradients).", registry=reg)
         self._bytes_out = Counter("gapaware_sent_bytes", "Tensor payload bytes sent (parameters).", registry=reg)
+        self._sends_ended = Counter("gapaware_sends_ended",
+                                    "Replies cut off because the client did not take them by their deadline.",
+                                    registry=reg)
         self._accuracy = Gauge("gapaware_eval_accuracy", "Held-out accuracy of the last evaluation.", registry=reg)
         self._loss = Gauge("gapaware_eval_loss", "Held-out loss of the last evaluation.", registry=reg)
         self._eval_version = Gauge("gapaware_eval_version", "Version the last evaluation measured.", registry=reg)
+        self._eval_metric = Gauge("gapaware_eval_metric", "Each metric of the last evaluation (the task's own too), "
+                                  "by name.", ["name"], registry=reg)
+        self._eval_errors = Gauge("gapaware_eval_errors", "Evaluations that failed with an error (logged with "
+                                  "its traceback).", registry=reg)
+        self._evals_skipped = Gauge("gapaware_evals_skipped", "Evaluations skipped because updates outpaced "
+                                    "evaluation.", registry=reg)
         for gauge in (self._accuracy, self._loss):
             gauge.set(math.nan)
 
@@ -100,24 +114,32 @@ class ServerMetrics:
     def sent(self, nbytes: int) -> None:
         self._bytes_out.inc(nbytes)
 
+    def send_ended(self) -> None:
+        self._sends_ended.inc()
+
     # -- a record sink, fed by the evaluator ---------------------------------------------------
     def write(self, record: dict) -> None:
         self._accuracy.set(_number(record.get("accuracy")))
         self._loss.set(_number(record.get("loss")))
         self._eval_version.set(record.get("version", -1))
+        for name in record.get("eval_metrics", ()):
+            self._eval_metric.labels(name).set(_number(record.get(name)))
+        self._eval_errors.set(record.get("eval_errors", 0))
+        self._evals_skipped.set(record.get("evals_skipped", 0))
 
     # -- exposition ----------------------------------------------------------------------------
-    def serve(self, host: str, port: int) -> None:
-        """Serves ``/metrics`` over HTTP on ``host:port`` from a background thread."""
+    async def serve(self, host: str, port: int) -> None:
+        """Serves ``/metrics`` over HTTP on ``host:port`` from the running event loop
+        (:mod:`gapaware.server.metrics_http`)."""
         try:
-            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+            self._http = await serve_metrics(self.registry, host, port)
         except OSError as error:
-            raise OSError(f"could not serve metrics on {host}:{port} (--metrics-port): {error}") from None
+            raise OSError(f"could not serve metrics on {host}:{port} (--metrics-port): "
+                          f"{error.strerror or error}") from None
 
     def close(self) -> None:
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
             self._http = None
 
 
@@ -130,7 +152,8 @@ class TensorBoardLog:
 
     def write(self, record: dict) -> None:
         step = int(record["version"])
-        for key, tag in SCALARS.items():
+        tags = {**SCALARS, **{name: f"eval/{name}" for name in record.get("eval_metrics", ())}}
+        for key, tag in tags.items():
             value = _number(record.get(key))
             if math.isfinite(value):
                 self._writer.add_scalar(tag, value, global_step=step)
@@ -163,6 +186,22 @@ class RecordSinks:
     def close(self) -> None:
         for sink in self._sinks:
             sink.close()
+
+
+class _StateCounters:
+    """Counters the state keeps (reported when scraped): undone updates and checkpoint writes."""
+
+    def __init__(self, state: ParameterServerState) -> None:
+        self._state = state
+
+    def collect(self):
+        health = self._state.checkpoint_health
+        yield CounterMetricFamily("gapaware_nonfinite_updates", "Updates undone because they left NaN or Inf in "
+                                  "the parameters.", value=self._state.updater.nonfinite_updates)
+        yield CounterMetricFamily("gapaware_checkpoint_failures", "Checkpoint writes that failed (full disk, "
+                                  "read-only directory); the run goes on.", value=health.failures)
+        yield GaugeMetricFamily("gapaware_checkpoint_version", "Version of the newest checkpoint written (-1: none).",
+                                value=health.version)
 
 
 def _number(value) -> float:

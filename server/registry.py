@@ -1,12 +1,15 @@
-"""Who is training: the registered workers, their leases, and exactly-once answers to their pushes."""
+"""Who is training: the registered workers, their leases, their secrets, and exactly-once answers to
+their pushes."""
 from __future__ import annotations
 
+import hmac
 import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 
 from gapaware.common.results import PushResult
-from gapaware.server.errors import BadPush, StaleSnapshot, UnknownWorker
+from gapaware.server.errors import BadPush, InvalidJoin, StaleSnapshot, UnknownWorker, WrongWorkerSecret
 
 IDS_PER_INCARNATION = 1_000_000
 """Worker ids of the n-th server incarnation (n restarts from checkpoints) start at
@@ -18,6 +21,26 @@ def first_worker_id(incarnation: int) -> int:
     return incarnation * IDS_PER_INCARNATION + 1
 
 
+MAX_HOSTNAME_CHARS = 253
+"""The longest hostname a Join may give: a DNS name's longest."""
+
+MAX_DEVICE_CHARS = 64
+"""The longest device a Join may give (``cuda:7``, ``mps``, ``cpu``)."""
+
+SECRET_BYTES = 32
+"""Length of the secret each worker is given at Join (:attr:`WorkerRecord.secret`)."""
+
+
+def check_join_labels(hostname: str, device: str) -> None:
+    """Refuses a hostname or device that no real worker sends: longer than its limit, or with control
+    characters. Both are shown by ``status`` and written to the log, so they are checked before either."""
+    for what, text, limit in (("hostname", hostname, MAX_HOSTNAME_CHARS), ("device", device, MAX_DEVICE_CHARS)):
+        if len(text) > limit:
+            raise InvalidJoin(f"the {what} has {len(text)} characters; at most {limit} are allowed")
+        if not text.isprintable():
+            raise InvalidJoin(f"the {what} holds control characters: give a plain name")
+
+
 @dataclass
 class WorkerRecord:
     worker_id: int
@@ -27,6 +50,7 @@ class WorkerRecord:
     last_seen: float = field(default_factory=time.monotonic)
     pulled_version: int | None = None      # the version it was last sent, until it pushes on it
     pushes: int = 0
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(SECRET_BYTES), repr=False)
     last_gap: float = 1.0
     last_seq: int = 0                      # sequence number of the last push answered
     last_result: PushResult | None = None  # and its answer, replayed to a retried copy
@@ -56,6 +80,17 @@ class WorkerRegistry:
             raise UnknownWorker(worker_id)
         record.last_seen = time.monotonic()
         return record
+
+    def authenticate(self, worker_id: int, secret: bytes) -> None:
+        """Refuses a call for ``worker_id`` that does not present its secret, comparing in constant time.
+
+        Safe without the owner's lock: one dictionary lookup, atomic under the GIL, of a record whose
+        secret never changes; it does not renew the lease (the call it admits does)."""
+        record = self._workers.get(worker_id)
+        if record is None:
+            raise UnknownWorker(worker_id)
+        if not hmac.compare_digest(record.secret, secret):
+            raise WrongWorkerSecret(worker_id)
 
     def silent_since(self, moment: float) -> list[int]:
         """Ids of the workers last heard from before ``moment`` (a ``time.monotonic()`` value)."""

@@ -4,8 +4,11 @@
 corrupt files are skipped with a message). The run config is the checkpoint's; flags given
 explicitly on the command line override it (e.g. ``--max-updates`` to extend a run), except
 ``--task`` and ``--policy``, which must match: the saved parameters and policy state only fit
-the model and policy that wrote them. A DIR with no checkpoint file at all starts a new run, so
-a supervisor can restart the server with one unchanging command line.
+the model and policy that wrote them. A checkpoint never makes the server import code: one that
+names a task other than a built-in one resumes only when ``--task`` names it too. A DIR with no
+checkpoint file at all starts a new run, and so does a DIR that does not exist yet when it is also
+the checkpoint directory, so a supervisor can restart the server with one unchanging command line
+(``--checkpoint-dir D --resume D``) from the first start on.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import logging
 from pathlib import Path
 
 from gapaware.common.config import RunConfig
+from gapaware.common.registry import TASK_NAMES
 from gapaware.server.checkpoint import Checkpoint, CheckpointDirectory
 
 log = logging.getLogger("gapaware.server")
@@ -27,6 +31,9 @@ class ResumeError(ValueError):
 
 def resolve_config(saved: RunConfig, given: RunConfig, explicit: frozenset[str]) -> RunConfig:
     """The config of a resumed run: ``saved`` with the ``explicit`` fields of ``given`` on top."""
+    if saved.task not in TASK_NAMES and not ("task" in explicit and given.task == saved.task):
+        raise ResumeError(f"the checkpoint names the task {saved.task!r}, which is not built in, and a checkpoint "
+                          f"cannot make the server import code: pass --task {saved.task} to resume it")
     for name in MUST_MATCH:
         if name in explicit and getattr(given, name) != getattr(saved, name):
             raise ResumeError(f"the checkpoint is of a run with {name} {getattr(saved, name)!r}, not "
@@ -40,10 +47,17 @@ def resolve_config(saved: RunConfig, given: RunConfig, explicit: frozenset[str])
         raise ResumeError(f"the command line's flags do not fit the resumed run: {error}") from None
 
 
-def find_resume_point(directory: Path) -> Checkpoint | None:
-    """The newest valid checkpoint in ``directory``, or None when it holds no checkpoint file."""
+def find_resume_point(directory: Path, *, checkpoint_dir: Path | None = None) -> Checkpoint | None:
+    """The newest valid checkpoint in ``directory``, or None when it holds no checkpoint file, or
+    does not exist and is ``checkpoint_dir`` too (a first start: the run's checkpoints go there)."""
     if not directory.is_dir():
-        raise ResumeError(f"--resume {directory}: no such directory")
+        if directory.exists():
+            raise ResumeError(f"--resume {directory}: not a directory")
+        if checkpoint_dir is None or not _same(directory, checkpoint_dir):
+            raise ResumeError(f"--resume {directory}: no such directory (a missing one starts a new run only "
+                              "when it is also --checkpoint-dir)")
+        log.info("--resume %s: no such directory yet, starting a new run that checkpoints there", directory)
+        return None
     checkpoints = CheckpointDirectory(directory)
     if not checkpoints.paths():
         log.warning("--resume %s: no checkpoint there yet, starting a new run", directory)
@@ -63,6 +77,12 @@ def check_fresh_directory(directory: Path) -> None:
                           f"{directory} to continue it, or choose an empty directory")
 
 
-def next_incarnation(*directories: Path) -> int:
-    """One more than the highest incarnation any checkpoint file in ``directories`` names."""
-    return 1 + max(CheckpointDirectory(d).last_incarnation() for d in directories)
+def next_incarnation(resumed: Checkpoint, resumed_from: Path, *directories: Path) -> int:
+    """One more than the highest incarnation of ``resumed`` (the newest valid checkpoint in
+    ``resumed_from``) and of the newest valid checkpoint in each other of ``directories``."""
+    others = [d for d in directories if not _same(d, resumed_from)]
+    return 1 + max([resumed.incarnation, *(CheckpointDirectory(d).last_incarnation() for d in others)])
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()

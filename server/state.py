@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 
 import torch
 
+from gapaware.common.buffers import checksum, pack_buffers, unpack_buffers
 from gapaware.common.codecs import Codec
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
-from gapaware.server.checkpoint import Checkpoint
-from gapaware.server.errors import InvalidLayout, LayoutMismatch
+from gapaware.server.checkpoint import Checkpoint, CheckpointHealth
+from gapaware.server.errors import InvalidLayout, LayoutMismatch, TooManyWorkers
+from gapaware.server.limits import DEFAULT_MAX_WORKERS
 from gapaware.server.model_store import ModelStore, Outgoing
 from gapaware.server.push import AdmittedPush, admit
-from gapaware.server.registry import WorkerRecord, WorkerRegistry, first_worker_id
+from gapaware.server.registry import WorkerRecord, WorkerRegistry, check_join_labels, first_worker_id
 from gapaware.server.updater import Updater, Window
 
 log = logging.getLogger("gapaware.server")
@@ -31,15 +34,20 @@ log = logging.getLogger("gapaware.server")
 
 class ParameterServerState:
     def __init__(self, config: RunConfig, layout: ParamLayout, theta: torch.Tensor, train_size: int, *,
-                 nonfinite: str = "reject") -> None:
+                 nonfinite: str = "reject", grad_norm_bound: float = 0.0, buffers: bytes = b"",
+                 max_workers: int = DEFAULT_MAX_WORKERS) -> None:
         if theta.dim() != 1 or theta.numel() != layout.numel or theta.dtype != torch.float32:
             raise ValueError(f"theta must be a flat float32 tensor of {layout.numel} elements")
         self.config = config
         self.layout = layout
         self.train_size = train_size
         self.model = ModelStore(theta, getattr(torch, config.snapshot_dtype), config.full_pull_every)
-        self.updater = Updater(config, layout.numel, config.total_updates(train_size), nonfinite)
+        self.model.buffers = (buffers, checksum(buffers))
+        unpack_buffers(*self.model.buffers, layout.buffers)  # refuses buffers that do not fit the layout
+        self.updater = Updater(config, layout.numel, config.total_updates(train_size), nonfinite, grad_norm_bound)
+        self.checkpoint_health = CheckpointHealth()
         self.workers = WorkerRegistry()
+        self.max_workers = max_workers
         self.finished = False
         self.incarnation = 0
         self.started = time.monotonic()
@@ -74,16 +82,28 @@ class ParameterServerState:
     def nonfinite_pushes(self) -> int:
         return self.updater.nonfinite_pushes
 
+    @property
+    def max_samples(self) -> int:
+        """The most examples one push may claim: a batch is drawn without replacement from the
+        training set, so no honest push holds more (at least the run's batch size)."""
+        return max(self.train_size, self.config.batch_size)
+
     def lr(self) -> float:
         return self.updater.lr()
+
+    def grad_norm_limit(self) -> float:
+        """The largest gradient norm a push may have now; NaN without a bound."""
+        return math.nan if self.updater.bound is None else self.updater.bound.limit()
 
     def epoch(self) -> float:
         return self.samples / self.train_size if self.train_size else 0.0
 
     # -- membership -------------------------------------------------------------------------
     def join(self, hostname: str, device: str, layout: ParamLayout | None, *, fingerprint: str = "") -> WorkerRecord:
-        """Registers a worker. ``layout`` and its claimed ``fingerprint`` (either may be absent) must
-        agree with each other and with the server's layout."""
+        """Registers a worker, up to :attr:`max_workers` at once. ``layout`` and its claimed ``fingerprint``
+        (either may be absent) must agree with each other and with the server's layout; ``hostname`` and
+        ``device`` must be plain names of bounded length (:func:`check_join_labels`)."""
+        check_join_labels(hostname, device)
         if fingerprint and layout is not None and fingerprint != layout.fingerprint:
             raise InvalidLayout(f"the layout's fingerprint {fingerprint[:16]}... is not that of the {len(layout.names)} "
                                 "parameters it lists: the message is corrupt or was built by other code")
@@ -97,6 +117,8 @@ class ParameterServerState:
                                  f"layout fingerprint {fingerprint[:16]}..., the server's is "
                                  f"{self.layout.fingerprint[:16]}...")
         with self._lock:
+            if len(self.workers) >= self.max_workers:
+                raise TooManyWorkers(self.max_workers)
             record = self.workers.add(hostname, device)
         log.info("worker %d joined from %s (%s)", record.worker_id, hostname, device)
         return record
@@ -120,6 +142,12 @@ class ParameterServerState:
     def _forget(self, worker_id: int) -> None:
         self.model.forget(worker_id)
         self.policy.forget_worker(worker_id)
+
+    def authenticate(self, worker_id: int, secret: bytes) -> None:
+        """Refuses a call for ``worker_id`` that does not present the secret it was given at Join
+        (:meth:`WorkerRegistry.authenticate`, which needs no lock: the event loop calls this and never
+        waits for an update in progress)."""
+        self.workers.authenticate(worker_id, secret)
 
     def heartbeat(self, worker_id: int) -> bool:
         with self._lock:
@@ -152,8 +180,9 @@ class ParameterServerState:
             return self.version, sent
 
     def admit(self, worker_id: int, grad: torch.Tensor, *, base_version: int, **details) -> AdmittedPush:
-        """A push of ``grad`` checked against this server's model (:func:`gapaware.server.push.admit`)."""
-        return admit(worker_id, grad, numel=self.layout.numel, base_version=base_version, **details)
+        """A push of ``grad`` checked against this server's model and run (:func:`gapaware.server.push.admit`)."""
+        return admit(worker_id, grad, numel=self.layout.numel, max_samples=self.max_samples,
+                     base_version=base_version, **details)
 
     def check_push(self, worker_id: int, base_version: int, seq: int = 0) -> None:
         """Refuses, before any of its gradient is received, a push that :meth:`push` would refuse
@@ -166,26 +195,39 @@ class ParameterServerState:
 
     def push(self, push: AdmittedPush) -> PushResult:
         """Applies ``push`` with the run's policy; exactly once per ``seq`` (a retried copy of the
-        last push answered gets its answer again, with ``applied=False``)."""
+        last push answered gets its answer again, with ``applied=False``). The push's gradient is
+        the server's from then on: an update may leave other values in it."""
+        norm = self.updater.measure(push)  # a pass over the gradient, outside the lock
         with self._lock:
             record = self.workers.get(push.worker_id)
             answered = self.workers.replay(record, push.seq)
             if answered is not None:
                 return dataclasses.replace(answered, finished=self.finished, applied=False)
             self.workers.check_base(record, push.base_version, self.version)
-            result = self._apply(record, push)
+            result = self._apply(record, push, norm)
             self.workers.answered(record, push.seq, result)
             return result
 
-    def _apply(self, record: WorkerRecord, push: AdmittedPush) -> PushResult:
+    def _apply(self, record: WorkerRecord, push: AdmittedPush, norm: float) -> PushResult:
         """A new push of a worker that may push, under the lock."""
         staleness = self.version - push.base_version
-        if self.finished or self.updater.drops(push):
-            return PushResult(self.version, staleness, 1.0, self.finished, False)
+        dropped = PushResult(self.version, staleness, 1.0, self.finished, False)
+        if self.finished or self.updater.drops(push, norm):
+            return dropped
         stale_theta, used_up = self.model.take_snapshot(record.worker_id)
-        staleness, gap = self.updater.apply(self.theta, push, stale_theta if self.policy.needs_snapshot else None)
-        if used_up:
-            self.model.recycle(stale_theta)
+        backup = self.model.spare()
+        try:
+            applied = self.updater.apply(self.theta, push, stale_theta if self.policy.needs_snapshot else None,
+                                         norm, backup)
+        finally:
+            if used_up:
+                self.model.recycle(stale_theta)
+            self.model.recycle(backup)
+        if applied is None:
+            return dropped
+        staleness, gap = applied
+        if push.buffers is not None:
+            self.model.buffers = (push.buffers, push.buffers_crc32c)
         record.pulled_version = None
         record.pushes += 1
         record.last_gap = gap
@@ -200,6 +242,14 @@ class ParameterServerState:
         """A copy of the current parameters and their version, for evaluation."""
         with self._lock:
             return self.version, self.theta.clone()
+
+    def buffers(self) -> tuple[bytes, int]:
+        """The model's buffers as they travel, and their CRC-32C (one attribute read: no lock)."""
+        return self.model.buffers
+
+    def buffer_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's buffers by name, as new tensors."""
+        return unpack_buffers(*self.buffers(), self.layout.buffers)
 
     def take_window(self) -> dict:
         """Means over the pushes since the previous call, and how many pushes had each staleness."""
@@ -246,7 +296,9 @@ class ParameterServerState:
             return Checkpoint(version=self.version, samples=self.samples, incarnation=self.incarnation,
                               config=self.config, theta=self.theta.clone(),
                               policy_state=self.policy.state_dict(),
-                              totals=dataclasses.asdict(self.updater.totals))
+                              totals=dataclasses.asdict(self.updater.totals),
+                              push_norms=tuple(self.updater.bound.recent()) if self.updater.bound else (),
+                              buffers=self.buffer_tensors())
 
     def restore(self, checkpoint: Checkpoint, incarnation: int) -> None:
         """Continues the run saved in ``checkpoint`` as server incarnation ``incarnation``.
@@ -261,14 +313,22 @@ class ParameterServerState:
         if checkpoint.theta.shape != self.theta.shape:
             raise ValueError(f"the checkpoint holds {checkpoint.theta.numel()} parameters, the model of task "
                              f"{self.config.task!r} has {self.theta.numel()}")
+        missing = [b.name for b in self.layout.buffers if b.name not in checkpoint.buffers]
+        if missing:
+            raise ValueError(f"the checkpoint holds no buffers {missing} of the model of task {self.config.task!r}")
         with self._lock:
             self.policy.load_state_dict(checkpoint.policy_state)
             for worker_id in self.policy.worker_ids():
                 self.policy.forget_worker(worker_id)
             self.theta.copy_(checkpoint.theta)
+            if self.layout.buffers:
+                data = pack_buffers(checkpoint.buffers, self.layout.buffers)
+                self.model.buffers = (data, checksum(data))
             self.updater.version = checkpoint.version
             self.updater.samples = checkpoint.samples
             self.updater.totals = Window(**checkpoint.totals)
+            if self.updater.bound is not None:
+                self.updater.bound.load(checkpoint.push_norms)
             self.incarnation = incarnation
             self.workers = WorkerRegistry(first_id=first_worker_id(incarnation))
             self.finished = self.version >= self.total_updates

@@ -1,5 +1,6 @@
 """Turns admitted pushes into updates of θ: the policy, the learning-rate schedule, what a NaN or Inf
-gradient gets, and the statistics of the pushes applied. Not thread-safe: the owner holds its lock."""
+gradient or result gets, the bound on a push, and the statistics of the pushes applied. Not
+thread-safe: the owner holds its lock."""
 from __future__ import annotations
 
 import math
@@ -9,9 +10,11 @@ import torch
 
 from gapaware.common.registry import NONFINITE_ACTIONS
 from gapaware.common.config import RunConfig, learning_rate
-from gapaware.server.errors import NonFiniteGradient
+from gapaware.common.transport import all_finite
+from gapaware.server.errors import NonFiniteGradient, NonFiniteUpdate, OversizedGradient
 from gapaware.server.policies import Policy, make_policy
 from gapaware.server.push import AdmittedPush
+from gapaware.server.push_bound import NormBound, gradient_norm
 
 
 @dataclass
@@ -44,12 +47,8 @@ class Window:
 
 def policy_for(config: RunConfig, numel: int) -> Policy:
     """The policy ``config`` names, with the run's hyper-parameters."""
-    import inspect
-    from gapaware.server.policies import POLICIES
-    hyper = {"momentum": config.momentum, "nesterov": config.nesterov, "weight_decay": config.weight_decay}
-    accepted = inspect.signature(POLICIES[config.policy]).parameters
-    hyper.update({k: v for k, v in (("beta", config.ga_beta), ("eps", config.ga_eps)) if k in accepted})
-    return make_policy(config.policy, numel, **hyper)  # TEMPORARY until the policies branch lands
+    return make_policy(config.policy, numel, momentum=config.momentum, nesterov=config.nesterov,
+                       weight_decay=config.weight_decay, ga_beta=config.ga_beta, ga_eps=config.ga_eps)
 
 
 class Updater:
@@ -58,10 +57,15 @@ class Updater:
     ``version`` is the number of updates applied; ``window`` sums the pushes since the last
     evaluation took it, ``totals`` those of the whole run. A gradient with NaN or Inf elements is
     refused (``nonfinite="reject"``), acknowledged and dropped (``"skip"``) or applied as it is
-    (``"apply"``, for the simulator to show divergence), and counted in ``nonfinite_pushes``.
+    (``"apply"``, for the simulator to show divergence), and counted in ``nonfinite_pushes``. Under
+    ``"reject"`` and ``"skip"`` an update whose θ comes out with NaN or Inf is undone the same way
+    (θ as it was; counted in ``nonfinite_updates``). With ``grad_norm_bound`` k > 0 a gradient far
+    larger than the recent accepted ones is refused (:mod:`gapaware.server.push_bound`; counted in
+    ``oversized_pushes``).
     """
 
-    def __init__(self, config: RunConfig, numel: int, total_updates: int, nonfinite: str = "reject") -> None:
+    def __init__(self, config: RunConfig, numel: int, total_updates: int, nonfinite: str = "reject",
+                 grad_norm_bound: float = 0.0) -> None:
         if nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"Invalid non-finite action: {nonfinite!r} (choose from {', '.join(NONFINITE_ACTIONS)})")
         self.config = config
@@ -69,6 +73,9 @@ class Updater:
         self.total_updates = total_updates
         self.nonfinite = nonfinite
         self.nonfinite_pushes = 0
+        self.nonfinite_updates = 0
+        self.bound = NormBound(grad_norm_bound) if grad_norm_bound else None
+        self.oversized_pushes = 0
         self.version = 0
         self.samples = 0
         self.window = Window()
@@ -77,9 +84,21 @@ class Updater:
     def lr(self) -> float:
         return learning_rate(self.config, self.version, self.total_updates)
 
-    def drops(self, push: AdmittedPush) -> bool:
-        """Whether ``push`` is dropped for holding NaN or Inf; raises when such a push is refused."""
+    def measure(self, push: AdmittedPush) -> float:
+        """What the bound compares, computed without the lock (it reads only the push): the
+        gradient's norm; NaN without a bound or for a gradient with NaN or Inf."""
+        return gradient_norm(push.grad) if self.bound is not None and push.finite else math.nan
+
+    def drops(self, push: AdmittedPush, norm: float = math.nan) -> bool:
+        """Whether ``push`` (of gradient norm ``norm``, from :meth:`measure`) is dropped for holding
+        NaN or Inf; raises when such a push is refused, or one whose norm exceeds the bound."""
         if push.finite:
+            if self.bound is not None:
+                try:
+                    self.bound.check(norm)
+                except OversizedGradient:
+                    self.oversized_pushes += 1
+                    raise
             return False
         self.nonfinite_pushes += 1
         if self.nonfinite == "reject":
@@ -89,11 +108,32 @@ class Updater:
                 "lower the learning rate or clip gradients, or start the server with --nonfinite skip")
         return self.nonfinite == "skip"
 
-    def apply(self, theta: torch.Tensor, push: AdmittedPush, stale_theta: torch.Tensor | None) -> tuple[int, float]:
-        """Applies ``push`` to ``theta`` in place; returns its staleness and mean Gap."""
+    def apply(self, theta: torch.Tensor, push: AdmittedPush, stale_theta: torch.Tensor | None,
+              norm: float = math.nan, backup: torch.Tensor | None = None) -> tuple[int, float] | None:
+        """Applies ``push`` to ``theta`` in place; returns its staleness and mean Gap, or None when
+        the result held NaN or Inf and was undone under ``"skip"`` (raises under ``"reject"``).
+
+        Unless non-finite results are applied, θ is copied into ``backup`` (a tensor of θ's shape
+        whose contents are garbage, required then) before the update, which is how a non-finite θ is
+        undone. The policy's own state (momentum, Gap-Aware's ``v``) is not undone.
+        """
         staleness = self.version - push.base_version
+        checked = self.nonfinite != "apply"
+        if checked:
+            backup.copy_(theta)
         gap = self.policy.apply(theta, push.grad, lr=self.lr(), staleness=staleness, stale_theta=stale_theta,
                                 worker_id=push.worker_id)
+        if checked and not all_finite(theta):
+            bad = int((~torch.isfinite(theta)).sum())
+            theta.copy_(backup)
+            self.nonfinite_updates += 1
+            if self.nonfinite == "reject":
+                raise NonFiniteUpdate(
+                    f"this push would have made {bad} parameters NaN or Inf (the run is diverging): the parameters "
+                    "were left as they were; lower the learning rate, or resume from a checkpoint")
+            return None
+        if self.bound is not None:
+            self.bound.accepted(norm)
         self.version += 1
         self.samples += push.samples
         self.window.add(staleness, gap, push.loss)

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import click
-import torch
 
 from gapaware.command_line import flags
 from gapaware.common.registry import SYNCHRONOUS_SGD
-from gapaware.common.tasks import TaskError, load_task
+from gapaware.common.devices import check_device
+from gapaware.common.tasks import load_task
 from gapaware.simulator.report import accuracy_table, write_report
 from gapaware.simulator.runner import RunResult, SimulationSettings, run_config
 from gapaware.simulator.sweep import available_cores, grid, run_sweep
@@ -40,14 +40,8 @@ def run_simulation(settings: SimulationSettings, *, policies: Sequence[str], wor
             run_config(settings, spec)  # the server's checks, e.g. nag-asgd needs momentum
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    try:
-        torch.empty(0, device=settings.device)
-    except (RuntimeError, AssertionError) as error:
-        raise click.UsageError(f"cannot compute on device {settings.device!r}: {error}") from None
-    try:
-        task = load_task(settings.task, seed=0, data_dir=settings.data_dir)
-    except TaskError as error:
-        raise click.ClickException(str(error)) from None
+    check_device(settings.device)
+    task = load_task(settings.task, seed=0, data_dir=settings.data_dir)
     out = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     jobs = min(jobs or available_cores(), len(specs))
     click.echo(f"gapaware simulate: task {settings.task}, {len(specs)} runs of {settings.epochs:g} epochs "

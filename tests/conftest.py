@@ -1,13 +1,16 @@
 import pytest
 
+from gapaware.common.security import CLIENT_ENV
 from tests.inprocess import InProcessServer
 from gapaware.processes import ServerProcess
 
 
 @pytest.fixture(autouse=True)
 def _no_token_from_the_shell(monkeypatch):
-    """A GAPAWARE_TOKEN in the developer's shell would make every server the tests start require it."""
-    monkeypatch.delenv("GAPAWARE_TOKEN", raising=False)
+    """A GAPAWARE_TOKEN in the developer's shell would make every server the tests start require it, and
+    it or a GAPAWARE_TLS_* or GAPAWARE_TOKEN_FILE would change what every client sends."""
+    for name in ("GAPAWARE_TOKEN", *CLIENT_ENV.values()):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -30,8 +33,8 @@ def inprocess_servers():
     """Starts in-process servers (:class:`InProcessServer`) on demand and stops them at the end of the test."""
     started: list[InProcessServer] = []
 
-    def start(state, options=None) -> InProcessServer:
-        server = InProcessServer(state, options)
+    def start(state, options=None, port: int = 0) -> InProcessServer:
+        server = InProcessServer(state, options, port)
         started.append(server)
         return server
 

@@ -18,13 +18,14 @@ from gapaware.server.state import ParameterServerState
 
 
 def small_state(numel: int = 1000, *, policy: str = "gap-aware", momentum: float = 0.9, nonfinite: str = "reject",
-                seed: int = 0, snapshot_dtype: str = "float32") -> ParameterServerState:
-    """A state for a one-tensor model of ``numel`` parameters, with a long run ahead of it."""
+                seed: int = 0, snapshot_dtype: str = "float32", grad_norm_bound: float = 0.0) -> ParameterServerState:
+    """A state for a one-tensor model of ``numel`` parameters, with a long run ahead of it (and, unless
+    ``grad_norm_bound`` is given, no push bound)."""
     config = RunConfig(task="synthetic", policy=policy, momentum=momentum, lr=0.1, schedule="constant",
                        max_updates=10**9, snapshot_dtype=snapshot_dtype)
     theta = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
     return ParameterServerState(config, ParamLayout(("w",), ((numel,),)), theta, train_size=1000,
-                                nonfinite=nonfinite)
+                                nonfinite=nonfinite, grad_norm_bound=grad_norm_bound)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +51,11 @@ class StateSnapshot:
 
 
 class InProcessServer:
-    """Serves ``state`` on a free loopback port from an event loop in a background thread."""
+    """Serves ``state`` on a loopback port (``port``, or a free one) from an event loop in a background thread."""
 
-    def __init__(self, state: ParameterServerState, options: ServerOptions | None = None) -> None:
+    def __init__(self, state: ParameterServerState, options: ServerOptions | None = None, port: int = 0) -> None:
         self.state = state
-        self._options = dataclasses.replace(options or ServerOptions(), host="127.0.0.1", port=0)
+        self._options = dataclasses.replace(options or ServerOptions(), host="127.0.0.1", port=port)
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._stop: asyncio.Event | None = None

@@ -16,7 +16,9 @@ def parse_invocation(args: list[str], env: dict[str, str] | None = None) -> tupl
         raise click.UsageError(f"not a gapaware command: {args[:1]} (choose from {', '.join(sorted(main.commands))})")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(ENVVAR_PREFIX)}
     with mock.patch.dict(os.environ, {**clean, **(env or {})}, clear=True):
-        parent = click.Context(main, info_name="gapaware")
+        # The group's context settings, as when the CLI runs: click caches each command's help option
+        # (-h, --help) from the first context it is made in, and the README's reference shows it.
+        parent = click.Context(main, info_name="gapaware", **main.context_settings)
         command = main.commands[args[0]]
         return args[0], command.make_context(args[0], list(args[1:]), parent=parent, resilient_parsing=False).params
 

@@ -27,14 +27,14 @@ NUMEL = 3000
 CHUNK_BYTES = 4096  # three chunks
 
 
-def held_push(stub, worker_id: int, grad: torch.Tensor, release: threading.Event):
+def held_push(stub, joined: pb.JoinReply, grad: torch.Tensor, release: threading.Event):
     """A push that asks for the parameters after it, sends its header, and its chunks only once
     ``release`` is set."""
     encoded = encode_messages(grad, chunk_bytes=CHUNK_BYTES)
 
     def frames():
-        yield pb.PushFrame(header=pb.PushHeader(worker_id=worker_id, base_version=0, tensor=encoded.header,
-                                                pull=True))
+        yield pb.PushFrame(header=pb.PushHeader(worker_id=joined.worker_id, worker_secret=joined.worker_secret,
+                                                base_version=0, tensor=encoded.header, pull=True))
         release.wait(timeout=30)
         yield from (pb.PushFrame(chunk=chunk) for chunk in encoded.chunks)
 
@@ -61,13 +61,12 @@ def test_a_waiting_push_sends_no_chunk_until_the_server_admits_it(inprocess_serv
     with grpc.insecure_channel(server.address) as channel, \
             WorkerClient(server.address, chunk_bytes=CHUNK_BYTES, timeout=30) as third:
         stub = pb_grpc.ParameterServerStub(channel)
-        holders = [stub.Join(pb.JoinRequest(hostname=f"holder-{i}"), timeout=30).worker_id
-                   for i in range(GRADIENTS_IN_MEMORY)]
-        for worker_id in holders:
-            list(stub.Pull(pb.PullRequest(worker_id=worker_id), timeout=30))  # version 0, as the pushes say
+        holders = [stub.Join(pb.JoinRequest(hostname=f"holder-{i}"), timeout=30) for i in range(GRADIENTS_IN_MEMORY)]
+        for joined in holders:  # version 0, as the pushes say
+            list(stub.Pull(pb.PullRequest(worker_id=joined.worker_id, worker_secret=joined.worker_secret), timeout=30))
         third.join()
         version, _ = third.pull()
-        calls = [held_push(stub, worker_id, torch.ones(NUMEL), release) for worker_id in holders]
+        calls = [held_push(stub, joined, torch.ones(NUMEL), release) for joined in holders]
         for call in calls:
             first = next(call)
             assert first.WhichOneof("frame") == "ready", "an admitted push is told to send its chunks"
@@ -96,9 +95,10 @@ def test_a_push_refused_before_admission_ends_its_sender_at_once(inprocess_serve
     server = inprocess_servers(small_state(NUMEL))
     with WorkerClient(server.address, chunk_bytes=CHUNK_BYTES, timeout=30) as client, \
             grpc.insecure_channel(server.address) as channel:
-        worker_id = client.join().worker_id
+        info = client.join()
         version, _ = client.pull()
-        pb_grpc.ParameterServerStub(channel).Leave(pb.LeaveRequest(worker_id=worker_id), timeout=30)
+        pb_grpc.ParameterServerStub(channel).Leave(
+            pb.LeaveRequest(worker_id=info.worker_id, worker_secret=info.worker_secret), timeout=30)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as refused:
             client.push_pull(torch.ones(NUMEL), version)

@@ -51,12 +51,14 @@ class Harness:
         self.stub = pb_grpc.ParameterServerStub(channel)
         self.worker = self._exits.enter_context(WorkerClient(server.address, chunk_bytes=CHUNK_BYTES, timeout=20))
         self.observer = self._exits.enter_context(WorkerClient(server.address, timeout=20))
-        self.worker_id = self.worker.join().worker_id
+        joined = self.worker.join()
+        self.worker_id, self.secret = joined.worker_id, joined.worker_secret
         self.observer.join()
         self.version, self.theta = self.worker.pull()
 
     def frames(self, grad: torch.Tensor | None = None, **header) -> list[pb.PushFrame]:
         worker_id, base_version = header.pop("worker_id", self.worker_id), header.pop("base_version", self.version)
+        header.setdefault("worker_secret", self.secret)
         return push_frames(worker_id, base_version, gradient() if grad is None else grad, **header)
 
     @contextlib.contextmanager
@@ -106,7 +108,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 def test_wrong_element_count(harness):
     h = harness()
-    h.push_refused(push_frames(h.worker_id, h.version, torch.zeros(NUMEL - 1)), INVALID,
+    h.push_refused(h.frames(torch.zeros(NUMEL - 1)), INVALID,
                    f"tensor has {NUMEL - 1} elements but {NUMEL} are expected")
 
 
@@ -174,7 +176,7 @@ def test_extra_chunk(harness):
     (0, "header announces 0 chunks for 12000 bytes"),
     (10**9, "header announces 1000000000 chunks for 12000 bytes"),
     (2, "more chunks than the 2 the header announced"),
-    (4, "stream ended after 3 of 4 chunks"),
+    (4, "header announces 4 chunks for 12000 bytes (between 1 and 3 needed with chunks of 4096 to"),
 ])
 def test_header_that_lies_about_the_chunk_count(harness, chunk_count, message):
     h = harness()
@@ -321,7 +323,9 @@ def test_more_concurrent_calls_than_allowed(harness):
     h = harness(options=ServerOptions(max_concurrent_rpcs=3))
     release = threading.Event()
     others = [WorkerClient(h.server.address, timeout=20) for _ in range(3)]
-    headers = [push_frames(client.join().worker_id, client.pull()[0], gradient())[0] for client in others]
+    joined = [client.join() for client in others]
+    headers = [push_frames(info.worker_id, client.pull()[0], gradient(), worker_secret=info.worker_secret)[0]
+               for info, client in zip(joined, others)]
 
     def held(header):  # a push that sends its header, then nothing until released, then ends
         yield header
@@ -356,7 +360,8 @@ def test_more_concurrent_calls_than_allowed(harness):
 
 def test_pull_with_an_unknown_dtype_changes_nothing(harness):
     h = harness()
-    h.refused(lambda: list(h.stub.Pull(pb.PullRequest(worker_id=h.worker_id, dtype=9), timeout=20)),
+    h.refused(lambda: list(h.stub.Pull(pb.PullRequest(worker_id=h.worker_id, worker_secret=h.secret, dtype=9),
+                                       timeout=20)),
               INVALID, "pull dtype: unknown tensor dtype 9")
 
 
@@ -394,17 +399,18 @@ def test_refused_pushes_leave_the_next_updates_as_if_they_never_came(inprocess_s
         server = inprocess_servers(small_state(NUMEL, policy=policy, momentum=0.9))
         h = Harness(server)
         with WorkerClient(server.address, chunk_bytes=CHUNK_BYTES, timeout=20) as stale:
-            stale_id = stale.join().worker_id
+            stale_joined = stale.join()
+            stale_id, stale_secret = stale_joined.worker_id, stale_joined.worker_secret
             stale_version, _ = stale.pull()
             h.assert_worker_can_still_push()  # `stale` is now one update behind
             if bad:
                 nan = gradient(3)
                 nan[0] = float("nan")
-                corrupt = push_frames(stale_id, stale_version, gradient(3))
+                corrupt = push_frames(stale_id, stale_version, gradient(3), worker_secret=stale_secret)
                 corrupt[1].chunk.crc32c ^= 1
-                for frames in (push_frames(stale_id, stale_version, nan), corrupt,
-                               push_frames(stale_id, stale_version + 9, gradient(3)),
-                               push_frames(stale_id, stale_version, gradient(3))[:-1]):
+                for frames in (push_frames(stale_id, stale_version, nan, worker_secret=stale_secret), corrupt,
+                               push_frames(stale_id, stale_version + 9, gradient(3), worker_secret=stale_secret),
+                               push_frames(stale_id, stale_version, gradient(3), worker_secret=stale_secret)[:-1]):
                     with pytest.raises(grpc.RpcError):
                         list(h.stub.Push(iter(frames), timeout=20))
             assert stale.push(gradient(4), base_version=stale_version).staleness == 1

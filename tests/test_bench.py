@@ -1,4 +1,5 @@
 """The benchmarks run (``BENCH_QUICK=1``: tiny sizes) and print finite figures. No timing is checked."""
+import csv
 import math
 import os
 import re
@@ -14,7 +15,8 @@ from bench.harness import gapaware_server
 from bench.network import cannot_make_namespaces
 from gapaware import WorkerClient
 
-BENCHMARKS = ["transport", "server_update", "end_to_end", "scale", "memory", "overlap", "free_work"]
+BENCHMARKS = ["transport", "server_update", "end_to_end", "scale", "memory", "overlap", "free_work", "push_norms",
+              "time_to_accuracy"]
 
 
 def table_rows(output: str) -> list[list[str]]:
@@ -25,8 +27,9 @@ def table_rows(output: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
-def test_benchmark_runs_and_prints_finite_figures(name):
-    done = subprocess.run([sys.executable, "-m", f"bench.{name}"], env={**os.environ, "BENCH_QUICK": "1"},
+def test_benchmark_runs_and_prints_finite_figures(name, tmp_path):
+    done = subprocess.run([sys.executable, "-m", f"bench.{name}"],
+                          env={**os.environ, "BENCH_QUICK": "1", "BENCH_TTA_OUT": str(tmp_path)},
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = table_rows(done.stdout)
@@ -36,6 +39,22 @@ def test_benchmark_runs_and_prints_finite_figures(name):
     assert "nan" not in {cell for row in rows for cell in row}, done.stdout
     if name == "scale":
         assert rows[0][-1] == "0", f"the load generator saw errors:\n{done.stdout}"
+    if name == "time_to_accuracy":
+        _check_time_to_accuracy_outputs(tmp_path, done.stdout)
+
+
+def _check_time_to_accuracy_outputs(out, stdout: str) -> None:
+    """Both systems trained (steps taken, accuracy above the untrained model's) and every output was written."""
+    with (out / "results.csv").open() as file:
+        results = list(csv.DictReader(file))
+    assert {r["system"] for r in results} == {"gap-aware", "ddp-lr0.05"}, stdout
+    assert all(int(r["steps"]) > 0 and r["ended"] == "budget" for r in results), stdout
+    with (out / "curves.csv").open() as file:
+        curves = list(csv.DictReader(file))
+    for system in ("gap-aware", "ddp-lr0.05"):
+        accuracy = [float(r["accuracy"]) for r in curves if r["system"] == system]
+        assert len(accuracy) >= 2 and max(accuracy) > accuracy[0] + 0.1, (system, accuracy)
+    assert (out / "digits-cnn-n2.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow

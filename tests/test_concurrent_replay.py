@@ -1,10 +1,9 @@
 """Many workers pushing and pulling at once through the real gRPC server, then replayed one event at
 a time on a fresh state: every reply and the final parameters must be the replay's, bit for bit.
 
-The server reuses the tensors it sends (``server/sent.py``) and its gradient buffers, and sends θ
-itself until an update changes it; a tensor reused while a reply still reads it, a reply not
-switched to its copy of θ before an update, or a snapshot overwritten before its worker's push,
-would show up here as a reply or a final θ that differs from the sequential replay.
+The server reuses spare model-sized tensors (``server/model_store.py``) for gradients, copies of θ
+and snapshots; a tensor reused while a reply still reads it, or a snapshot overwritten before its
+worker's push, would show up here as a reply or a final θ that differs from the sequential replay.
 """
 import threading
 

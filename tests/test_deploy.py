@@ -144,8 +144,15 @@ def invocations() -> list[tuple[str, list[str], dict[str, str]]]:
     for path in deploy_files(".service"):
         found.append((f"systemd {path.name}", *systemd_unit(path)))
     for path in deploy_files(".sh", ".sbatch"):
-        found += [(f"{path.relative_to(DEPLOY)}", args, shell_exports(path)) for args in shell_command_lines(path)]
+        exports = shell_exports(path)
+        found += [(f"{path.relative_to(DEPLOY)}", [expand(word, exports) for word in args], exports)
+                  for args in shell_command_lines(path)]
     return found
+
+
+def expand(word: str, exports: dict[str, str]) -> str:
+    """``word`` with the script's own exported variables (``$GAPAWARE_SERVER``) replaced by their values."""
+    return re.sub(r"\$\{?([A-Z0-9_]+)\}?", lambda m: exports.get(m.group(1), m.group(0)), word)
 
 
 INVOCATIONS = invocations()

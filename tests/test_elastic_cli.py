@@ -18,12 +18,13 @@ def test_inverted_backoff_bounds_are_a_usage_error():
     assert result.exit_code == 2 and "need 0 < initial <= max" in result.output
 
 
-def test_resume_from_a_missing_directory_is_refused(tmp_path):
-    result = invoke("server", "--task", "digits-mlp", "--resume", str(tmp_path / "nope"))
-    assert result.exit_code == 1 and "no such directory" in result.output
+def test_resume_from_a_missing_directory_other_than_the_checkpoint_directory_is_refused(tmp_path):
+    result = invoke("server", "--task", "digits-mlp", "--resume", str(tmp_path / "nope"),
+                    "--checkpoint-dir", str(tmp_path / "elsewhere"))
+    assert result.exit_code == 4 and "no such directory" in result.output
 
 
 def test_a_new_run_refuses_a_directory_with_checkpoints(tmp_path):
     (tmp_path / "checkpoint-i0000-v0000000000.safetensors").write_bytes(b"x")
     result = invoke("server", "--task", "digits-mlp", "--checkpoint-dir", str(tmp_path))
-    assert result.exit_code == 1 and f"pass --resume {tmp_path}" in result.output
+    assert result.exit_code == 4 and f"pass --resume {tmp_path}" in result.output

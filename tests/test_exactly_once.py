@@ -92,7 +92,8 @@ def test_push_cut_off_mid_stream_changes_nothing(servers):
         never = threading.Event()
 
         def frames():
-            yield pb.PushFrame(header=pb.PushHeader(worker_id=info.worker_id, base_version=version, seq=1,
+            yield pb.PushFrame(header=pb.PushHeader(worker_id=info.worker_id, worker_secret=info.worker_secret,
+                                                    base_version=version, seq=1,
                                                     tensor=encoded.header))
             for index, chunk in enumerate(encoded.chunks):
                 if index == 2:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gapaware import WorkerClient
-from gapaware.common.transport import Assembler, ChunkView, TransportError
+from gapaware.common.transport import MIN_CHUNK_BYTES, Assembler, ChunkView, TransportError
 from gapaware.common.layout import ParamLayout
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
@@ -46,7 +46,8 @@ class Target:
         self.stub = pb_grpc.ParameterServerStub(self.channel)
         self.raw_push = self.channel.stream_stream(f"/{SERVICE_NAME}/Push")
         self.worker = WorkerClient(self.server.address, chunk_bytes=CHUNK_BYTES, timeout=20)
-        self.worker_id = self.worker.join().worker_id
+        joined = self.worker.join()
+        self.worker_id, self.secret = joined.worker_id, joined.worker_secret
         self.version, _ = self.worker.pull()
         self.accepted = self.refused = 0
 
@@ -100,7 +101,7 @@ def mutated_push(target: Target, header: dict, tensor: dict, edits: list) -> lis
     for edit in edits:
         if edit[0] == "nonfinite":
             grad[edit[1]] = float(edit[2])
-    frames = push_frames(target.worker_id, target.version, grad)
+    frames = push_frames(target.worker_id, target.version, grad, worker_secret=target.secret)
     _set(frames[0].header, header)
     _set(frames[0].header.tensor, tensor)
     for edit in edits:
@@ -144,7 +145,7 @@ def really_valid(frames: list[pb.PushFrame], target: Target) -> bool:
                                                  pb.FLOAT8_E4M3FN):
         return False
     try:
-        assembler = Assembler(header.tensor, numel=NUMEL)
+        assembler = Assembler(header.tensor, numel=NUMEL, min_chunk_bytes=MIN_CHUNK_BYTES)
         for frame in frames[1:]:
             if frame.WhichOneof("frame") != "chunk":
                 return False
@@ -173,7 +174,7 @@ def send(target: Target, request: tuple) -> bool | None:
     message = layout.to_proto()
     message.fingerprint = request[2]
     reply = target.stub.Join(pb.JoinRequest(layout=message), timeout=20)
-    target.stub.Leave(pb.LeaveRequest(worker_id=reply.worker_id), timeout=20)
+    target.stub.Leave(pb.LeaveRequest(worker_id=reply.worker_id, worker_secret=reply.worker_secret), timeout=20)
     return None
 
 
@@ -228,14 +229,14 @@ def test_refused_streams_release_their_buffers(inprocess_servers):
     numel = 8 * 2**20  # 32 MiB of float32
     server = inprocess_servers(small_state(numel, policy="asgd", momentum=0.0))
     with WorkerClient(server.address, chunk_bytes=2**20, timeout=60) as client:
-        client.join()
+        secret = client.join().worker_secret
         version, theta = client.pull()
         version = client.push(torch.zeros(numel), base_version=version).version
         version, _ = client.pull()
         del theta
         with grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel:
             stub = pb_grpc.ParameterServerStub(channel)
-            frames = push_frames(1, version, torch.ones(numel))
+            frames = push_frames(1, version, torch.ones(numel), worker_secret=secret)
             frames[-1].chunk.crc32c ^= 1
             gc.collect()
             before = rss_bytes()

@@ -142,7 +142,7 @@ def test_health_is_serving_then_not_serving_while_the_server_shuts_down(servers)
 def test_status_and_health_of_an_unreachable_server_fail_with_a_message():
     address = f"127.0.0.1:{free_port()}"
     status = CliRunner().invoke(main, ["status", "--server", address])
-    assert status.exit_code == 1 and f"no status from {address}: UNAVAILABLE" in status.output
+    assert status.exit_code == 5 and f"no status from {address}: UNAVAILABLE" in status.output
     health = CliRunner().invoke(main, ["health", "--server", address, "--wait", "1"])
     assert health.exit_code == 1 and "UNREACHABLE" in health.output
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from gapaware.server.policies import POLICIES, base, compute_gap, gap_aware_direction, make_policy, sgd_step
+from gapaware.server.policies import (POLICIES, fused, gap_aware_direction_, gap_scalars, make_policy, sgd_step,
+                                      slices)
 
 BETA, EPS = 0.999, 1e-8
 
@@ -26,7 +27,7 @@ def f32(values) -> list[float]:
 def assert_numbers(actual, expected, rtol=2e-6, atol=1e-7):
     """``actual`` (float32 tensor or float) equals the float64 ``expected`` to float32 precision."""
     actual = torch.as_tensor(actual, dtype=torch.float64)
-    torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
 
 
 # -- references written from ALGORITHMS.md in plain floats ---------------------------------
@@ -72,11 +73,13 @@ class RefGA:
 
 
 class RefDana:
-    """DANA-Zero, or DANA-GA with ``gap_aware=True``."""
+    """DANA-Zero, or DANA-GA with ``gap_aware=True``: GA's ``s`` is the step the previous update
+    applied (the buffer that moved θ last, zeros at first), or ``g`` when μ = 0."""
 
     def __init__(self, n, *, momentum, weight_decay=0.0, gap_aware=False):
         self.n, self.momentum, self.wd = n, momentum, weight_decay
         self.v = {}
+        self.last_step = [0.0] * n
         self.stats = RefGapStats(n) if gap_aware else None
 
     def pull(self, theta, lr):
@@ -87,10 +90,13 @@ class RefDana:
         v = self.v.get(worker, [0.0] * self.n)
         gaps = [1.0] * self.n
         if self.stats is not None:
-            gaps = self.stats.gaps(theta, stale, v if self.momentum > 0 else g, lr)
+            gaps = self.stats.gaps(theta, stale, self.last_step if self.momentum > 0 else g, lr)
         d = [(x + self.wd * t) / gap for x, t, gap in zip(g, theta, gaps)]
-        self.v[worker] = [self.momentum * a + b for a, b in zip(v, d)]
+        self.v[worker] = self.last_step = [self.momentum * a + b for a, b in zip(v, d)]
         return [t - lr * a for t, a in zip(theta, self.v[worker])], sum(gaps) / self.n
+
+    def forget(self, worker):
+        self.v.pop(worker, None)
 
 
 # -- the common SGD step -------------------------------------------------------------------
@@ -170,10 +176,14 @@ def test_gap_aware_first_push_by_hand_is_per_element():
 
 
 def test_gap_aware_direction_penalises_weight_decay_too():
-    # k = 1, v = 0.004: v̂ = 4, C = 0.5·(2 + ε) ≈ 1, Gap = 1 + |2 − 1|/C ≈ 2; d = (0 + 0.5·2)/Gap.
-    direction, gap = gap_aware_direction(vec(2), vec(0), vec(1), vec(0.004), k=1, lr_max=0.5,
-                                         weight_decay=0.5)
+    # s = 2, k = 1: v = 0.001·4 = 0.004, v̂ = 4, C = 0.5·(2 + ε) ≈ 1, Gap = 1 + |2 − 1|/C ≈ 2;
+    # d = (0 + 0.5·2)/Gap.
+    v = torch.zeros(1)
+    eps_root_bias, gap_scale = gap_scalars(k=1, lr_max=0.5, beta=BETA, eps=EPS)
+    direction, gap = gap_aware_direction_(vec(2), vec(0), vec(1), v, vec(2), beta=BETA, eps_root_bias=eps_root_bias,
+                                          gap_scale=gap_scale, weight_decay=0.5)
     expected_gap = 1 + 1 / (0.5 * (2 + EPS))
+    assert_numbers(v, [0.004])
     assert_numbers(gap, [expected_gap])
     assert_numbers(direction, [1.0 / expected_gap])
 
@@ -240,15 +250,22 @@ def test_gap_aware_guard_when_c_is_zero():
     ref_theta, _ = ref.push(ref_theta, [0.5, 0.5], stale, 0.1)
     assert torch.isfinite(theta).all()
     assert_numbers(theta, ref_theta)
-    assert torch.equal(compute_gap(vec(1, 2), vec(3, 2), torch.zeros(2), k=5, lr_max=0.0), vec(1, 1))
+    eps_root_bias, gap_scale = gap_scalars(k=5, lr_max=0.0, beta=BETA, eps=EPS)
+    assert gap_scale == 0.0
+    _, gap = gap_aware_direction_(vec(1, 2), vec(1, 1), vec(3, 2), torch.zeros(2), vec(0, 0), beta=BETA,
+                                  eps_root_bias=eps_root_bias, gap_scale=gap_scale, weight_decay=0.0)
+    assert torch.equal(gap, vec(1, 1))
 
 
-def test_gap_is_one_when_the_worker_is_up_to_date():
+@pytest.mark.parametrize("itself", [False, True], ids=["copy", "theta-itself"])
+def test_gap_is_one_when_the_worker_is_up_to_date(itself):
+    """τ = 0: GA is ASGD bit for bit, whether θ⁽ⁱ⁾ is a copy of θ or θ itself."""
     asgd = make_policy("asgd", 3, momentum=0.9, nesterov=True, weight_decay=0.1)
     ga = make_policy("gap-aware", 3, momentum=0.9, nesterov=True, weight_decay=0.1)
     theta_asgd, theta_ga = vec(1, -2, 3), vec(1, -2, 3)
     for g, lr in [([1, 2, -3], 0.1), ([0.5, -0.5, 0.25], 0.2), ([-1, 1, 1], 0.05)]:
-        assert ga.apply(theta_ga, vec(*g), lr=lr, staleness=0, stale_theta=theta_ga.clone()) == 1.0
+        stale = theta_ga if itself else theta_ga.clone()
+        assert ga.apply(theta_ga, vec(*g), lr=lr, staleness=0, stale_theta=stale) == 1.0
         asgd.apply(theta_asgd, vec(*g), lr=lr, staleness=0)
         assert torch.equal(theta_ga, theta_asgd)
 
@@ -263,53 +280,6 @@ def test_gap_aware_accepts_snapshots_kept_in_bfloat16():
         policy.apply(theta, vec(1, -1, 1), lr=0.25, staleness=1, stale_theta=stale.to(dtype))
         thetas.append(theta)
     assert torch.equal(*thetas)
-
-
-def test_gap_aware_slices_agree_with_one_piece(monkeypatch):
-    monkeypatch.setattr(base, "CPU_CHUNK", 4)  # 11 elements: slices of 4, 4 and 3
-    policy = make_policy("gap-aware", 11, momentum=0.9, weight_decay=0.01)
-    ref = RefGA(11, momentum=0.9, weight_decay=0.01)
-    theta = torch.linspace(-1, 1, 11)
-    ref_theta = theta.tolist()
-    for step in range(3):
-        g = f32([math.sin(i + step) for i in range(11)])
-        stale = f32([t + 0.1 * math.cos(3 * i) for i, t in enumerate(ref_theta)])
-        mean_gap = policy.apply(theta, torch.tensor(g), lr=0.1, staleness=2, stale_theta=torch.tensor(stale))
-        ref_theta, ref_mean_gap = ref.push(ref_theta, g, stale, 0.1)
-        assert_numbers(mean_gap, ref_mean_gap)
-        assert_numbers(theta, ref_theta)
-
-
-@pytest.mark.parametrize("name", sorted(POLICIES))
-@pytest.mark.parametrize("fused_switch", ["1", "0"], ids=["fused", "torch"])
-@pytest.mark.parametrize("hyper", [{}, {"momentum": 0.9, "weight_decay": 0.01}, {"momentum": 0.9, "nesterov": True}],
-                         ids=["plain", "momentum+decay", "nesterov"])
-def test_an_update_can_leave_the_old_theta_in_the_gradient_and_changes_nothing_else(monkeypatch, name, fused_switch,
-                                                                                     hyper):
-    """``old_theta_into_grad``: the update writes θ as it was into the gradient's memory once read
-    (the server's copy of the old θ for its readers), and θ, the policy state and the Gap are
-    bit for bit those of the same update without it. Eleven elements in slices of 4, 4 and 3."""
-    monkeypatch.setattr(base, "CPU_CHUNK", 4)
-    monkeypatch.setenv("GAPAWARE_FUSED", fused_switch)
-    if name == "dana-ga" and hyper.get("nesterov"):
-        hyper = {"momentum": 0.9}
-    saving, plain = (make_policy(name, 11, **hyper) for _ in range(2))
-    theta, plain_theta = (torch.linspace(-1, 1, 11) for _ in range(2))
-    for step in range(3):
-        worker = step % 2
-        g = torch.sin(torch.arange(11.0) + step)
-        stale = saving.pull_view(theta, lr=0.1, worker_id=worker) + 0.05 * torch.cos(torch.arange(11.0) * 3)
-        before = theta.clone()
-        grad = g.clone()
-        gap = saving.apply(theta, grad, lr=0.1, staleness=2, stale_theta=stale.clone(), worker_id=worker,
-                           old_theta_into_grad=True)
-        plain_gap = plain.apply(plain_theta, g.clone(), lr=0.1, staleness=2, stale_theta=stale.clone(),
-                                worker_id=worker)
-        assert torch.equal(grad, before), "the gradient's memory holds θ as it was"
-        assert torch.equal(theta, plain_theta) and gap == plain_gap
-        assert not torch.equal(theta, before)
-    state, plain_state = saving.state_dict(), plain.state_dict()
-    assert state.keys() == plain_state.keys() and all(torch.equal(state[k], plain_state[k]) for k in state)
 
 
 # -- DANA ------------------------------------------------------------------------------------
@@ -358,6 +328,38 @@ def test_dana_without_momentum_is_asgd():
     assert torch.equal(policy.pull_view(theta, lr=0.5, worker_id=4), theta)
 
 
+def test_dana_ga_first_two_pushes_by_hand_feed_v_with_the_step_applied_before():
+    # μ = 0.5, η = 0.5; both workers were sent θ₀ = [1, −1] (no buffers yet: θ̂ = θ₀).
+    # w0: s = zeros, so v = 0; θ⁽⁰⁾ = θ₀, Gap 1; v⁰ = g = [2, −1], θ₁ = [0, −0.5].
+    # w1: s = v⁰ (the step that moved θ last): v = (1−β)·[4, 1], k = 2, v̂ = [4, 1]/(1+β),
+    #     C = 0.5·([2, 1]/√(1+β) + ε), |θ₁ − θ₀| = [1, 0.5]: both Gaps 1 + 1/(1/√(1+β) + ε·[1/2, 1]),
+    #     about 2.414 (the withdrawn rule, s = v¹ = 0, gave C = 0.5·ε and Gaps of 10⁸).
+    policy = make_policy("dana-ga", 2, momentum=0.5)
+    theta0 = vec(1, -1)
+    theta = theta0.clone()
+    assert policy.apply(theta, vec(2, -1), lr=0.5, staleness=0, stale_theta=theta0, worker_id=0) == 1.0
+    assert_numbers(theta, [0.0, -0.5])
+    assert_numbers(policy.state_dict()["ga.v"], [0.0, 0.0])
+    mean_gap = policy.apply(theta, vec(1, 1), lr=0.5, staleness=1, stale_theta=theta0, worker_id=1)
+    root = math.sqrt(1 + BETA)
+    gaps = [1 + 1 / (1 / root + EPS / 2), 1 + 1 / (1 / root + EPS)]
+    assert_numbers(gaps, [2.41386, 2.41386], rtol=1e-5)
+    assert_numbers(mean_gap, sum(gaps) / 2)
+    d = [1 / gaps[0], 1 / gaps[1]]
+    assert_numbers(theta, [0.0 - 0.5 * d[0], -0.5 - 0.5 * d[1]])
+    state = policy.state_dict()
+    assert_numbers(state["ga.v"], [0.001 * 4, 0.001 * 1])
+    assert_numbers(state["dana.v.1"], d)
+    assert_numbers(state["dana.last_step"], d)
+
+    # w1 leaves; its buffer moved θ last, so it is still s for w0's push: v = β·v + (1−β)·d².
+    policy.forget_worker(1)
+    assert policy.worker_ids() == [0]
+    policy.apply(theta, vec(0.5, 0.5), lr=0.5, staleness=1, stale_theta=policy.pull_view(theta, lr=0.5, worker_id=0),
+                 worker_id=0)
+    assert_numbers(policy.state_dict()["ga.v"], [BETA * 0.004 + 0.001 * d[0] ** 2, BETA * 0.001 + 0.001 * d[1] ** 2])
+
+
 def test_dana_ga_measures_the_gap_against_the_look_ahead():
     policy = make_policy("dana-ga", 2, momentum=0.5)
     ref = RefDana(2, momentum=0.5, gap_aware=True)
@@ -365,7 +367,7 @@ def test_dana_ga_measures_the_gap_against_the_look_ahead():
     sent, ref_sent = {}, {}
     gaps_against_theta = []
     for g, worker, lr in [([1, -0.5], 0, 0.25), ([0.5, 1], 1, 0.25), ([1, 1], 0, 0.5), ([-0.5, 1], 1, 0.5),
-                          ([0.25, 0.5], 0, 0.5), ([1, 0.25], 1, 0.5), ([0.5, -1], 0, 0.5)]:
+                          ([0.25, 0.5], 1, 0.5), ([1, 0.25], 0, 0.5), ([0.5, -1], 0, 0.5)]:
         for w in (0, 1):  # a worker that never pulled was sent the initial parameters
             sent.setdefault(w, vec(1, -1))
             ref_sent.setdefault(w, [1.0, -1.0])
@@ -380,11 +382,23 @@ def test_dana_ga_measures_the_gap_against_the_look_ahead():
     assert max(gaps_against_theta) > 0.01  # θ̂ really differs from θ, so the test can tell them apart
 
 
+def test_dana_ga_without_momentum_is_ga_without_momentum():
+    dana_ga, ga = make_policy("dana-ga", 2, weight_decay=0.1), make_policy("gap-aware", 2, weight_decay=0.1)
+    theta_dana, theta_ga = vec(1, -1), vec(1, -1)
+    for step, (g, lr) in enumerate([([1, 2], 0.1), ([-1, 0.5], 0.2), ([0.5, 0.5], 0.1)]):
+        stale = vec(1 + 0.1 * step, -1)
+        assert dana_ga.apply(theta_dana, vec(*g), lr=lr, staleness=1, stale_theta=stale, worker_id=step % 2) == \
+            ga.apply(theta_ga, vec(*g), lr=lr, staleness=1, stale_theta=stale)
+        assert torch.equal(theta_dana, theta_ga)
+    assert torch.equal(dana_ga.pull_view(theta_dana, lr=0.1, worker_id=0), theta_dana)
+    assert set(dana_ga.state_dict()) == {"ga.v", "ga.k", "ga.lr_max"}
+
+
 # -- state, registry, validation ---------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_state_dict_round_trip_reproduces_the_next_updates(name):
-    hyper = {"momentum": 0.9, "weight_decay": 0.01, **({"beta": 0.99} if "ga" in name else {})}
+    hyper = {"momentum": 0.9, "weight_decay": 0.01, "ga_beta": 0.99}
     first = make_policy(name, 5, **hyper)
     theta = torch.linspace(-1, 1, 5)
     sent = {w: first.pull_view(theta, lr=0.1, worker_id=w) for w in (0, 1)}
@@ -420,9 +434,19 @@ def test_state_dict_is_a_copy_and_dana_keys_name_the_worker():
     theta = vec(1, 1)
     policy.apply(theta, vec(1, 2), lr=0.1, staleness=0, stale_theta=theta.clone(), worker_id=7)
     state = policy.state_dict()
-    assert set(state) == {"dana.v.7", "dana.v_sum", "ga.v", "ga.k", "ga.lr_max"}
+    assert set(state) == {"dana.v.7", "dana.v_sum", "dana.last_step", "ga.v", "ga.k", "ga.lr_max"}
     state["dana.v.7"].fill_(100)
+    state["dana.last_step"].fill_(100)
     assert_numbers(policy.state_dict()["dana.v.7"], [1.0, 2.0])
+    assert_numbers(policy.state_dict()["dana.last_step"], [1.0, 2.0])
+
+
+def test_a_dana_ga_state_of_the_withdrawn_rule_is_refused_with_the_reason():
+    """States saved when DANA-GA fed v with the pushing worker's own buffer have no last step."""
+    policy = make_policy("dana-ga", 2, momentum=0.5)
+    old = {k: v for k, v in policy.state_dict().items() if k != "dana.last_step"}
+    with pytest.raises(ValueError, match="Missing key in policy state: 'dana.last_step'.*own buffer"):
+        make_policy("dana-ga", 2, momentum=0.5).load_state_dict(old)
 
 
 def test_load_state_dict_refuses_what_does_not_fit():
@@ -447,8 +471,10 @@ def test_registry_names_classes_and_snapshots():
         policy = make_policy(name, 4, momentum=0.5)
         assert type(policy) is cls and policy.name == name and policy.numel == 4
         assert policy.needs_snapshot == (name in ("gap-aware", "dana-ga"))
-    assert make_policy("gap-aware", 4, beta=0.9, eps=1e-6).hyperparameters() == {
-        "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "beta": 0.9, "eps": 1e-6}
+    assert make_policy("gap-aware", 4, ga_beta=0.9, ga_eps=1e-6).hyperparameters() == {
+        "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "ga_beta": 0.9, "ga_eps": 1e-6}
+    assert make_policy("dana", 4, momentum=0.5, ga_beta=0.9).hyperparameters() == {
+        "momentum": 0.5, "nesterov": False, "weight_decay": 0.0}
 
 
 def test_registry_refuses_an_unknown_name():
@@ -463,10 +489,11 @@ def test_registry_refuses_an_unknown_name():
     ("staleness-aware", {"weight_decay": -1e-4}, "Invalid weight_decay value: -0.0001"),
     ("gap-aware", {"weight_decay": float("inf")}, "Invalid weight_decay value: inf"),
     ("asgd", {"nesterov": True}, "Nesterov momentum requires a momentum"),
-    ("gap-aware", {"beta": 1.0}, "Invalid beta value: 1.0"),
-    ("dana-ga", {"beta": -0.5}, "Invalid beta value: -0.5"),
-    ("gap-aware", {"eps": 0.0}, "Invalid epsilon value: 0.0"),
-    ("dana-ga", {"eps": -1e-8}, "Invalid epsilon value: -1e-08"),
+    ("gap-aware", {"ga_beta": 1.0}, "Invalid GA beta value: 1.0"),
+    ("dana-ga", {"ga_beta": -0.5}, "Invalid GA beta value: -0.5"),
+    ("gap-aware", {"ga_eps": 0.0}, "Invalid GA epsilon value: 0.0"),
+    ("dana-ga", {"ga_eps": -1e-8}, "Invalid GA epsilon value: -1e-08"),
+    ("asgd", {"ga_eps": float("nan")}, "Invalid GA epsilon value: nan"),  # every setting is checked, used or not
 ])
 def test_invalid_hyperparameters_are_refused(name, hyper, message):
     with pytest.raises(ValueError, match=message):
@@ -484,22 +511,47 @@ def test_unknown_setting_is_refused():
         make_policy("asgd", 4, beta=0.9)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"lr": -0.1}, "Invalid learning rate: -0.1"),
-    ({"lr": float("nan")}, "Invalid learning rate: nan"),
-    ({"lr": float("inf")}, "Invalid learning rate: inf"),
-    ({"staleness": -1}, "Invalid staleness: -1"),
-    ({"grad": torch.zeros(4)}, "Invalid grad: expected a flat tensor of 3 elements, got shape \\(4,\\)"),
-    ({"theta": torch.zeros(1, 3)}, "Invalid theta"),
-    ({"stale_theta": None}, "needs stale_theta"),
-    ({"stale_theta": torch.zeros(2)}, "Invalid stale_theta"),
-])
-def test_invalid_pushes_are_refused(kwargs, message):
-    policy = make_policy("gap-aware", 3)
-    push = {"theta": torch.zeros(3), "grad": torch.zeros(3), "lr": 0.1, "staleness": 0,
-            "stale_theta": torch.zeros(3), **kwargs}
-    theta = push.pop("theta")
-    grad = push.pop("grad")
-    with pytest.raises(ValueError, match=message):
-        policy.apply(theta, grad, **push)
-    assert policy.state_dict()["ga.k"].item() == 0  # nothing was counted
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("hyper", [{}, {"momentum": 0.9, "weight_decay": 0.01}, {"momentum": 0.9, "nesterov": True}],
+                         ids=["plain", "momentum+decay", "nesterov"])
+def test_a_push_in_slices_is_the_push_in_one_piece(monkeypatch, name, hyper):
+    """Eleven elements in slices of 4, 4 and 3 (server/policies/slices.py), against one slice: the
+    same to float32 precision (a torch kernel's vector and scalar paths may round differently)."""
+    if name.startswith("dana") and hyper.get("nesterov"):
+        hyper = {"momentum": 0.9}
+    monkeypatch.setenv(fused.SWITCH, "0")
+    results = []
+    for size in (4, 11):
+        monkeypatch.setattr(slices, "SLICE", size)
+        policy = make_policy(name, 11, **hyper)
+        theta = torch.linspace(-1, 1, 11)
+        gaps = []
+        for step in range(4):
+            stale = policy.pull_view(theta, lr=0.1, worker_id=step % 2) + 0.05 * torch.cos(torch.arange(11.0) * step)
+            gaps.append(policy.apply(theta, torch.sin(torch.arange(11.0) + step), lr=0.1, staleness=2,
+                                     stale_theta=stale, worker_id=step % 2))
+        results.append((theta, policy.state_dict(), gaps))
+    (theta, state, gaps), (ref_theta, ref_state, ref_gaps) = results
+    assert_numbers(theta, ref_theta, rtol=1e-6)
+    assert state.keys() == ref_state.keys()
+    for key in state:
+        assert_numbers(state[key], ref_state[key], rtol=1e-6)
+    assert gaps == pytest.approx(ref_gaps, rel=1e-6)
+    assert max(gaps) > 1.0 or not POLICIES[name].needs_snapshot
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("hyper", [{}, {"momentum": 0.9, "weight_decay": 0.01}, {"momentum": 0.9, "nesterov": True}],
+                         ids=["plain", "momentum+decay", "nesterov"])
+def test_apply_only_reads_the_gradient_and_the_snapshot(name, hyper):
+    if name.startswith("dana") and hyper.get("nesterov"):
+        hyper = {"momentum": 0.9}
+    policy = make_policy(name, 5, **hyper)
+    theta = torch.linspace(-1, 1, 5)
+    for step in range(3):
+        grad = torch.sin(torch.arange(5.0) + step)
+        stale = policy.pull_view(theta, lr=0.1, worker_id=step % 2) + 0.01
+        grad_before, stale_before, theta_before = grad.clone(), stale.clone(), theta.clone()
+        policy.apply(theta, grad, lr=0.1, staleness=1, stale_theta=stale, worker_id=step % 2)
+        assert torch.equal(grad, grad_before) and torch.equal(stale, stale_before)
+        assert not torch.equal(theta, theta_before)

@@ -45,16 +45,12 @@ def test_the_simulator_runs_the_server_policies_and_its_own_two_on_the_server_on
 
 
 def test_gap_aware_arithmetic_defaults_to_the_registry_beta_and_eps():
-    """Where the policies give ``beta`` and ``eps`` a default of their own, it is the registry's GA β and ε."""
-    checked = set()
-    for value in vars(policies).values():
-        if callable(value):
-            parameters = inspect.signature(value).parameters
-            for name, default in (("beta", DEFAULTS.ga_beta), ("eps", DEFAULTS.ga_eps)):
-                if name in parameters and parameters[name].default is not inspect.Parameter.empty:
-                    assert parameters[name].default == default, f"{value.__name__}({name}=...)"
-                    checked.add(value.__name__)
-    assert {"GapAware", "DanaGapAware", "compute_gap", "gap_aware_direction"} <= checked
+    """The policies' own defaults for GA's β and ε are the registry's."""
+    settings = policies.PolicySettings()
+    assert (settings.ga_beta, settings.ga_eps) == (DEFAULTS.ga_beta, DEFAULTS.ga_eps)
+    parameters = inspect.signature(policies.make_policy).parameters
+    assert (parameters["ga_beta"].default, parameters["ga_eps"].default) == (DEFAULTS.ga_beta, DEFAULTS.ga_eps)
+    assert policies.make_policy("gap-aware", 3).hyperparameters()["ga_beta"] == DEFAULTS.ga_beta
 
 
 def choices(command: str, name: str) -> tuple[str, ...]:

@@ -210,9 +210,13 @@ def test_server_command_refuses_an_unprotected_network_bind(captured_server_runs
 
 
 def test_server_command_passes_its_transport_limits(captured_server_runs):
-    assert CliRunner().invoke(main, ["server", "--chunk-timeout", "5", "--receive-window", "0"]).exit_code == 0
+    assert CliRunner().invoke(main, ["server", "--chunk-timeout", "5", "--receive-window", "0", "--max-workers", "3",
+                                     "--request-timeout", "4", "--min-transfer-rate", "2",
+                                     "--max-concurrent-rpcs", "7"]).exit_code == 0
     (options,) = captured_server_runs
     assert (options.chunk_timeout, options.receive_window_mib) == (5.0, 0)
+    assert (options.max_workers, options.request_timeout, options.min_transfer_rate,
+            options.max_concurrent_rpcs) == (3, 4.0, 2.0, 7)
 
 
 def test_train_hands_security_to_its_processes_as_files_never_the_token(pki, tmp_path):

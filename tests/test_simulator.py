@@ -210,7 +210,7 @@ def test_simulate_cifar10_without_the_files_says_what_to_download(tmp_path, monk
     for flags in ([], ["--data-dir", str(tmp_path)]):
         result = CliRunner().invoke(main, ["simulate", "--task", "cifar10-resnet20", "--out", str(tmp_path / "o"),
                                            *flags])
-        assert result.exit_code == 1
+        assert result.exit_code == 4, result.output
         assert "cifar-10-python.tar.gz" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
 
@@ -224,7 +224,7 @@ def test_simulate_cifar10_without_the_files_says_what_to_download(tmp_path, monk
     (["--gamma-shape", "-1"], "Invalid gamma shape"),
     (["--lr", "-0.1"], "Invalid learning rate"),
     (["--task", "nowhere:factory"], "cannot import module 'nowhere'"),
-    (["--device", "gpu"], "cannot compute on device 'gpu'"),
+    (["--device", "gpu"], "--device 'gpu' is not a device: use cpu, or cuda:N"),
 ])
 def test_simulate_refuses_bad_input_before_running(tmp_path, flags, message):
     result = CliRunner().invoke(main, ["simulate", "--out", str(tmp_path / "o"), *flags])

@@ -170,20 +170,22 @@ def test_a_plain_protobuf_peer_interoperates_with_the_server_and_a_fast_client(s
         join = plain.Join(pb.JoinRequest(hostname="plain-protobuf"), timeout=30)
         numel = sum(int(torch.Size(p.shape).numel()) for p in join.layout.params)
         fast.join()
-        header, theta = _plain_pull(plain, plain.Pull(pb.PullRequest(worker_id=join.worker_id), timeout=30), numel)
+        pull = pb.PullRequest(worker_id=join.worker_id, worker_secret=join.worker_secret)
+        header, theta = _plain_pull(plain, plain.Pull(pull, timeout=30), numel)
         fast_version, fast_theta = fast.pull()
         assert header.version == fast_version == 0 and torch.equal(theta, fast_theta)
 
         grad = torch.linspace(-1, 1, numel)
-        replies = list(plain.Push(iter(push_stream(join.worker_id, 0, grad, chunk_bytes=4096)), timeout=30))
+        replies = list(plain.Push(iter(push_stream(join.worker_id, 0, grad, chunk_bytes=4096,
+                                                   worker_secret=join.worker_secret)), timeout=30))
         assert replies[0].WhichOneof("frame") == "ready" and len(replies) == 2
         assert (replies[1].header.push.version, replies[1].header.push.applied) == (1, True)
         expected = theta - 0.5 * grad
         assert fast.push(torch.zeros(numel), fast_version).applied  # a zero step: θ stays as the plain push left it
 
-        header, after = _plain_pull(plain, plain.Pull(pb.PullRequest(worker_id=join.worker_id), timeout=30), numel)
+        header, after = _plain_pull(plain, plain.Pull(pull, timeout=30), numel)
         assert header.version == 2 and torch.equal(after, expected), "the plain peer's gradient was applied exactly"
-        stream = push_stream(join.worker_id, 2, torch.zeros(numel), pull=True)
+        stream = push_stream(join.worker_id, 2, torch.zeros(numel), pull=True, worker_secret=join.worker_secret)
         header, after = _plain_pull(plain, plain.Push(iter(stream), timeout=30), numel)
         assert header.push.applied and header.version == 3 and torch.equal(after, expected)
 

@@ -10,17 +10,19 @@ import math
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gapaware.common.buffers import checksum, pack_buffers, unpack_buffers
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.registry import TRANSPORT_DTYPES
 from gapaware.common.results import PushResult
-from gapaware.common.security import ClientSecurity
+from gapaware.common.security import client_security
 from gapaware.common.transport import (
     DEFAULT_CHUNK_BYTES, TransportError, dtype_from_name, frame_parser, serialize_frame,
 )
@@ -51,6 +53,7 @@ class JoinInfo:
     version: int
     finished: bool
     lease_seconds: float
+    worker_secret: bytes = field(default=b"", repr=False)  # presented by every later call as this worker
 
 
 class WorkerClient:
@@ -65,7 +68,9 @@ class WorkerClient:
     Security (see :mod:`gapaware.common.security`): ``tls_ca`` (a PEM file) turns on TLS and
     names the CA that signed the server's certificate; ``tls_cert``/``tls_key`` are this
     client's certificate for a server that requires mutual TLS; ``token`` is the shared
-    secret (``load_token()`` reads it from ``GAPAWARE_TOKEN`` or a file).
+    secret. Each one not given is read as the command line reads it: from ``GAPAWARE_TLS_CA``,
+    ``GAPAWARE_TLS_CERT``, ``GAPAWARE_TLS_KEY``, and the token from the file ``GAPAWARE_TOKEN_FILE``
+    names or else ``GAPAWARE_TOKEN`` (:func:`gapaware.common.security.client_security`).
     """
 
     def __init__(self, address: str, *, transport_dtype: str = "float32", push_dtype: str | None = None,
@@ -79,8 +84,9 @@ class WorkerClient:
         self._pushes = PushEncoder(dtype_from_name(push_dtype or transport_dtype), chunk_bytes)
         self._pulled = PulledParameters(dtype_from_name(pull_dtype or transport_dtype))
         self._timeout = timeout
-        security = ClientSecurity(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
+        security = client_security(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
         self._channel: grpc.Channel = security.open_channel(address, CHANNEL_OPTIONS)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         # The tensor-carrying methods skip protobuf message objects for chunks (gapaware.common.transport).
         method = f"/{pb.DESCRIPTOR.services_by_name['ParameterServer'].full_name}/"
@@ -93,6 +99,8 @@ class WorkerClient:
             _registered_method=True)
         self._info: JoinInfo | None = None
         self._seq = 0
+        self.buffers: dict[str, torch.Tensor] = {}
+        """The server's model buffers (gapaware.common.buffers) as of the last parameters received."""
 
     # -- lifecycle ------------------------------------------------------------------------
     def join(self, layout: ParamLayout | None = None, *, device: str = "cpu") -> JoinInfo:
@@ -106,7 +114,7 @@ class WorkerClient:
         self._info = JoinInfo(
             worker_id=reply.worker_id, config=RunConfig.from_json(reply.run_config_json),
             layout=ParamLayout.from_proto(reply.layout), version=reply.version, finished=reply.finished,
-            lease_seconds=reply.lease_seconds,
+            lease_seconds=reply.lease_seconds, worker_secret=reply.worker_secret,
         )
         self._pushes.reset()
         self._pulled.reset()
@@ -119,20 +127,34 @@ class WorkerClient:
         return self._info
 
     def leave(self) -> None:
-        self._stub.Leave(pb.LeaveRequest(worker_id=self.info.worker_id), timeout=self._timeout)
+        self._stub.Leave(pb.LeaveRequest(worker_id=self.info.worker_id, worker_secret=self.info.worker_secret),
+                         timeout=self._timeout)
         self._info = None
 
     def heartbeat(self, timeout: float | None = None) -> bool:
         """Keeps the lease alive; returns True once the run is finished."""
-        return self._stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.info.worker_id),
+        return self._stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.info.worker_id,
+                                                        worker_secret=self.info.worker_secret),
                                     timeout=timeout or self._timeout).finished
 
     def status(self) -> pb.StatusReply:
         return self._stub.Status(pb.StatusRequest(), timeout=self._timeout)
 
+    def answers(self, timeout: float, *, wait_for_connection: bool = True) -> bool:
+        """Whether the server answers within ``timeout`` seconds: a call to the standard health
+        service, which needs no token. With ``wait_for_connection`` the call waits for the channel to
+        connect (one whose connection broke stays idle until a call asks it to), else it fails at once
+        on a broken connection. Any answer counts, ``NOT_SERVING`` too; ``UNAVAILABLE`` (no
+        connection, or a proxy with no server behind it) and no answer in time do not. A retry after
+        a lost connection asks it (:mod:`gapaware.worker.retry`)."""
+        try:
+            self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=wait_for_connection)
+        except grpc.RpcError as error:
+            return error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return True
+
     def close(self) -> None:
         self._channel.close()
-
     def __enter__(self) -> WorkerClient:
         return self
 
@@ -152,7 +174,7 @@ class WorkerClient:
         write into it; another tensor gets a full pull.
         """
         request = pb.PullRequest(worker_id=self.info.worker_id, dtype=self._pulled.dtype,
-                                 delta_base=self._pulled.base(out))
+                                 worker_secret=self.info.worker_secret, delta_base=self._pulled.base(out))
         frames = iter(self._pull_frames(request, timeout=self._timeout))
         header = self._reply_header(frames)
         return header.version, self._receive(header, frames, out)
@@ -163,36 +185,47 @@ class WorkerClient:
         return self._seq
 
     def push(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
-             loss: float = math.nan, seq: int | None = None) -> PushResult:
-        """Sends a gradient computed on the parameters of ``base_version``.
+             loss: float = math.nan, seq: int | None = None,
+             buffers: dict[str, torch.Tensor] | None = None) -> PushResult:
+        """Sends a gradient computed on the parameters of ``base_version``, and the model's buffers
+        after the batch (``buffers``, by name: ``dict(model.named_buffers())``; required when the
+        layout has buffers).
 
         ``seq`` numbers the push for exactly-once delivery: retrying a push whose reply was lost
         with the same ``seq`` is applied at most once (the copy is answered with ``applied=False``).
         None takes :meth:`next_seq`.
         """
-        header, _ = self._push(grad, base_version, samples, loss, seq, pull=False)
+        header, _ = self._push(grad, base_version, samples, loss, seq, buffers, pull=False)
         return _result(header.push)
 
     def push_pull(self, grad: torch.Tensor, base_version: int, *, samples: int = 0,
-                  loss: float = math.nan, seq: int | None = None,
+                  loss: float = math.nan, seq: int | None = None, buffers: dict[str, torch.Tensor] | None = None,
                   out: torch.Tensor | None = None) -> tuple[PushResult, int, torch.Tensor]:
-        """Push, then receive the parameters after the update: one round trip a step. ``seq`` as in
-        :meth:`push`; a retried copy still receives the current parameters; ``out`` as in :meth:`pull`."""
-        header, theta = self._push(grad, base_version, samples, loss, seq, pull=True, out=out)
+        """Push, then receive the parameters after the update: one round trip a step. ``seq`` and
+        ``buffers`` as in :meth:`push`; a retried copy still receives the current parameters; ``out``
+        as in :meth:`pull`."""
+        header, theta = self._push(grad, base_version, samples, loss, seq, buffers, pull=True, out=out)
         return _result(header.push), header.version, theta
 
-    def _push(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None, *,
-              pull: bool, out: torch.Tensor | None = None) -> tuple[pb.PullHeader, torch.Tensor | None]:
+    def _push(self, grad: torch.Tensor, base_version: int, samples: int, loss: float, seq: int | None,
+              buffers: dict[str, torch.Tensor] | None, *, pull: bool,
+              out: torch.Tensor | None = None) -> tuple[pb.PullHeader, torch.Tensor | None]:
         """One Push call: the header goes first, the chunks once the server's ready frame admitted the
         push (gRPC takes them in a thread of its own, so waiting blocks only this call's sending)."""
         if grad.dim() != 1 or grad.numel() != self.info.layout.numel:
             raise ValueError(f"gradient must be flat with {self.info.layout.numel} elements, "
                              f"got shape {tuple(grad.shape)}")
+        specs = self.info.layout.buffers
+        if specs and buffers is None:
+            raise ValueError(f"the model has {len(specs)} buffers: pass buffers=dict(model.named_buffers())")
+        packed = pack_buffers(buffers, specs) if specs else b""
         seq = self.next_seq() if seq is None else seq
         tensor, chunks = self._pushes.encode(grad, seq)
-        header = pb.PushHeader(worker_id=self.info.worker_id, base_version=base_version, seq=seq, samples=samples,
-                               loss=loss, tensor=tensor, pull=pull, pull_dtype=self._pulled.dtype,
-                               delta_base=self._pulled.base(out) if pull else 0)
+        header = pb.PushHeader(worker_id=self.info.worker_id, worker_secret=self.info.worker_secret,
+                               base_version=base_version, seq=seq, samples=samples, loss=loss,
+                               tensor=tensor, pull=pull, pull_dtype=self._pulled.dtype,
+                               delta_base=self._pulled.base(out) if pull else 0, buffers=packed,
+                               buffers_crc32c=checksum(packed))
         decided = threading.Event()  # the ready frame came (admitted), or the call ended without it
         admitted = False
 
@@ -221,7 +254,9 @@ class WorkerClient:
         return header
 
     def _receive(self, header: pb.PullHeader, frames: Iterator, out: torch.Tensor | None) -> torch.Tensor:
-        return self._pulled.receive(header, frames, self.info.layout.numel, out)
+        parameters = self._pulled.receive(header, frames, self.info.layout.numel, out)
+        self.buffers = unpack_buffers(header.buffers, header.buffers_crc32c, self.info.layout.buffers)
+        return parameters
 
 
 def _result(reply: pb.PushReply) -> PushResult:

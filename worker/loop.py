@@ -5,7 +5,9 @@ push returns the parameters the update produced). The loop survives what preempt
 clusters do to it:
 
 * the server restarting or the network failing: every call is retried with backoff
-  (:mod:`gapaware.worker.retry`); a retried push keeps its sequence number, so it counts once;
+  (:mod:`gapaware.worker.retry`); a retried push keeps its sequence number, so it counts once.
+  Before the server first answered, the retries end after ``connect_timeout`` seconds instead
+  (:class:`ServerUnreachable`): a wrong address fails fast rather than for the whole retry limit;
 * the server forgetting this worker (its lease expired, or the server restarted from a
   checkpoint): the push is refused with ``NOT_FOUND``, the worker joins again, pulls fresh
   parameters and carries on (the gradient computed on the forgotten snapshot is dropped);
@@ -17,6 +19,7 @@ next batches while the step computes and its round trip is in flight (:mod:`gapa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import signal
@@ -28,20 +31,29 @@ import torch
 
 from gapaware.common.config import RunConfig
 from gapaware.common.data import batches
+from gapaware.common.buffers import load_buffers
+from gapaware.common.devices import check_device
 from gapaware.common.layout import ParamLayout, flat_gradients, load_flat_parameters
 from gapaware.common.registry import DEFAULTS
 from gapaware.common.security import ClientSecurity
 from gapaware.common.tasks import load_task
 from gapaware.worker.client import WorkerClient
+from gapaware.worker.delay import DelaySpec
 from gapaware.worker.heartbeat import Heartbeat
 from gapaware.worker.prefetch import Prefetcher
-from gapaware.worker.retry import RetryAborted, RetryPolicy, call_with_retries
+from gapaware.worker.progress import Progress
+from gapaware.worker.retry import RetryAborted, RetryPolicy, call_with_retries, is_retryable
 
 log = logging.getLogger("gapaware.worker")
 
 MAX_REJOINS_IN_A_ROW = 10
 """Re-joins without a single push in between before the worker gives up (something is wrong
 beyond a restart: e.g. a lease shorter than one step)."""
+
+
+class ServerUnreachable(RuntimeError):
+    """The server did not answer for as long as the worker waits: before the first contact
+    ``connect_timeout``, later the retry policy's ``give_up_after``. The message says what to check."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,10 @@ class WorkerOptions:
     prefetch_batches: int = 2         # batches loaded ahead in a thread (worker/prefetch.py); 0: none
     rpc_timeout: float = 60.0         # seconds one call may take before it is retried
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    connect_timeout: float = 30.0     # seconds of failed first contact before giving up; 0: as retry says
+    progress_every: float = 30.0      # seconds between progress lines; 0: none
     security: ClientSecurity = field(default_factory=ClientSecurity)
+    delay: DelaySpec | None = None    # benchmarking: emulated straggling after each step (worker/delay.py)
 
 
 @dataclass(frozen=True)
@@ -132,21 +147,50 @@ class _Registration:
 
 def run_worker(options: WorkerOptions) -> WorkerSummary:
     torch.set_num_threads(options.threads)
+    check_device(options.device)
     with stop_on_signals(threading.Event()) as stop, \
             WorkerClient(options.server, transport_dtype=options.transport_dtype, push_dtype=options.push_dtype,
                          pull_dtype=options.pull_dtype, timeout=options.rpc_timeout,
                          **options.security.client_kwargs()) as client:
-        retry = functools.partial(call_with_retries, policy=options.retry, stop=stop)
+        retry = functools.partial(call_with_retries, policy=options.retry, stop=stop, answers=client.answers)
         try:
             return _train(client, options, retry, stop)
         except RetryAborted as aborted:
             log.info("stopped while the server was unreachable (%s); exiting", aborted)
             return WorkerSummary(0, 0, -1)
+        except grpc.RpcError as error:
+            if not is_retryable(error):
+                raise
+            raise ServerUnreachable(
+                f"lost the server at {options.server}: no answer for --retry-give-up-after "
+                f"{options.retry.give_up_after:g}s ({error.code().name}: {error.details()})") from error
+
+
+def _first_contact(client: WorkerClient, options: WorkerOptions, retry) -> RunConfig:
+    """The run's config, from the server's Status: the first call, retried for ``connect_timeout``
+    seconds at most (a wrong address or port fails fast; a server still starting is waited for)."""
+    log.info("connecting to %s", options.server)
+    policy = options.retry
+    if options.connect_timeout:
+        policy = dataclasses.replace(policy, give_up_after=min(policy.give_up_after, options.connect_timeout))
+    try:
+        reply = retry(client.status, what="status", policy=policy)
+    except grpc.RpcError as error:
+        if not is_retryable(error):
+            raise
+        raise ServerUnreachable(
+            f"no answer from the server at {options.server} for {policy.give_up_after:g}s "
+            f"({error.code().name}: {error.details()}): is it running, and is --server its HOST:PORT? "
+            "(--connect-timeout waits longer for a server still starting)") from error
+    return RunConfig.from_json(reply.run_config_json)
 
 
 def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.Event) -> WorkerSummary:
-    config = RunConfig.from_json(retry(client.status, what="status").run_config_json)
-    task = load_task(options.task or config.task, seed=config.seed, data_dir=options.data_dir or config.data_dir)
+    config = _first_contact(client, options, retry)
+    task_name = options.task or config.task
+    log.info("the server at %s runs task %s (policy %s): loading %s", options.server, config.task, config.policy,
+             "it" if task_name == config.task else f"task {task_name}")
+    task = load_task(task_name, seed=config.seed, data_dir=options.data_dir or config.data_dir)
     model = task.model.to(options.device)
     model.train()
     registration = _Registration(client, ParamLayout.from_module(model), options.device, retry)
@@ -156,6 +200,10 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
     data = batches(task.train, options.batch_size or config.batch_size,
                    seed=config.seed * 1_000_003 + info.worker_id)
     steps = applied = 0
+    delays = (options.delay or DelaySpec()).sampler(rank=info.worker_id - 1)
+    if options.delay:
+        log.info("emulating a straggler: %s, as rank %d (factor %g)", options.delay, delays.rank, delays.factor)
+    progress = Progress(options.progress_every)
     # Received parameters and sent gradients live in two tensors reused every step (see pull's out).
     received, gradient = torch.empty(info.layout.numel), torch.empty(info.layout.numel)
     loading = Prefetcher(data, options.prefetch_batches) if options.prefetch_batches else contextlib.nullcontext(data)
@@ -164,17 +212,18 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
         finished = info.finished
         while not (finished or stop.is_set()):
             load_flat_parameters(model, theta)
+            load_buffers(model, client.buffers)
             inputs, targets = (t.to(options.device, non_blocking=True) for t in next(data))
             model.zero_grad(set_to_none=True)
             loss = task.loss(model(inputs), targets)
             loss.backward()
             if stop.is_set():
                 break
-            grad, seq = flat_gradients(model, out=gradient), client.next_seq()
+            grad, seq, loss_value = flat_gradients(model, out=gradient), client.next_seq(), loss.item()
             try:
                 result, version, theta = retry(
-                    lambda: client.push_pull(grad, version, samples=len(targets), loss=loss.item(), seq=seq,
-                                             out=received),
+                    lambda: client.push_pull(grad, version, samples=len(targets), loss=loss_value, seq=seq,
+                                             buffers=dict(model.named_buffers()), out=received),
                     what=f"push {seq}")
             except grpc.RpcError as error:
                 if error.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
@@ -186,7 +235,10 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
             registration.pushed()
             steps += 1
             applied += result.applied
+            progress.step(client.info.worker_id, loss_value, result)
             finished = result.finished or heartbeat.finished
+            if not finished:
+                delays.wait(stop)
     worker_id = client.info.worker_id
     _leave(client)
     log.info("worker %d done after %d steps, %d pushes applied, %d joins (server version %d)", worker_id,

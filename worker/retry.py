@@ -1,10 +1,22 @@
 """Retrying calls to a server that is restarting or unreachable: exponential backoff with jitter.
 
 Only failures that say nothing reached a decision are retried: ``UNAVAILABLE`` (no connection,
-the server restarting, the network down) and ``DEADLINE_EXCEEDED`` (no answer in time). A push
+the server restarting, the network down), ``DEADLINE_EXCEEDED`` (no answer in time) and
+``RESOURCE_EXHAUSTED`` (the server is serving its most calls, or workers, at once: a place frees
+up, and backing off is what makes room). A push
 may be retried safely because it carries its sequence number (the server applies it at most
 once); gRPC's own transparent retries are not used for gradients, since they skip messages
 bigger than gRPC's retry buffer. Every other status is an answer and goes to the caller.
+
+A retry after ``UNAVAILABLE`` goes as soon as the server answers again, within its backoff: the
+wait asks, every half second at most, whether it does (``answers``, a health check that waits for
+the channel to connect; the channel re-attempts at least once a second,
+:data:`gapaware.worker.client.CHANNEL_OPTIONS`). So a restarted server is reached about a second
+after it listens, not one whole backoff later, and a retry made on a connection still marked
+refused does not fail at once to wait a whole backoff more. A server that answers the first
+question (the failure was not its absence: a proxy refusing one call) and one that only times out
+(``DEADLINE_EXCEEDED``: too slow to answer) get the whole backoff, so nothing is retried in a
+tight loop.
 """
 from __future__ import annotations
 
@@ -14,15 +26,27 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
 log = logging.getLogger("gapaware.worker")
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 T = TypeVar("T")
+
+ASK_EVERY_SECONDS = 0.5
+"""While a retry waits after ``UNAVAILABLE``, how often it asks whether the server answers again
+(and looks at a stop request)."""
+
+
+class Answers(Protocol):
+    """Whether the server answers within ``timeout`` seconds; with ``wait_for_connection`` the
+    channel connects meanwhile, else a broken connection fails at once (:meth:`WorkerClient.answers`)."""
+
+    def __call__(self, timeout: float, *, wait_for_connection: bool) -> bool: ...
 
 
 class RetryAborted(Exception):
@@ -63,11 +87,14 @@ def is_retryable(error: BaseException) -> bool:
 
 
 def call_with_retries(call: Callable[[], T], policy: RetryPolicy, *, what: str,
-                      stop: threading.Event | None = None, rng: random.Random | None = None) -> T:
+                      stop: threading.Event | None = None, rng: random.Random | None = None,
+                      answers: Answers | None = None) -> T:
     """``call()``, retried per ``policy`` while it fails with a retryable status.
 
-    Raises the last error once the policy gives up (or at once for any other error), and
-    :class:`RetryAborted` when ``stop`` is set during a wait.
+    ``answers`` (:meth:`WorkerClient.answers`): after an ``UNAVAILABLE``, the wait ends once a
+    server that did not answer does. Raises the last
+    error once the policy gives up (or at once for any other error), and :class:`RetryAborted`
+    when ``stop`` is set during a wait.
     """
     rng = rng or random.Random()
     backoffs = policy.backoffs(rng)
@@ -87,9 +114,34 @@ def call_with_retries(call: Callable[[], T], policy: RetryPolicy, *, what: str,
                           error.details(), now - first_failure)
                 raise
             attempt += 1
-            log.warning("%s failed (%s: %s); retry %d in %.1fs", what, error.code().name, error.details(),
-                        attempt, wait)
-            if stop is not None and stop.wait(wait):
+            asking = answers if error.code() is grpc.StatusCode.UNAVAILABLE else None
+            log.warning("%s failed (%s: %s); retry %d in %.1fs%s", what, error.code().name, error.details(),
+                        attempt, wait, " or once the server answers" if asking else "")
+            if _wait(wait, stop, asking):
                 raise RetryAborted(f"{what}: stopped while waiting to retry") from error
-            if stop is None:
-                time.sleep(wait)
+
+
+def _wait(seconds: float, stop: threading.Event | None, answers: Answers | None) -> bool:
+    """Waits ``seconds``, or less once the server, silent at first, answers (asked every
+    :data:`ASK_EVERY_SECONDS`, waiting for the channel to connect). A server that answers at once,
+    on the connection as it is, was not what failed: it gets the whole wait, unasked. True when
+    ``stop`` was set meanwhile."""
+    deadline = time.monotonic() + seconds
+    if answers is not None and answers(min(seconds, ASK_EVERY_SECONDS), wait_for_connection=False):
+        answers = None
+    while (left := deadline - time.monotonic()) > 0:
+        slot_end = time.monotonic() + (min(left, ASK_EVERY_SECONDS) if answers is not None else left)
+        if answers is not None and answers(slot_end - time.monotonic(), wait_for_connection=True):
+            break
+        if _sleep_until(slot_end, stop):
+            return True
+    return stop is not None and stop.is_set()
+
+
+def _sleep_until(moment: float, stop: threading.Event | None) -> bool:
+    """Sleeps until ``moment`` (``time.monotonic``); True when ``stop`` was set."""
+    left = max(0.0, moment - time.monotonic())
+    if stop is None:
+        time.sleep(left)
+        return False
+    return stop.wait(left)

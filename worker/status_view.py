@@ -14,6 +14,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from gapaware.cli_errors import UserError, rpc_exit_code
 from gapaware.common.security import ClientSecurity
 from gapaware.worker.client import WorkerClient
 
@@ -26,7 +27,9 @@ def plain(message: Message) -> dict:
     out = {}
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
+        if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+            value = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in value.items()}
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
             value = [plain(v) for v in value] if field.is_repeated else plain(value)
         elif isinstance(value, float) and not math.isfinite(value):
             value = None
@@ -52,8 +55,17 @@ def format_status(address: str, reply) -> str:
         f"{'finished' if reply.finished else 'running'} for {reply.uptime_seconds:.0f}s",
         f"progress: update {reply.version} of {reply.max_updates}, epoch {reply.epoch:.2f}, {reply.samples} examples",
         f"last test accuracy: {accuracy}",
+        *([f"last evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(reply.last_metrics.items()))]
+          if reply.last_metrics else []),
+        *([f"evaluation errors: {reply.eval_errors}" + (f", last: {reply.last_eval_error}"
+                                                        if reply.last_eval_error else "")]
+          if reply.eval_errors else []),
+        *([f"evaluations skipped (updates outpaced evaluation): {reply.evals_skipped}"] if reply.evals_skipped else []),
         f"pushes so far: mean staleness {reply.mean_staleness:.2f}, mean gap {reply.mean_gap:.3f}"
-        + (f", {reply.nonfinite_pushes} with NaN/Inf gradients" if reply.nonfinite_pushes else ""),
+        + (f", {reply.nonfinite_pushes} with NaN/Inf gradients" if reply.nonfinite_pushes else "")
+        + (f", {reply.oversized_pushes} refused over the norm bound" if reply.oversized_pushes else "")
+        + (f", {reply.nonfinite_updates} undone for a NaN/Inf result" if reply.nonfinite_updates else ""),
+        *_checkpoint_lines(reply),
         f"{len(reply.workers)} live worker{'' if len(reply.workers) == 1 else 's'}, "
         f"{reply.held_snapshots} parameter snapshot{'' if reply.held_snapshots == 1 else 's'} held",
     ]
@@ -64,10 +76,22 @@ def format_status(address: str, reply) -> str:
     return "\n".join(lines)
 
 
+def _checkpoint_lines(reply) -> list[str]:
+    """What status says of checkpoints: nothing for a server that writes none and never failed to."""
+    if reply.checkpoint_version < 0 and not reply.checkpoint_failures:
+        return []
+    line = "checkpoints: " + ("none written yet" if reply.checkpoint_version < 0 else
+                              f"newest at update {reply.checkpoint_version}")
+    if reply.checkpoint_failures:
+        line += f"; {reply.checkpoint_failures} writes failed, the last: {reply.last_checkpoint_error}"
+    return [line]
+
+
 def print_status(address: str, as_json: bool, security: ClientSecurity = ClientSecurity()) -> None:
     try:
         with WorkerClient(address, timeout=10.0, **security.client_kwargs()) as client:
             reply = client.status()
     except grpc.RpcError as error:
-        raise click.ClickException(f"no status from {address}: {error.code().name}: {error.details()}") from None
+        raise UserError(f"no status from {address}: {error.code().name}: {error.details()}",
+                        rpc_exit_code(error)) from None
     click.echo(json.dumps(status_dict(reply), indent=2) if as_json else format_status(address, reply))

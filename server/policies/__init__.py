@@ -1,20 +1,22 @@
 """Staleness policies: how the master applies a (possibly stale) gradient. One file per policy.
 
 ``POLICIES`` maps each CLI name (``--policy``) to its class; a new policy is one new file that
-subclasses :class:`Policy` plus its entry here. The arithmetic is in pure functions over flat
-tensors (:func:`sgd_step`, :func:`gap_aware_direction`, ...) that the simulator can call too;
-:mod:`.fused` runs GA's and DANA-GA's arithmetic in one pass of C code where a compiler is at hand.
+subclasses :class:`Policy` plus its entry here. :func:`make_policy` is how a server builds one:
+every policy takes the same settings (:class:`PolicySettings`), validated there once. The
+arithmetic is in pure functions over flat tensors (:func:`asgd_push_`, :func:`gap_aware_push_`, ...)
+that the simulator can call too; :func:`in_slices` runs them slice by slice on the CPU, and
+:mod:`.fused` runs GA's and DANA-GA's push compiled by ``torch.compile`` where that pays.
 """
 from __future__ import annotations
 
-from typing import Any
+from gapaware.common.registry import DEFAULTS
 
-from .asgd import ASGD
-from .base import Policy
-from .dana import DanaGapAware, DanaZero, dana_look_ahead, dana_step
-from .gap_aware import (GapAware, GapStatistics, compute_gap, gap_aware_direction, gap_scalars,
-                        update_second_moment_)
-from .sgd import sgd_step, weight_decayed
+from .asgd import ASGD, asgd_push_
+from .base import Policy, PolicySettings
+from .dana import DanaGapAware, DanaZero, dana_gap_aware_push_, dana_look_ahead, dana_push_, dana_step
+from .gap_aware import GapAware, GapStatistics, gap_aware_direction_, gap_aware_push_, gap_scalars
+from .sgd import add_scaled, add_scaled_, scale_add_, sgd_step, weight_decayed
+from .slices import in_slices
 from .staleness_aware import StalenessAware, staleness_aware_lr
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (
@@ -26,15 +28,21 @@ POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (
 )}
 
 
-def make_policy(name: str, numel: int, **hyper: Any) -> Policy:
-    """Build the policy registered as ``name`` for ``numel`` parameters with ``hyper`` settings."""
+def make_policy(name: str, numel: int, *, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                ga_beta: float = DEFAULTS.ga_beta, ga_eps: float = DEFAULTS.ga_eps) -> Policy:
+    """The policy registered as ``name`` for ``numel`` parameters. Every policy takes every setting
+    (those without a Gap ignore ``ga_beta`` and ``ga_eps``); all are validated here, a bad one
+    raises ``ValueError``."""
     if name not in POLICIES:
         raise ValueError(f"Unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
-    return POLICIES[name](numel, **hyper)
+    settings = PolicySettings(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ga_beta=ga_beta,
+                              ga_eps=ga_eps)
+    return POLICIES[name](numel, settings)
 
 
 __all__ = [
-    "ASGD", "DanaGapAware", "DanaZero", "GapAware", "GapStatistics", "POLICIES", "Policy", "StalenessAware",
-    "compute_gap", "dana_look_ahead", "dana_step", "gap_aware_direction", "gap_scalars", "make_policy", "sgd_step",
-    "staleness_aware_lr", "update_second_moment_", "weight_decayed",
+    "ASGD", "DanaGapAware", "DanaZero", "GapAware", "GapStatistics", "POLICIES", "Policy", "PolicySettings",
+    "StalenessAware", "add_scaled", "add_scaled_", "asgd_push_", "dana_gap_aware_push_", "dana_look_ahead",
+    "dana_push_", "dana_step", "gap_aware_direction_", "gap_aware_push_", "gap_scalars", "in_slices", "make_policy",
+    "scale_add_", "sgd_step", "staleness_aware_lr", "weight_decayed",
 ]

@@ -1,28 +1,56 @@
-"""The interface every staleness policy implements, and the bookkeeping they share.
+"""The interface every staleness policy implements: settings checked once, then arithmetic only.
 
 A policy turns one push (a worker's gradient, its staleness and, where needed, the parameters
 the worker computed it on) into an in-place update of the master's flat float32 parameters
-``theta``. The arithmetic lives in pure functions over flat tensors (``sgd.py``, and one file
-per policy); the classes here only hold state and validate what comes in.
+``theta`` (Barkai, Hakimi and Schuster, "Gap Aware Mitigation of Gradient Staleness", ICLR 2020,
+https://arxiv.org/abs/1909.10802; the update rules are those of ALGORITHMS.md). As
+``torch.optim.SGD`` does, the settings are validated when the policy is made
+(:class:`PolicySettings`); :meth:`Policy.apply` then trusts its arguments: the server checks
+shapes, learning rate and staleness at its door, and a push that reaches a policy is applied.
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
-from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
-CPU_CHUNK = 1 << 18
-"""Elements per slice when a policy walks a CPU tensor (1 MiB of float32 per tensor touched).
+from gapaware.common.registry import DEFAULTS
 
-Every update is element-wise, so policies apply it slice by slice: a slice's temporaries stay in
-cache and live in two preallocated scratch buffers, so main memory sees each state tensor about
-once and nothing of full size is allocated (a fresh 100 MB tensor costs more in page faults than
-the arithmetic, and freeing even 1 MiB temporaries can make malloc hand pages back each time).
-"""
+
+@dataclasses.dataclass(frozen=True)
+class PolicySettings:
+    """The hyper-parameters of every policy, validated here once (ALGORITHMS.md, "Notation", "GA").
+
+    Every policy takes the same settings; those without a Gap ignore ``ga_beta`` and ``ga_eps``.
+
+    Args:
+        momentum: μ, 0 disables (default 0).
+        nesterov: Nesterov momentum (default False; needs μ > 0).
+        weight_decay: λ, coupled L2 added to the gradient as ``λ·θ`` (default 0).
+        ga_beta: β, decay of GA's running average of squared steps (default 0.999).
+        ga_eps: ε in GA's ``C`` (default 1e-8; must be > 0).
+    """
+
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    ga_beta: float = DEFAULTS.ga_beta
+    ga_eps: float = DEFAULTS.ga_eps
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"Invalid momentum value: {self.momentum}")
+        if self.nesterov and self.momentum <= 0:
+            raise ValueError(f"Nesterov momentum requires a momentum > 0, got: {self.momentum}")
+        if not 0.0 <= self.weight_decay < math.inf:
+            raise ValueError(f"Invalid weight_decay value: {self.weight_decay}")
+        if not 0.0 <= self.ga_beta < 1.0:
+            raise ValueError(f"Invalid GA beta value: {self.ga_beta}")
+        if not 0.0 < self.ga_eps < math.inf:
+            raise ValueError(f"Invalid GA epsilon value: {self.ga_eps}")
 
 
 def take_tensor(state: dict[str, Tensor], key: str, like: Tensor) -> Tensor:
@@ -36,19 +64,12 @@ def take_tensor(state: dict[str, Tensor], key: str, like: Tensor) -> Tensor:
     return value
 
 
-def _check_lr(lr: float) -> None:
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"Invalid learning rate: {lr}")
-
-
 class Policy(abc.ABC):
     """One staleness policy: how the master applies a (possibly stale) gradient.
 
     Args:
         numel: number of parameters (length of the flat ``theta``).
-        momentum: μ, 0 disables (default 0).
-        nesterov: Nesterov momentum (default False; needs μ > 0).
-        weight_decay: λ, coupled L2 added to the gradient as ``λ·θ`` (default 0).
+        settings: the hyper-parameters, already validated.
     """
 
     name: ClassVar[str]
@@ -59,70 +80,34 @@ class Policy(abc.ABC):
     """True when a pull sends θ itself (:meth:`pull_view` copies it), which the server may then cast
     straight into a reduced transport dtype; False when it computes something else from θ."""
 
-    def __init__(self, numel: int, *, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(self, numel: int, settings: PolicySettings = PolicySettings()) -> None:
         if not isinstance(numel, int) or numel < 1:
             raise ValueError(f"Invalid numel: {numel}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if nesterov and momentum <= 0:
-            raise ValueError(f"Nesterov momentum requires a momentum > 0, got: {momentum}")
-        if not 0.0 <= weight_decay < math.inf:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         self.numel = numel
-        self.momentum = float(momentum)
-        self.nesterov = bool(nesterov)
-        self.weight_decay = float(weight_decay)
-        self._scratch: tuple[Tensor, Tensor] | None = None
+        self.momentum = float(settings.momentum)
+        self.nesterov = bool(settings.nesterov)
+        self.weight_decay = float(settings.weight_decay)
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The settings this policy was built with."""
+        """The settings this policy uses, as keywords of :func:`~gapaware.server.policies.make_policy`."""
         return {"momentum": self.momentum, "nesterov": self.nesterov, "weight_decay": self.weight_decay}
 
-    @torch.no_grad()
-    def apply(self, theta: Tensor, grad: Tensor, *, lr: float, staleness: int,
-              stale_theta: Tensor | None = None, worker_id: int = 0, old_theta_into_grad: bool = False) -> float:
-        """Apply one push from ``worker_id`` to ``theta`` in place; return the mean Gap of the update.
-
-        ``lr`` is η for this update (after schedule and warm-up), ``staleness`` is τ, and
-        ``stale_theta`` is θ⁽ⁱ⁾, required when :attr:`needs_snapshot`. Policies without a Gap
-        return 1.0.
-
-        With ``old_theta_into_grad`` the update leaves θ as it was before it in ``grad``, each
-        element written once the update has read it: a copy of the old θ made in the same pass
-        over memory, for the server's readers of θ (:meth:`SentParameters.detach
-        <gapaware.server.sent.SentParameters.detach>`), with no buffer of its own.
-        """
-        self._check_vector("theta", theta)
-        self._check_vector("grad", grad)
-        _check_lr(lr)
-        if staleness < 0:
-            raise ValueError(f"Invalid staleness: {staleness}")
-        if self.needs_snapshot:
-            if stale_theta is None:
-                raise ValueError(f"Policy {self.name!r} needs stale_theta, the parameters the worker was sent")
-            self._check_vector("stale_theta", stale_theta)
-        return self._apply(theta, grad, stale_theta, lr=lr, staleness=staleness, worker_id=worker_id,
-                           old_theta_into_grad=old_theta_into_grad)
-
     @abc.abstractmethod
-    def _apply(self, theta: Tensor, grad: Tensor, stale_theta: Tensor | None, *,
-               lr: float, staleness: int, worker_id: int, old_theta_into_grad: bool) -> float:
-        """:meth:`apply` after its arguments were checked."""
+    def apply(self, theta: Tensor, grad: Tensor, *, lr: float, staleness: int,
+              stale_theta: Tensor | None = None, worker_id: int = 0) -> float:
+        """Apply one push from ``worker_id`` to ``theta`` in place; return the mean Gap of the update
+        (1.0 for policies without a Gap).
 
-    @torch.no_grad()
-    def pull_view(self, theta: Tensor, *, lr: float, worker_id: int, out: Tensor | None = None) -> Tensor:
-        """What ``worker_id`` is sent when it pulls, at learning rate ``lr``: written to ``out`` (a
-        tensor shaped like ``theta`` that nothing else reads) and returned, or a new tensor when None."""
-        self._check_vector("theta", theta)
-        _check_lr(lr)
-        if out is not None:
-            self._check_vector("out", out)
-        return self._pull_view(theta, lr=lr, worker_id=worker_id, out=out)
+        ``theta`` and ``grad`` are flat float32 tensors of :attr:`numel` elements; ``grad`` is only
+        read. ``lr`` is η for this update (after schedule and warm-up, finite and ≥ 0), ``staleness``
+        is τ ≥ 0, and ``stale_theta`` is θ⁽ⁱ⁾ (float32 or bfloat16, θ itself allowed), given
+        exactly when :attr:`needs_snapshot`. Nothing of this is checked here: the caller does.
+        """
 
-    def _pull_view(self, theta: Tensor, *, lr: float, worker_id: int, out: Tensor | None) -> Tensor:
-        """:meth:`pull_view` after its arguments were checked: here a copy of ``theta``."""
-        return theta.clone() if out is None else out.copy_(theta)
+    def pull_view(self, theta: Tensor, *, lr: float, worker_id: int) -> Tensor:
+        """What ``worker_id`` is sent when it pulls, at learning rate ``lr``: a new tensor (here a
+        copy of ``theta``)."""
+        return theta.clone()
 
     def forget_worker(self, worker_id: int) -> None:
         """Drop the per-worker state of a worker that left (none here)."""
@@ -150,34 +135,3 @@ class Policy(abc.ABC):
     def _load_state(self, state: dict[str, Tensor]) -> None:
         """Pop this policy's keys from ``state`` and install them."""
 
-    def _parts(self, theta: Tensor) -> Iterator[tuple[slice, tuple[Tensor, Tensor]]]:
-        """Slices covering the parameters, each with two scratch tensors of its length.
-
-        Cache-sized slices (:data:`CPU_CHUNK`) on the CPU, one slice on other devices. The scratch
-        buffers are allocated on first use and reused by every update.
-        """
-        size = min(CPU_CHUNK, self.numel) if theta.device.type == "cpu" else self.numel
-        scratch = self._scratch
-        if scratch is None or scratch[0].device != theta.device or scratch[0].dtype != theta.dtype \
-                or scratch[0].numel() != size:
-            self._scratch = scratch = (theta.new_empty(size), theta.new_empty(size))
-        for start in range(0, self.numel, size):
-            length = min(size, self.numel - start)
-            yield slice(start, start + length), (scratch[0][:length], scratch[1][:length])
-
-    @staticmethod
-    def _step_keeping(step: Callable[[], None], theta: Tensor, grad: Tensor | None, scratch: Tensor) -> None:
-        """Runs ``step`` (which changes the slice ``theta``); with ``grad`` (the slice's gradient, read
-        already), θ's values from before the step end up in ``grad``. They go through ``scratch`` (a
-        free scratch slice, in cache): the step may still read the gradient (``d = g`` when λ = 0)."""
-        if grad is None:
-            step()
-            return
-        old = scratch.copy_(theta)
-        step()
-        grad.copy_(old)
-
-    def _check_vector(self, what: str, tensor: Tensor) -> None:
-        if tensor.shape != (self.numel,):
-            raise ValueError(f"Invalid {what}: expected a flat tensor of {self.numel} elements, "
-                             f"got shape {tuple(tensor.shape)}")

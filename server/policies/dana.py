@@ -9,28 +9,34 @@ On a push from worker ``i`` (ALGORITHMS.md, "DANA-Zero")::
 
 and a pull returns the look-ahead ``θ̂ = θ − η·μ·Σⱼ vʲ``, which the server records as θ⁽ⁱ⁾.
 DANA-GA (Barkai, Hakimi and Schuster, ICLR 2020, https://arxiv.org/abs/1909.10802) divides
-``d`` by the Gap measured against that ``θ̂`` before it enters ``vⁱ``.
+``d`` by the Gap measured against that ``θ̂`` before it enters ``vⁱ``, and feeds GA's statistic
+``s`` with the step the previous update applied: the buffer that moved θ last, whichever worker
+pushed it, zeros before the first update (ALGORITHMS.md, "DANA-GA").
 
 Choices beyond ALGORITHMS.md:
 
 * ``nesterov`` is accepted and ignored: the look-ahead already is DANA's Nesterov-style estimate.
 * ``Σⱼ vʲ`` is a running sum updated on every push, so a pull costs O(numel) whatever the number
   of workers; it is reset to zeros when the last buffer is forgotten.
-* DANA-GA feeds GA's running average with ``s = vⁱ`` as it is before this update when μ > 0,
-  else ``g``: the per-worker counterpart of GA's master buffer.
-* With μ = 0 no buffers are kept: every push is an ASGD step and ``θ̂ = θ``.
+* The buffer that moved θ last stays DANA-GA's ``s`` after its worker leaves, until the next push.
+* With μ = 0 no buffers are kept: every push is an ASGD step, ``θ̂ = θ``, and DANA-GA is GA
+  without momentum (``s = g``).
 """
 from __future__ import annotations
 
-import functools
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import fused
-from .base import Policy, take_tensor
-from .gap_aware import GapPenalty
-from .sgd import weight_decayed
+from .base import Policy, PolicySettings, take_tensor
+from .gap_aware import GapStatistics, gap_aware_direction_, gap_aware_push_
+from .sgd import add_scaled, add_scaled_, scale_add_, weight_decayed
+from .slices import in_slices
+
+LAST_STEP = "dana.last_step"
+"""DANA-GA's state key for ``s``, the step the previous update applied."""
 
 
 def dana_step(theta: Tensor, direction: Tensor, buffer: Tensor | None, buffer_sum: Tensor | None, *,
@@ -39,64 +45,62 @@ def dana_step(theta: Tensor, direction: Tensor, buffer: Tensor | None, buffer_su
 
     ``buffer`` is the pushing worker's ``vⁱ``; both it and ``buffer_sum`` are ``None`` when μ = 0.
     """
-    if momentum == 0:
-        theta.add_(direction, alpha=-lr)
+    if buffer is None:
+        add_scaled_(theta, direction, -lr)
         return
     buffer_sum.sub_(buffer)
-    torch.add(direction, buffer, alpha=momentum, out=buffer)
+    scale_add_(buffer, momentum, direction)
     buffer_sum.add_(buffer)
-    theta.add_(buffer, alpha=-lr)
+    add_scaled_(theta, buffer, -lr)
 
 
-def dana_look_ahead(theta: Tensor, buffer_sum: Tensor, *, lr: float, momentum: float,
-                    out: Tensor | None = None) -> Tensor:
-    """``θ̂ = θ − η·μ·Σⱼ vʲ``, written to ``out`` (a new tensor when None)."""
-    return torch.add(theta, buffer_sum, alpha=-lr * momentum, out=out)
+def dana_push_(theta: Tensor, grad: Tensor, buffer: Tensor | None, buffer_sum: Tensor | None, *,
+               weight_decay: float, lr: float, momentum: float) -> None:
+    """One DANA-Zero push in place: :func:`dana_step` with ``d = g + λ·θ``."""
+    dana_step(theta, weight_decayed(grad, theta, weight_decay), buffer, buffer_sum, lr=lr, momentum=momentum)
+
+
+def dana_look_ahead(theta: Tensor, buffer_sum: Tensor, *, lr: float, momentum: float) -> Tensor:
+    """``θ̂ = θ − η·μ·Σⱼ vʲ``, a new tensor."""
+    return add_scaled(theta, buffer_sum, -lr * momentum)
+
+
+def dana_gap_aware_push_(theta: Tensor, grad: Tensor, stale_theta: Tensor, v: Tensor, last_step: Tensor,
+                         buffer: Tensor, buffer_sum: Tensor, *, beta: float, eps_root_bias: float, gap_scale: float,
+                         weight_decay: float, lr: float, momentum: float) -> Tensor:
+    """One DANA-GA push (μ > 0) in place on ``theta``, ``v``, the pushing worker's ``buffer`` and
+    ``buffer_sum``; ``last_step`` (``s``, read first: it may be ``buffer`` itself) is the buffer
+    that moved θ last. Returns the sum of the Gaps (a 0-d float64 tensor)."""
+    direction, gap = gap_aware_direction_(theta, grad, stale_theta, v, last_step, beta=beta,
+                                          eps_root_bias=eps_root_bias, gap_scale=gap_scale, weight_decay=weight_decay)
+    dana_step(theta, direction, buffer, buffer_sum, lr=lr, momentum=momentum)
+    return gap.sum(dtype=torch.float64)
 
 
 class DanaZero(Policy):
     """DANA-Zero: one momentum buffer per worker, the look-ahead ``θ̂`` on every pull.
 
-    Args: see :class:`Policy`; ``nesterov`` is ignored.
+    Args: see :class:`~.base.Policy`; ``nesterov`` is ignored.
     """
 
     name = "dana"
     pulls_theta = False  # the look-ahead θ̂
 
-    def __init__(self, numel: int, *, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(numel, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    def __init__(self, numel: int, settings: PolicySettings = PolicySettings()) -> None:
+        super().__init__(numel, settings)
         self.buffers: dict[int, Tensor] = {}
         self.buffer_sum = torch.zeros(numel) if self.momentum > 0 else None
 
-    def _apply(self, theta: Tensor, grad: Tensor, stale_theta: Tensor | None, *,
-               lr: float, staleness: int, worker_id: int, old_theta_into_grad: bool) -> float:
-        buffer = self._buffer(worker_id)
-        gap_sum = 0.0
-        for part, scratch in self._parts(theta):
-            worker_part = None if buffer is None else buffer[part]
-            sum_part = None if self.buffer_sum is None else self.buffer_sum[part]
-            stale = None if stale_theta is None else stale_theta[part]
-            direction, part_gap_sum = self._direction(part, theta[part], grad[part], stale, worker_part, scratch)
-            step = functools.partial(dana_step, theta[part], direction, worker_part, sum_part, lr=lr,
-                                     momentum=self.momentum)
-            self._step_keeping(step, theta[part], grad[part] if old_theta_into_grad else None, scratch[1])
-            gap_sum += part_gap_sum
-        return gap_sum / self.numel
+    def apply(self, theta: Tensor, grad: Tensor, *, lr: float, staleness: int,
+              stale_theta: Tensor | None = None, worker_id: int = 0) -> float:
+        in_slices(dana_push_, theta, grad, self._buffer(worker_id), self.buffer_sum, weight_decay=self.weight_decay,
+                  lr=lr, momentum=self.momentum)
+        return 1.0
 
-    def _direction(self, part: slice, theta: Tensor, grad: Tensor, stale_theta: Tensor | None,
-                   buffer: Tensor | None, scratch: tuple[Tensor, Tensor]) -> tuple[Tensor, float]:
-        """The direction ``d`` of one slice and the sum of the slice's Gaps (its length: no Gap here).
-
-        ``buffer`` is the slice of the worker's ``vⁱ`` before this update; ``d`` may be written to
-        the ``scratch`` tensors; the second is free again once this returns.
-        """
-        return weight_decayed(grad, theta, self.weight_decay, out=scratch[0]), float(theta.numel())
-
-    def _pull_view(self, theta: Tensor, *, lr: float, worker_id: int, out: Tensor | None) -> Tensor:
+    def pull_view(self, theta: Tensor, *, lr: float, worker_id: int) -> Tensor:
         if self.buffer_sum is None:
-            return super()._pull_view(theta, lr=lr, worker_id=worker_id, out=out)
-        return dana_look_ahead(theta, self.buffer_sum, lr=lr, momentum=self.momentum, out=out)
+            return super().pull_view(theta, lr=lr, worker_id=worker_id)
+        return dana_look_ahead(theta, self.buffer_sum, lr=lr, momentum=self.momentum)
 
     def forget_worker(self, worker_id: int) -> None:
         """Drop the worker's buffer and take it out of the running sum."""
@@ -141,14 +145,51 @@ class DanaZero(Policy):
         self.buffers = buffers
 
 
-class DanaGapAware(GapPenalty, DanaZero):
+class DanaGapAware(DanaZero):
     """DANA-GA: DANA-Zero whose direction is divided by the Gap against the look-ahead ``θ̂``.
 
-    Args: ``momentum``, ``nesterov`` (ignored), ``weight_decay`` as in :class:`Policy`;
-    ``beta`` and ``eps`` as in :class:`~.gap_aware.GapStatistics`.
+    Args: see :class:`~.base.Policy` (``nesterov`` ignored); DANA-GA uses ``ga_beta`` and
+    ``ga_eps`` of the settings too.
     """
 
     name = "dana-ga"
+    needs_snapshot = True
 
-    def _fused_step(self, worker_id: int) -> fused.Step:
-        return fused.Step(self.momentum, self._buffer(worker_id), self.buffer_sum)
+    def __init__(self, numel: int, settings: PolicySettings = PolicySettings()) -> None:
+        super().__init__(numel, settings)
+        self.statistics = GapStatistics(numel, beta=settings.ga_beta, eps=settings.ga_eps)
+        self.last_step = torch.zeros(numel) if self.momentum > 0 else None
+        """``s``: the buffer that moved θ last (zeros before the first update); None when μ = 0."""
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**super().hyperparameters(), **self.statistics.hyperparameters()}
+
+    def apply(self, theta: Tensor, grad: Tensor, *, lr: float, staleness: int,
+              stale_theta: Tensor | None = None, worker_id: int = 0) -> float:
+        scalars = {**self.statistics.begin_update(lr), "weight_decay": self.weight_decay, "lr": lr}
+        if self.last_step is None:
+            gap_sum = fused.run(gap_aware_push_, theta, grad, stale_theta, self.statistics.v, None, **scalars,
+                                momentum=0.0, nesterov=False)
+        else:
+            buffer = self._buffer(worker_id)
+            gap_sum = fused.run(dana_gap_aware_push_, theta, grad, stale_theta, self.statistics.v, self.last_step,
+                                buffer, self.buffer_sum, **scalars, momentum=self.momentum)
+            self.last_step = buffer
+        return gap_sum / self.numel
+
+    def _state(self) -> dict[str, Tensor]:
+        state = {**super()._state(), **self.statistics.state()}
+        if self.last_step is not None:
+            state[LAST_STEP] = self.last_step
+        return state
+
+    def _load_state(self, state: dict[str, Tensor]) -> None:
+        if self.last_step is not None and LAST_STEP not in state and {"ga.v", "dana.v_sum"} <= state.keys():
+            raise ValueError(f"Missing key in policy state: {LAST_STEP!r}. The state was saved by an older "
+                             "gapaware whose DANA-GA fed GA's statistics with the pushing worker's own buffer "
+                             "(withdrawn from ALGORITHMS.md); it cannot continue with the current rule: start "
+                             "the run afresh")
+        super()._load_state(state)
+        self.statistics.load_state(state)
+        if self.last_step is not None:
+            self.last_step = take_tensor(state, LAST_STEP, self.last_step).clone()

@@ -7,6 +7,16 @@ PyTorch ``torch.optim.SGD`` semantics with dampening 0, written for one flat ten
     θ   ← θ − η·step
 
 Weight decay enters ``d`` as ``λ·θ`` (coupled L2), see :func:`weight_decayed`.
+
+These functions are traced by ``torch.compile`` too, inside GA's push (:mod:`.fused`). Eagerly a
+scaled sum is one torch call with a Python float ``alpha`` (one pass, no temporary, rounded as
+``torch.optim.SGD`` rounds it); under ``torch.compile`` it is written with ``*`` instead, which
+the compiler fuses into the same loop. A Python float given as ``alpha`` or ``value`` is compiled
+in as a constant: with a guard, so every new learning rate compiles the code again, or (as
+``addcmul``'s ``value`` did in torch 2.13) without one, so another value gets wrong results.
+:func:`add_scaled_`, :func:`scale_add_` and :func:`add_scaled` are the three scaled sums, in both
+forms; the functions branch only on what is fixed for a policy (a buffer or None, ``nesterov``,
+``λ = 0``), never on a learning rate.
 """
 from __future__ import annotations
 
@@ -14,24 +24,45 @@ import torch
 from torch import Tensor
 
 
-def weight_decayed(grad: Tensor, theta: Tensor, weight_decay: float, *, out: Tensor | None = None) -> Tensor:
-    """``g + λ·θ``: ``grad`` itself when ``λ = 0`` (no copy), otherwise ``out`` or a new tensor."""
+def add_scaled_(target: Tensor, tensor: Tensor, scale: float) -> Tensor:
+    """``target ← target + scale·tensor``, in place."""
+    if torch.compiler.is_compiling():
+        return target.add_(tensor * scale)
+    return target.add_(tensor, alpha=scale)
+
+
+def scale_add_(target: Tensor, scale: float, tensor: Tensor) -> Tensor:
+    """``target ← scale·target + tensor``, in place."""
+    if torch.compiler.is_compiling():
+        return target.mul_(scale).add_(tensor)
+    return torch.add(tensor, target, alpha=scale, out=target)
+
+
+def add_scaled(tensor: Tensor, other: Tensor, scale: float) -> Tensor:
+    """``tensor + scale·other``, a new tensor."""
+    if torch.compiler.is_compiling():
+        return tensor + other * scale
+    return torch.add(tensor, other, alpha=scale)
+
+
+def weight_decayed(grad: Tensor, theta: Tensor, weight_decay: float) -> Tensor:
+    """``g + λ·θ``: ``grad`` itself when ``λ = 0`` (no copy), otherwise a new tensor."""
     if weight_decay == 0:
         return grad
-    return torch.add(grad, theta, alpha=weight_decay, out=out)
+    return add_scaled(grad, theta, weight_decay)
 
 
 def sgd_step(theta: Tensor, direction: Tensor, momentum_buffer: Tensor | None, *,
              lr: float, momentum: float, nesterov: bool) -> None:
     """Apply one SGD step with ``direction`` to ``theta``, updating ``momentum_buffer`` in place.
 
-    ``momentum_buffer`` may be ``None`` when ``momentum == 0``. ``direction`` is only read.
+    ``momentum_buffer`` is ``None`` exactly when ``momentum == 0``. ``direction`` is only read.
     """
-    if momentum == 0:
-        theta.add_(direction, alpha=-lr)
+    if momentum_buffer is None:
+        add_scaled_(theta, direction, -lr)
         return
-    torch.add(direction, momentum_buffer, alpha=momentum, out=momentum_buffer)  # μ·buf + d in one pass
+    scale_add_(momentum_buffer, momentum, direction)
     if nesterov:
-        theta.add_(direction, alpha=-lr).add_(momentum_buffer, alpha=-lr * momentum)
+        add_scaled_(add_scaled_(theta, direction, -lr), momentum_buffer, -lr * momentum)
     else:
-        theta.add_(momentum_buffer, alpha=-lr)
+        add_scaled_(theta, momentum_buffer, -lr)

@@ -21,12 +21,12 @@ def staleness_aware_lr(lr: float, staleness: int) -> float:
 class StalenessAware(ASGD):
     """SA: ASGD whose learning rate is divided by the staleness τ of each push.
 
-    Args: see :class:`Policy` (``momentum``, ``nesterov``, ``weight_decay``).
+    Args: see :class:`~.base.Policy`.
     """
 
     name = "staleness-aware"
 
-    def _apply(self, theta: Tensor, grad: Tensor, stale_theta: Tensor | None, *,
-               lr: float, staleness: int, worker_id: int, old_theta_into_grad: bool) -> float:
-        return super()._apply(theta, grad, stale_theta, lr=staleness_aware_lr(lr, staleness),
-                              staleness=staleness, worker_id=worker_id, old_theta_into_grad=old_theta_into_grad)
+    def apply(self, theta: Tensor, grad: Tensor, *, lr: float, staleness: int,
+              stale_theta: Tensor | None = None, worker_id: int = 0) -> float:
+        return super().apply(theta, grad, lr=staleness_aware_lr(lr, staleness), staleness=staleness,
+                             stale_theta=stale_theta, worker_id=worker_id)
