@@ -62,6 +62,7 @@ def _check_time_to_accuracy_outputs(out, stdout: str) -> None:
 def test_links_benchmark_runs_in_namespaces_it_removes():
     """bench.links in quick mode: the server in one namespace, the workers in another, every system's figures
     finite and the namespaces gone afterwards."""
+    before = _bench_namespaces()
     done = subprocess.run([sys.executable, "-m", "bench.links"], env={**os.environ, "BENCH_QUICK": "1"},
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -69,9 +70,14 @@ def test_links_benchmark_runs_in_namespaces_it_removes():
     assert [row[4] for row in rows] == ["float32", "int8", "rpc-tcp"], done.stdout
     numbers = [float(cell) for row in rows for cell in row[5:] if cell != "-"]
     assert len(numbers) == 17 and all(math.isfinite(x) and x > 0 for x in numbers), done.stdout
-    mine = [name for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-            if name.startswith(("ga-srv-", "ga-wrk-"))]
-    assert not mine, f"namespaces left behind: {mine}"
+    left = _bench_namespaces() - before
+    assert not left, f"namespaces left behind: {sorted(left)}"
+
+
+def _bench_namespaces() -> set[str]:
+    """The namespaces named as bench.network names them (another run's may exist before this one)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split()
+    return {name for name in listed if name.startswith(("ga-srv-", "ga-wrk-"))}
 
 
 def _push_nan(prefix: tuple[str, ...] = ()):
