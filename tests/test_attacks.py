@@ -408,7 +408,8 @@ def test_a_token_holder_cannot_act_as_another_worker(servers):
         stub = pb_grpc.ParameterServerStub(channel := grpc.insecure_channel(server.address))
         metadata = [("authorization", bearer(TOKEN))]
         header, chunks = encode(torch.zeros(victim.theta.numel()))
-        for secret in (own.worker_secret, b"", victim.info.worker_secret[:-1] + b"\0"):
+        real = victim.info.worker_secret
+        for secret in (own.worker_secret, b"", real[:-1] + bytes([real[-1] ^ 1])):
             as_victim = {"worker_id": victim.info.worker_id, "worker_secret": secret}
             push = [pb.PushFrame(header=pb.PushHeader(**as_victim, base_version=victim.version, seq=2**64 - 1,
                                                       tensor=header)), *chunks]
