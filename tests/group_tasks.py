@@ -9,6 +9,13 @@ from torch.utils.data import TensorDataset
 from gapaware.common.tasks import Task
 
 CENTRES = torch.tensor([[2.0, 0.0], [-2.0, 1.0], [0.0, -2.0]])
+OUTPUT_DTYPES: set[torch.dtype] = set()
+"""The dtypes of the model outputs the loss has seen in this process (the autocast test reads it)."""
+
+
+def _loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    OUTPUT_DTYPES.add(outputs.dtype)
+    return nn.functional.cross_entropy(outputs, targets)
 
 
 def _blobs(count: int, generator: torch.Generator, dtype: torch.dtype) -> TensorDataset:
@@ -22,7 +29,7 @@ def _task(dtype: torch.dtype = torch.float32, *, freeze_first: bool = False) -> 
     model = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 3)).to(dtype)
     if freeze_first:
         model[0].requires_grad_(False)
-    return Task(model=model, loss=nn.functional.cross_entropy, train=_blobs(1500, generator, dtype),
+    return Task(model=model, loss=_loss, train=_blobs(1500, generator, dtype),
                 test=_blobs(300, generator, dtype))
 
 
