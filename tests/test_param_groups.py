@@ -1,5 +1,5 @@
 """Parameter groups: frozen parameters neither travel nor move, weight decay skips what it is told
-to, learning-rate multipliers scale steps, in every policy alike (docs/ALGORITHMS.md#parameter-groups)."""
+to, learning-rate multipliers scale steps, in every policy alike (docs/ALGORITHMS.md#per-parameter-settings)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters
-from gapaware.common.tasks import load_task
+from gapaware.common.tasks import TaskError, load_task
 from gapaware.export import model_state
 from gapaware.server.build import build_state
 from gapaware.server.observability import ServerMetrics
@@ -148,3 +148,10 @@ def test_a_pattern_that_matches_no_trainable_parameter_is_refused():
         RunConfig(max_updates=1, lr_scale=(("*", 0.0),))
     uniform = element_rates(layout, RunConfig(max_updates=1, weight_decay=0.1, lr_scale=(("*", 1.0),)))
     assert uniform.weight_decay == 0.1 and uniform.lr_scale is None, "no tensors where every element is alike"
+
+
+def test_the_server_refuses_a_pattern_that_fits_no_parameter_before_it_starts():
+    """A TaskError: the command line reports it in one line and exits CANNOT_RUN (4), as for any task error."""
+    config = RunConfig(task=FROZEN_TASK, max_updates=1, weight_decay=0.1, no_weight_decay=("head.*",))
+    with pytest.raises(TaskError, match=r"--no-weight-decay 'head\.\*' matches no trainable parameter"):
+        build_state(config)

@@ -1,5 +1,5 @@
 """Parameter groups as element-wise rates on the flat vector: which elements weight decay reaches,
-and each element's learning-rate multiplier (docs/ALGORITHMS.md#parameter-groups).
+and each element's learning-rate multiplier (docs/ALGORITHMS.md#per-parameter-settings).
 
 ``torch.optim`` gives each parameter group its own ``weight_decay`` and ``lr``; here the policies
 update one flat vector, so a group is a set of elements and its settings become two flat float32
