@@ -12,7 +12,8 @@ each parameter's own dtype and sends float32 gradients (docs/ALGORITHMS.md#dtype
 Frozen parameters (``requires_grad=False``) are fixed state: not in the flat vector, never sent nor
 updated. Each side builds them from the task (same seed, same files); the layout lists them with
 the CRC-32C of their bytes, so a worker whose frozen values differ from the server's is refused at
-Join, and the server's model (evaluation, checkpoints, ``gapaware export``) holds them as built.
+Join. The server's model holds them as built, for evaluation; checkpoints do not store them, and
+``gapaware export`` rebuilds them with the task, so the exported ``state_dict()`` is complete.
 """
 from __future__ import annotations
 
