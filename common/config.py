@@ -38,6 +38,12 @@ class RunConfig:
     data_dir: str | None = None
     snapshot_dtype: str = DEFAULTS.snapshot_dtype   # how the server stores each worker's θ⁽ⁱ⁾ (GA, DANA-GA)
     full_pull_every: int = DEFAULTS.full_pull_every  # a delta-pulling worker's every K-th pull is full
+    # Parameter groups (gapaware.server.policies.groups): names weight decay skips (shell patterns),
+    # whether it skips every parameter of at most one dimension (biases, normalisation weights), and
+    # (pattern, factor) learning-rate multipliers, the first match winning.
+    no_weight_decay: tuple[str, ...] = ()
+    weight_decay_skip_bias_norm: bool = False
+    lr_scale: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -56,6 +62,11 @@ class RunConfig:
             (0 <= self.epochs < math.inf, f"Invalid epochs: {self.epochs}"),
             (self.max_updates > 0 or self.epochs > 0, "Give --max-updates or --epochs: the run needs an end"),
             (self.eval_every >= 1, f"Invalid eval interval: {self.eval_every}"),
+            (all(isinstance(p, str) and p for p in self.no_weight_decay),
+             f"Invalid --no-weight-decay patterns: {self.no_weight_decay} (non-empty names or shell patterns)"),
+            (all(isinstance(p, str) and p and 0 < f < math.inf for p, f in self.lr_scale),
+             f"Invalid --lr-scale: {self.lr_scale} (PATTERN=FACTOR with a factor > 0; freeze a parameter "
+             "with requires_grad=False instead of a factor 0)"),
             (self.snapshot_dtype in SNAPSHOT_DTYPES,
              f"Invalid snapshot dtype: {self.snapshot_dtype!r} (choose from {', '.join(SNAPSHOT_DTYPES)})"),
             (self.full_pull_every >= 1, f"Invalid full pull interval: {self.full_pull_every} (must be >= 1)"),
@@ -74,8 +85,11 @@ class RunConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown run config fields: {', '.join(unknown)}")
-        if "decay_at" in data:
-            data["decay_at"] = tuple(data["decay_at"])
+        for name in ("decay_at", "no_weight_decay"):
+            if name in data:
+                data[name] = tuple(data[name])
+        if "lr_scale" in data:
+            data["lr_scale"] = tuple((pattern, float(factor)) for pattern, factor in data["lr_scale"])
         return cls(**data)
 
     def total_updates(self, train_size: int) -> int:

@@ -25,7 +25,7 @@ SYNCHRONOUS_SGD = "ssgd"
 SIMULATED_POLICY_NAMES = (POLICY_NAMES[0], NESTEROV_ASGD, *POLICY_NAMES[1:], SYNCHRONOUS_SGD)
 """What ``gapaware simulate --policies`` compares, in the order its tables list them."""
 
-TASK_NAMES = ("digits-mlp", "digits-cnn", "synthetic", "cifar10-resnet20")
+TASK_NAMES = ("digits-mlp", "digits-cnn", "synthetic", "cifar10-resnet20", "image-folder")
 """The built-in tasks (``--task``); a task may also be a user's ``package.module:factory``."""
 
 TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")

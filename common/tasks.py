@@ -21,6 +21,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+from gapaware.common.augment import padded_crop_flip
 from gapaware.common.registry import TASK_NAMES
 
 SPLIT_SEED = 0  # fixed, never the model seed: server and workers must agree on the split
@@ -29,6 +30,12 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_FOLDER_SIZE = 32
+"""The side of the square images the ``image-folder`` task trains its ResNet-20 on (downsampled
+ImageNet's 32x32, Chrabaszcz, Loshchilov and Hutter 2017)."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
 class TaskError(ValueError):
@@ -46,6 +53,11 @@ class Task:
     and the targets class indices, the perplexity (``exp`` of the loss) when ``language_model``, and
     whatever ``metrics(model, test)`` returns, a dict of named floats (called in eval mode, without
     gradients; see :func:`gapaware.common.evaluation.evaluate_task`).
+
+    ``augment(inputs, generator)``, where given, returns each training batch's inputs augmented: the
+    worker calls it on its device before the forward pass (with a ``torch.Generator`` on that device,
+    seeded per worker), never on the test split (:func:`gapaware.common.augment.padded_crop_flip`
+    is the paper's CIFAR augmentation).
     """
 
     model: nn.Module
@@ -54,6 +66,7 @@ class Task:
     test: Dataset
     metrics: Callable[[nn.Module, Dataset], dict[str, float]] | None = None
     language_model: bool = False
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None
 
 
 def load_task(spec: str, *, seed: int = 0, data_dir: str | None = None) -> Task:
@@ -120,6 +133,8 @@ def _check(task: object, spec: str) -> None:
         raise TaskError(f"{spec!r}: Task.model is a {type(task.model).__name__}, not a torch.nn.Module")
     if not callable(task.loss):
         raise TaskError(f"{spec!r}: Task.loss is a {type(task.loss).__name__}, not callable")
+    if task.augment is not None and not callable(task.augment):
+        raise TaskError(f"{spec!r}: Task.augment is a {type(task.augment).__name__}, not callable")
     for field in ("train", "test"):
         value = getattr(task, field)
         if not isinstance(value, Dataset):
@@ -197,7 +212,7 @@ def _cifar10_batch(path: Path) -> tuple[Tensor, Tensor]:
 
 
 def _cifar10(data_dir: str | None) -> tuple[TensorDataset, TensorDataset]:
-    """The 50000/10000 CIFAR-10 split, normalised per channel; no augmentation.
+    """The 50000/10000 CIFAR-10 split, normalised per channel (the task augments training batches).
 
     ``data_dir`` is the folder the archive was unpacked into (holding ``cifar-10-batches-py``)
     or ``cifar-10-batches-py`` itself.
@@ -226,6 +241,61 @@ def _cifar10(data_dir: str | None) -> tuple[TensorDataset, TensorDataset]:
         return TensorDataset(images, torch.cat([labels for _, labels in parts]))
 
     return normalised(batches[:5]), normalised(batches[5:])
+
+
+class ImageFolder(Dataset):
+    """An ImageNet-style folder: ``root/<class>/<image file>``, labels the indices of ``classes``.
+
+    Each image is read with Pillow when it is indexed (nothing is held in memory), converted to
+    RGB, cropped to a centred square and resized to ``size×size`` (``ImageOps.fit``), then scaled
+    to [0, 1] and normalised with ImageNet's per-channel mean and standard deviation.
+    """
+
+    def __init__(self, root: Path, classes: list[str], size: int = IMAGE_FOLDER_SIZE) -> None:
+        self.size = size
+        self.samples = [(path, label) for label, name in enumerate(classes) if (root / name).is_dir()
+                        for path in sorted((root / name).iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from PIL import Image, ImageOps, UnidentifiedImageError
+
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                square = ImageOps.fit(image.convert("RGB"), (self.size, self.size), Image.Resampling.BILINEAR)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise TaskError(f"{path} is not an image Pillow can read ({exc})") from exc
+        pixels = torch.from_numpy(np.array(square, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+        return pixels.sub_(self._mean).div_(self._std), label
+
+
+def _image_folder(data_dir: str | None) -> tuple[ImageFolder, ImageFolder, int]:
+    """``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (ImageNet's layout, the validation
+    images sorted into class folders); the classes are the sorted folder names under ``train``."""
+    if data_dir is None:
+        raise TaskError(f"image-folder needs --data-dir DIR (or {DATA_DIR_ENV}) holding DIR/train/<class>/<images> "
+                        "and DIR/val/<class>/<images>")
+    root = Path(data_dir).expanduser()
+    missing = [name for name in ("train", "val") if not (root / name).is_dir()]
+    if missing:
+        raise TaskError(f"image-folder: {root} has no {' or '.join(missing)} folder; it must hold "
+                        "train/<class>/<images> and val/<class>/<images>")
+    classes = sorted(path.name for path in (root / "train").iterdir() if path.is_dir())
+    if len(classes) < 2:
+        raise TaskError(f"image-folder: {root / 'train'} holds {len(classes)} class folders; a classifier needs two")
+    unknown = sorted(path.name for path in (root / "val").iterdir() if path.is_dir() and path.name not in classes)
+    if unknown:
+        raise TaskError(f"image-folder: {root / 'val'} has class folders that train lacks: {', '.join(unknown[:5])}")
+    train, test = ImageFolder(root / "train", classes), ImageFolder(root / "val", classes)
+    for name, dataset in (("train", train), ("val", test)):
+        if len(dataset) == 0:
+            raise TaskError(f"image-folder: no images ({', '.join(IMAGE_SUFFIXES)}) under {root / name}/<class>/")
+    return train, test, len(classes)
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -319,10 +389,16 @@ def _synthetic_task(data_dir: str | None) -> Task:
 
 def _cifar10_resnet20_task(data_dir: str | None) -> Task:
     train, test = _cifar10(data_dir)  # before the model: a missing download fails fast
-    return Task(ResNet20(), _loss, train, test)
+    return Task(ResNet20(), _loss, train, test, augment=padded_crop_flip)
+
+
+def _image_folder_task(data_dir: str | None) -> Task:
+    train, test, classes = _image_folder(data_dir)
+    return Task(ResNet20(classes), _loss, train, test, augment=padded_crop_flip)
 
 
 BUILTIN_TASKS: dict[str, Callable[[str | None], Task]] = dict(zip(
-    TASK_NAMES, (_digits_mlp_task, _digits_cnn_task, _synthetic_task, _cifar10_resnet20_task), strict=True))
+    TASK_NAMES, (_digits_mlp_task, _digits_cnn_task, _synthetic_task, _cifar10_resnet20_task, _image_folder_task),
+    strict=True))
 """Built-in task name (:data:`~gapaware.common.registry.TASK_NAMES`, in its order) -> builder; a
 builder takes the data folder (``None`` when unset)."""

@@ -38,6 +38,19 @@ def _fractions(ctx, param, value: str) -> tuple[float, ...]:
         raise click.BadParameter(f"expected comma-separated fractions such as 0.5,0.75, got {value!r}") from None
 
 
+def _lr_scales(ctx, param, values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    scales = []
+    for value in values:
+        pattern, equals, factor = value.rpartition("=")
+        try:
+            scales.append((pattern, float(factor)))
+        except ValueError:
+            equals = ""
+        if not equals or not pattern:
+            raise click.BadParameter(f"expected PATTERN=FACTOR such as 'head.*=10', got {value!r}") from None
+    return tuple(scales)
+
+
 def _delay_spec(ctx, param, value: str | None) -> DelaySpec | None:
     if value is None:
         return None
@@ -67,6 +80,16 @@ def run_config_options(fn):
                      help="Nesterov momentum."),
         click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True,
                      help="Coupled L2 weight decay."),
+        click.option("--no-weight-decay", multiple=True, metavar="PATTERN",
+                     help="Exclude the parameters whose names match this shell pattern (e.g. '*.bias') from weight "
+                          "decay; repeatable."),
+        click.option("--weight-decay-skip-bias-norm/--no-weight-decay-skip-bias-norm", default=False,
+                     show_default=True,
+                     help="Exclude every parameter of at most one dimension from weight decay: biases and the "
+                          "weights of normalisation layers, the usual exclusion."),
+        click.option("--lr-scale", multiple=True, metavar="PATTERN=FACTOR", callback=_lr_scales,
+                     help="Multiply the learning rate of the parameters whose names match PATTERN by FACTOR "
+                          "(> 0); repeatable, the first match wins."),
         click.option("--warmup-updates", type=int, default=DEFAULTS.warmup_updates, show_default=True,
                      help="Linear learning-rate warm-up from 0 over this many updates."),
         click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule, show_default=True,
@@ -105,7 +128,7 @@ def run_config_options(fn):
 
 CONFIG_FIELDS = ("task", "policy", "lr", "momentum", "nesterov", "weight_decay", "warmup_updates", "schedule",
                  "decay_at", "decay_factor", "ga_beta", "ga_eps", "batch_size", "eval_every", "seed", "data_dir",
-                 "snapshot_dtype", "full_pull_every")
+                 "snapshot_dtype", "full_pull_every", "no_weight_decay", "weight_decay_skip_bias_norm", "lr_scale")
 
 
 def explicit_config_flags() -> frozenset[str]:
@@ -302,12 +325,15 @@ server_address_option = functools.partial(click.option, "--server", "address", c
                    "0: as long as --retry-give-up-after.")
 @click.option("--progress-every", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
               help="Log a progress line (steps/s, loss, staleness, Gap) every this many seconds; 0: none.")
+@click.option("--autocast", type=click.Choice(["bfloat16"]), default=None,
+              help="Run the forward pass and loss under torch.autocast in this dtype (mixed precision); "
+                   "parameters, gradients and the wire keep theirs.")
 @delay_option
 @client_security_options
 @log_level_option
 def worker(address, device, batch_size, task, data_dir, threads, transport_dtype, prefetch_batches, procs,
            rpc_timeout, retry_initial_backoff, retry_max_backoff, retry_give_up_after, connect_timeout,
-           progress_every, delay, log_level, **values) -> None:
+           progress_every, autocast, delay, log_level, **values) -> None:
     """Join a server and train until the run ends (SIGTERM/SIGINT: leave and exit 0)."""
     from gapaware.worker.loop import WorkerOptions, run_worker
     from gapaware.worker.procs import run_worker_processes
@@ -332,7 +358,7 @@ def worker(address, device, batch_size, task, data_dir, threads, transport_dtype
                              push_dtype=values.pop("push_dtype"), pull_dtype=values.pop("pull_dtype"),
                              prefetch_batches=prefetch_batches, rpc_timeout=rpc_timeout, retry=retry,
                              connect_timeout=connect_timeout, progress_every=progress_every,
-                             security=client_security_from_options(values), delay=delay))
+                             security=client_security_from_options(values), delay=delay, autocast=autocast))
 
 
 def _device_for(device: str, index: int) -> str:

@@ -34,5 +34,8 @@ def flags(options: Mapping[str, object]) -> list[str]:
 def config_flags(config: RunConfig) -> list[str]:
     """The ``gapaware server`` (and ``train``) flags that reproduce ``config``; ``max_updates`` and
     ``epochs`` only where set (not 0)."""
-    return flags({**dataclasses.asdict(config), "max_updates": config.max_updates or None,
-                  "epochs": config.epochs or None})
+    values = dataclasses.asdict(config)
+    repeated = [("--no-weight-decay", pattern) for pattern in values.pop("no_weight_decay")]
+    repeated += [("--lr-scale", f"{pattern}={factor!r}") for pattern, factor in values.pop("lr_scale")]
+    return flags({**values, "max_updates": config.max_updates or None, "epochs": config.epochs or None}) + \
+        [word for pair in repeated for word in pair]

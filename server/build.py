@@ -6,7 +6,7 @@ from gapaware.common.buffers import model_buffers
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters, load_flat_parameters
 from gapaware.common.registry import DEFAULTS
-from gapaware.common.tasks import Task, load_task
+from gapaware.common.tasks import Task, TaskError, load_task
 from gapaware.server.limits import DEFAULT_MAX_WORKERS
 from gapaware.server.state import ParameterServerState
 
@@ -17,10 +17,13 @@ def build_state(config: RunConfig, *, nonfinite: str = DEFAULTS.nonfinite,
     """The task (for layout and evaluation) and the server state with the seeded initial parameters;
     ``grad_norm_bound`` is the push bound's k (0, for the simulator: none)."""
     task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)
-    layout = ParamLayout.from_module(task.model)
-    state = ParameterServerState(config, layout, flat_parameters(task.model), train_size=len(task.train),
-                                 nonfinite=nonfinite, grad_norm_bound=grad_norm_bound, max_workers=max_workers,
-                                 buffers=model_buffers(task.model, layout.buffers))
+    try:  # a model gapaware cannot train, or a parameter-group pattern that fits none of it
+        layout = ParamLayout.from_module(task.model)
+        state = ParameterServerState(config, layout, flat_parameters(task.model), train_size=len(task.train),
+                                     nonfinite=nonfinite, grad_norm_bound=grad_norm_bound, max_workers=max_workers,
+                                     buffers=model_buffers(task.model, layout.buffers))
+    except ValueError as error:
+        raise TaskError(str(error)) from None
     # The model is kept for evaluation only, and each evaluation points it at a copy of θ; until
     # then its parameters are views of θ, so the server holds no second copy of the model.
     load_flat_parameters(task.model, state.theta)

@@ -44,7 +44,7 @@ class ParameterServerState:
         self.model = ModelStore(theta, getattr(torch, config.snapshot_dtype), config.full_pull_every)
         self.model.buffers = (buffers, checksum(buffers))
         unpack_buffers(*self.model.buffers, layout.buffers)  # refuses buffers that do not fit the layout
-        self.updater = Updater(config, layout.numel, config.total_updates(train_size), nonfinite, grad_norm_bound)
+        self.updater = Updater(config, layout, config.total_updates(train_size), nonfinite, grad_norm_bound)
         self.checkpoint_health = CheckpointHealth()
         self.workers = WorkerRegistry()
         self.max_workers = max_workers

@@ -12,7 +12,8 @@ from gapaware.common.registry import NONFINITE_ACTIONS
 from gapaware.common.config import RunConfig, learning_rate
 from gapaware.common.transport import all_finite
 from gapaware.server.errors import NonFiniteGradient, NonFiniteUpdate, OversizedGradient
-from gapaware.server.policies import Policy, make_policy
+from gapaware.common.layout import ParamLayout
+from gapaware.server.policies import Policy, element_rates, make_policy
 from gapaware.server.push import AdmittedPush
 from gapaware.server.push_bound import NormBound, gradient_norm
 
@@ -45,10 +46,12 @@ class Window:
         return {"mean_staleness": self.staleness / n, "mean_gap": self.gap / n, "train_loss": train_loss}
 
 
-def policy_for(config: RunConfig, numel: int) -> Policy:
-    """The policy ``config`` names, with the run's hyper-parameters."""
-    return make_policy(config.policy, numel, momentum=config.momentum, nesterov=config.nesterov,
-                       weight_decay=config.weight_decay, ga_beta=config.ga_beta, ga_eps=config.ga_eps)
+def policy_for(config: RunConfig, layout: ParamLayout) -> Policy:
+    """The policy ``config`` names for ``layout``, with the run's hyper-parameters and parameter groups
+    (raises ``ValueError`` for a group pattern that matches no trainable parameter)."""
+    return make_policy(config.policy, layout.numel, momentum=config.momentum, nesterov=config.nesterov,
+                       weight_decay=config.weight_decay, ga_beta=config.ga_beta, ga_eps=config.ga_eps,
+                       rates=element_rates(layout, config))
 
 
 class Updater:
@@ -64,12 +67,12 @@ class Updater:
     ``oversized_pushes``).
     """
 
-    def __init__(self, config: RunConfig, numel: int, total_updates: int, nonfinite: str = "reject",
+    def __init__(self, config: RunConfig, layout: ParamLayout, total_updates: int, nonfinite: str = "reject",
                  grad_norm_bound: float = 0.0) -> None:
         if nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"Invalid non-finite action: {nonfinite!r} (choose from {', '.join(NONFINITE_ACTIONS)})")
         self.config = config
-        self.policy = policy_for(config, numel)
+        self.policy = policy_for(config, layout)
         self.total_updates = total_updates
         self.nonfinite = nonfinite
         self.nonfinite_pushes = 0

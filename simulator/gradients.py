@@ -1,6 +1,7 @@
 """The virtual workers' gradients: one model shared by all of them, one forward/backward per batch."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from gapaware.common.data import batches
@@ -23,6 +24,8 @@ class GradientSource:
         self.model = task.model.to(device)
         self.model.train()
         self.loss = task.loss
+        self.augment = task.augment
+        self._augmenting = torch.Generator(device=device).manual_seed(seed) if task.augment else None
         self.test = task.test
         self.device = device
         self._streams = [batches(task.train, batch_size, seed=seed * 1_000_003 + worker)
@@ -32,6 +35,8 @@ class GradientSource:
         """``worker``'s gradient on its next batch at ``theta`` (flat, on the CPU) and the batch loss."""
         load_flat_parameters(self.model, theta)
         inputs, targets = (t.to(self.device, non_blocking=True) for t in next(self._streams[worker]))
+        if self._augmenting is not None:
+            inputs = self.augment(inputs, self._augmenting)
         self.model.zero_grad(set_to_none=True)
         loss = self.loss(self.model(inputs), targets)
         loss.backward()

@@ -14,6 +14,7 @@ import torch
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.server.app import ServerOptions, build_grpc_server
+from gapaware.server.observability import ServerMetrics
 from gapaware.server.state import ParameterServerState
 
 
@@ -53,8 +54,10 @@ class StateSnapshot:
 class InProcessServer:
     """Serves ``state`` on a loopback port (``port``, or a free one) from an event loop in a background thread."""
 
-    def __init__(self, state: ParameterServerState, options: ServerOptions | None = None, port: int = 0) -> None:
+    def __init__(self, state: ParameterServerState, options: ServerOptions | None = None, port: int = 0,
+                 metrics: ServerMetrics | None = None) -> None:
         self.state = state
+        self._metrics = metrics
         self._options = dataclasses.replace(options or ServerOptions(), host="127.0.0.1", port=port)
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -69,7 +72,7 @@ class InProcessServer:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         try:
-            server, self.port, _ = build_grpc_server(self.state, self._options)
+            server, self.port, _ = build_grpc_server(self.state, self._options, metrics=self._metrics)
             await server.start()
         except BaseException as error:
             self._error = error

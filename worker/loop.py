@@ -74,6 +74,7 @@ class WorkerOptions:
     progress_every: float = 30.0      # seconds between progress lines; 0: none
     security: ClientSecurity = field(default_factory=ClientSecurity)
     delay: DelaySpec | None = None    # benchmarking: emulated straggling after each step (worker/delay.py)
+    autocast: str | None = None       # "bfloat16": forward and loss under torch.autocast in that dtype
 
 
 @dataclass(frozen=True)
@@ -197,8 +198,10 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
     info = registration.join()
     log.info("worker %d joined %s (task %s, policy %s, lease %.0fs)", info.worker_id, options.server,
              config.task, config.policy, info.lease_seconds)
-    data = batches(task.train, options.batch_size or config.batch_size,
-                   seed=config.seed * 1_000_003 + info.worker_id)
+    data_seed = config.seed * 1_000_003 + info.worker_id
+    data = batches(task.train, options.batch_size or config.batch_size, seed=data_seed)
+    augmenting = torch.Generator(device=options.device).manual_seed(data_seed) if task.augment else None
+    forward_context = functools.partial(autocast_context, options.device, options.autocast)
     steps = applied = 0
     delays = (options.delay or DelaySpec()).sampler(rank=info.worker_id - 1)
     if options.delay:
@@ -214,8 +217,11 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
             load_flat_parameters(model, theta)
             load_buffers(model, client.buffers)
             inputs, targets = (t.to(options.device, non_blocking=True) for t in next(data))
+            if augmenting is not None:
+                inputs = task.augment(inputs, augmenting)
             model.zero_grad(set_to_none=True)
-            loss = task.loss(model(inputs), targets)
+            with forward_context():
+                loss = task.loss(model(inputs), targets)
             loss.backward()
             if stop.is_set():
                 break
@@ -244,6 +250,14 @@ def _train(client: WorkerClient, options: WorkerOptions, retry, stop: threading.
     log.info("worker %d done after %d steps, %d pushes applied, %d joins (server version %d)", worker_id,
              steps, applied, registration.joins, version)
     return WorkerSummary(worker_id, steps, version, applied, registration.joins)
+
+
+def autocast_context(device: str, dtype: str | None):
+    """``torch.autocast`` on ``device``'s type in ``dtype`` (a name), or nothing when ``dtype`` is None.
+    Parameters, gradients and what travels keep their dtypes: only the forward pass computes in ``dtype``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 def _leave(client: WorkerClient) -> None:

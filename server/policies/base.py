@@ -19,6 +19,8 @@ from torch import Tensor
 
 from gapaware.common.registry import DEFAULTS
 
+from .groups import ElementRates
+
 
 @dataclasses.dataclass(frozen=True)
 class PolicySettings:
@@ -70,6 +72,8 @@ class Policy(abc.ABC):
     Args:
         numel: number of parameters (length of the flat ``theta``).
         settings: the hyper-parameters, already validated.
+        rates: the parameter groups' per-element weight decay and learning-rate multipliers
+            (:mod:`.groups`); None: ``settings.weight_decay`` everywhere, multipliers 1.
     """
 
     name: ClassVar[str]
@@ -80,13 +84,21 @@ class Policy(abc.ABC):
     """True when a pull sends θ itself (:meth:`pull_view` copies it), which the server may then cast
     straight into a reduced transport dtype; False when it computes something else from θ."""
 
-    def __init__(self, numel: int, settings: PolicySettings = PolicySettings()) -> None:
+    def __init__(self, numel: int, settings: PolicySettings = PolicySettings(), rates: ElementRates | None = None) -> None:
         if not isinstance(numel, int) or numel < 1:
             raise ValueError(f"Invalid numel: {numel}")
+        rates = rates or ElementRates(settings.weight_decay)
+        for name, value in (("weight decay", rates.weight_decay), ("learning-rate multipliers", rates.lr_scale)):
+            if isinstance(value, Tensor) and value.shape != (numel,):
+                raise ValueError(f"Invalid per-element {name}: shape {tuple(value.shape)}, expected ({numel},)")
         self.numel = numel
         self.momentum = float(settings.momentum)
         self.nesterov = bool(settings.nesterov)
         self.weight_decay = float(settings.weight_decay)
+        self.decay: float | Tensor = rates.weight_decay
+        """λ as the arithmetic takes it: a float, or per element (:class:`~.groups.ElementRates`)."""
+        self.lr_scale: Tensor | None = rates.lr_scale
+        """The per-element learning-rate multipliers ``r``; None: 1 everywhere."""
 
     def hyperparameters(self) -> dict[str, Any]:
         """The settings this policy uses, as keywords of :func:`~gapaware.server.policies.make_policy`."""

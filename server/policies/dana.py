@@ -19,6 +19,8 @@ Choices beyond ALGORITHMS.md:
 * ``Σⱼ vʲ`` is a running sum updated on every push, so a pull costs O(numel) whatever the number
   of workers; it is reset to zeros when the last buffer is forgotten.
 * The buffer that moved θ last stays DANA-GA's ``s`` after its worker leaves, until the next push.
+* With parameter groups (:mod:`.groups`) ``λ`` is per element and ``η`` is multiplied by each
+  element's learning-rate multiplier ``r`` in the step and in the look-ahead alike.
 * With μ = 0 no buffers are kept: every push is an ASGD step, ``θ̂ = θ``, and DANA-GA is GA
   without momentum (``s = g``).
 """
@@ -31,6 +33,7 @@ from torch import Tensor
 
 from . import fused
 from .base import Policy, PolicySettings, take_tensor
+from .groups import ElementRates
 from .gap_aware import GapStatistics, gap_aware_direction_, gap_aware_push_
 from .sgd import add_scaled, add_scaled_, scale_add_, weight_decayed
 from .slices import in_slices
@@ -40,40 +43,47 @@ LAST_STEP = "dana.last_step"
 
 
 def dana_step(theta: Tensor, direction: Tensor, buffer: Tensor | None, buffer_sum: Tensor | None, *,
-              lr: float, momentum: float) -> None:
-    """``vⁱ ← μ·vⁱ + d``, ``θ ← θ − η·vⁱ`` and ``Σⱼ vʲ`` kept equal to the sum, all in place.
+              lr: float, momentum: float, lr_scale: Tensor | None = None) -> None:
+    """``vⁱ ← μ·vⁱ + d``, ``θ ← θ − η·r⊙vⁱ`` and ``Σⱼ vʲ`` kept equal to the sum, all in place.
 
     ``buffer`` is the pushing worker's ``vⁱ``; both it and ``buffer_sum`` are ``None`` when μ = 0.
+    ``lr_scale`` is ``r`` (None: 1).
     """
     if buffer is None:
-        add_scaled_(theta, direction, -lr)
+        add_scaled_(theta, direction, -lr, lr_scale)
         return
     buffer_sum.sub_(buffer)
     scale_add_(buffer, momentum, direction)
     buffer_sum.add_(buffer)
-    add_scaled_(theta, buffer, -lr)
+    add_scaled_(theta, buffer, -lr, lr_scale)
 
 
 def dana_push_(theta: Tensor, grad: Tensor, buffer: Tensor | None, buffer_sum: Tensor | None, *,
-               weight_decay: float, lr: float, momentum: float) -> None:
+               weight_decay: float | Tensor, lr: float, momentum: float, lr_scale: Tensor | None = None) -> None:
     """One DANA-Zero push in place: :func:`dana_step` with ``d = g + λ·θ``."""
-    dana_step(theta, weight_decayed(grad, theta, weight_decay), buffer, buffer_sum, lr=lr, momentum=momentum)
+    dana_step(theta, weight_decayed(grad, theta, weight_decay), buffer, buffer_sum, lr=lr, momentum=momentum,
+              lr_scale=lr_scale)
 
 
-def dana_look_ahead(theta: Tensor, buffer_sum: Tensor, *, lr: float, momentum: float) -> Tensor:
-    """``θ̂ = θ − η·μ·Σⱼ vʲ``, a new tensor."""
+def dana_look_ahead(theta: Tensor, buffer_sum: Tensor, *, lr: float, momentum: float,
+                    lr_scale: Tensor | None = None) -> Tensor:
+    """``θ̂ = θ − η·μ·r⊙Σⱼ vʲ``, a new tensor."""
+    if lr_scale is not None:
+        return torch.addcmul(theta, buffer_sum, lr_scale, value=-lr * momentum)
     return add_scaled(theta, buffer_sum, -lr * momentum)
 
 
 def dana_gap_aware_push_(theta: Tensor, grad: Tensor, stale_theta: Tensor, v: Tensor, last_step: Tensor,
                          buffer: Tensor, buffer_sum: Tensor, *, beta: float, eps_root_bias: float, gap_scale: float,
-                         weight_decay: float, lr: float, momentum: float) -> Tensor:
+                         weight_decay: float | Tensor, lr: float, momentum: float,
+                         lr_scale: Tensor | None = None) -> Tensor:
     """One DANA-GA push (μ > 0) in place on ``theta``, ``v``, the pushing worker's ``buffer`` and
     ``buffer_sum``; ``last_step`` (``s``, read first: it may be ``buffer`` itself) is the buffer
     that moved θ last. Returns the sum of the Gaps (a 0-d float64 tensor)."""
     direction, gap = gap_aware_direction_(theta, grad, stale_theta, v, last_step, beta=beta,
-                                          eps_root_bias=eps_root_bias, gap_scale=gap_scale, weight_decay=weight_decay)
-    dana_step(theta, direction, buffer, buffer_sum, lr=lr, momentum=momentum)
+                                          eps_root_bias=eps_root_bias, gap_scale=gap_scale, weight_decay=weight_decay,
+                                          lr_scale=lr_scale)
+    dana_step(theta, direction, buffer, buffer_sum, lr=lr, momentum=momentum, lr_scale=lr_scale)
     return gap.sum(dtype=torch.float64)
 
 
@@ -86,21 +96,21 @@ class DanaZero(Policy):
     name = "dana"
     pulls_theta = False  # the look-ahead θ̂
 
-    def __init__(self, numel: int, settings: PolicySettings = PolicySettings()) -> None:
-        super().__init__(numel, settings)
+    def __init__(self, numel: int, settings: PolicySettings = PolicySettings(), rates: ElementRates | None = None) -> None:
+        super().__init__(numel, settings, rates)
         self.buffers: dict[int, Tensor] = {}
         self.buffer_sum = torch.zeros(numel) if self.momentum > 0 else None
 
     def apply(self, theta: Tensor, grad: Tensor, *, lr: float, staleness: int,
               stale_theta: Tensor | None = None, worker_id: int = 0) -> float:
-        in_slices(dana_push_, theta, grad, self._buffer(worker_id), self.buffer_sum, weight_decay=self.weight_decay,
-                  lr=lr, momentum=self.momentum)
+        in_slices(dana_push_, theta, grad, self._buffer(worker_id), self.buffer_sum, weight_decay=self.decay,
+                  lr=lr, momentum=self.momentum, lr_scale=self.lr_scale)
         return 1.0
 
     def pull_view(self, theta: Tensor, *, lr: float, worker_id: int) -> Tensor:
         if self.buffer_sum is None:
             return super().pull_view(theta, lr=lr, worker_id=worker_id)
-        return dana_look_ahead(theta, self.buffer_sum, lr=lr, momentum=self.momentum)
+        return dana_look_ahead(theta, self.buffer_sum, lr=lr, momentum=self.momentum, lr_scale=self.lr_scale)
 
     def forget_worker(self, worker_id: int) -> None:
         """Drop the worker's buffer and take it out of the running sum."""
@@ -155,8 +165,8 @@ class DanaGapAware(DanaZero):
     name = "dana-ga"
     needs_snapshot = True
 
-    def __init__(self, numel: int, settings: PolicySettings = PolicySettings()) -> None:
-        super().__init__(numel, settings)
+    def __init__(self, numel: int, settings: PolicySettings = PolicySettings(), rates: ElementRates | None = None) -> None:
+        super().__init__(numel, settings, rates)
         self.statistics = GapStatistics(numel, beta=settings.ga_beta, eps=settings.ga_eps)
         self.last_step = torch.zeros(numel) if self.momentum > 0 else None
         """``s``: the buffer that moved θ last (zeros before the first update); None when μ = 0."""
@@ -166,7 +176,8 @@ class DanaGapAware(DanaZero):
 
     def apply(self, theta: Tensor, grad: Tensor, *, lr: float, staleness: int,
               stale_theta: Tensor | None = None, worker_id: int = 0) -> float:
-        scalars = {**self.statistics.begin_update(lr), "weight_decay": self.weight_decay, "lr": lr}
+        scalars = {**self.statistics.begin_update(lr), "weight_decay": self.decay, "lr": lr,
+                   "lr_scale": self.lr_scale}
         if self.last_step is None:
             gap_sum = fused.run(gap_aware_push_, theta, grad, stale_theta, self.statistics.v, None, **scalars,
                                 momentum=0.0, nesterov=False)

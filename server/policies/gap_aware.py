@@ -11,7 +11,9 @@ Barkai, Hakimi and Schuster, "Gap Aware Mitigation of Gradient Staleness", ICLR 
     Gap = 1 + |θ − θ⁽ⁱ⁾| / C              (1 where C = 0)
     d   = (g + λ·θ) / Gap
 
-then the common SGD step with ``d``. :func:`gap_aware_push_` is that whole push as a plain torch
+then the common SGD step with ``d``. With parameter groups (:mod:`.groups`) ``λ`` is per element
+and each element's ``C`` is multiplied by its learning-rate multiplier ``r`` (``C = r·η_max·(√v̂ + ε)``,
+the size of that element's typical step), as is its step. :func:`gap_aware_push_` is that whole push as a plain torch
 function over flat tensors, the reference that :mod:`.fused` runs or compiles; its pieces are
 shared with DANA-GA (:mod:`.dana`). :class:`GapStatistics` holds ``v``, ``k`` and ``η_max``.
 """
@@ -26,6 +28,7 @@ from torch import Tensor
 from . import fused
 from .asgd import ASGD
 from .base import PolicySettings, take_tensor
+from .groups import ElementRates
 from .sgd import add_scaled_, sgd_step, weight_decayed
 
 
@@ -44,27 +47,31 @@ def gap_scalars(*, k: int, lr_max: float, beta: float, eps: float) -> tuple[floa
 
 def gap_aware_direction_(theta: Tensor, grad: Tensor, stale_theta: Tensor, v: Tensor, s: Tensor, *,
                          beta: float, eps_root_bias: float, gap_scale: float,
-                         weight_decay: float) -> tuple[Tensor, Tensor]:
+                         weight_decay: float | Tensor, lr_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Fold ``s`` into ``v`` (``v ← β·v + (1−β)·s²``, in place), then return GA's direction
     ``d = (g + λ·θ) / Gap`` and the Gap, both new tensors.
 
     ``eps_root_bias`` and ``gap_scale`` are :func:`gap_scalars` of this update. Weight decay is
-    penalised with the gradient (a choice of ALGORITHMS.md).
+    penalised with the gradient (a choice of ALGORITHMS.md). ``lr_scale`` (``r``) divides the gap
+    term: ``Gap = 1 + |θ − θ⁽ⁱ⁾| / (r·C)``.
     """
     add_scaled_(v.mul_(beta), s * s, 1 - beta)
-    gap = (theta - stale_theta).abs_().div_(v.sqrt().add_(eps_root_bias)).mul_(gap_scale).add_(1)
+    distance = (theta - stale_theta).abs_().div_(v.sqrt().add_(eps_root_bias))
+    if lr_scale is not None:
+        distance.div_(lr_scale)
+    gap = distance.mul_(gap_scale).add_(1)
     return weight_decayed(grad, theta, weight_decay).div(gap), gap
 
 
 def gap_aware_push_(theta: Tensor, grad: Tensor, stale_theta: Tensor, v: Tensor, momentum_buffer: Tensor | None,
-                    *, beta: float, eps_root_bias: float, gap_scale: float, weight_decay: float, lr: float,
-                    momentum: float, nesterov: bool) -> Tensor:
+                    *, beta: float, eps_root_bias: float, gap_scale: float, weight_decay: float | Tensor, lr: float,
+                    momentum: float, nesterov: bool, lr_scale: Tensor | None = None) -> Tensor:
     """One GA push in place on ``theta``, ``v`` and ``momentum_buffer`` (None when μ = 0); returns
     the sum of the Gaps (a 0-d float64 tensor). ``s`` is the buffer before this update, else ``g``."""
     s = grad if momentum_buffer is None else momentum_buffer
     direction, gap = gap_aware_direction_(theta, grad, stale_theta, v, s, beta=beta, eps_root_bias=eps_root_bias,
-                                          gap_scale=gap_scale, weight_decay=weight_decay)
-    sgd_step(theta, direction, momentum_buffer, lr=lr, momentum=momentum, nesterov=nesterov)
+                                          gap_scale=gap_scale, weight_decay=weight_decay, lr_scale=lr_scale)
+    sgd_step(theta, direction, momentum_buffer, lr=lr, momentum=momentum, nesterov=nesterov, lr_scale=lr_scale)
     return gap.sum(dtype=torch.float64)
 
 
@@ -116,8 +123,8 @@ class GapAware(ASGD):
     name = "gap-aware"
     needs_snapshot = True
 
-    def __init__(self, numel: int, settings: PolicySettings = PolicySettings()) -> None:
-        super().__init__(numel, settings)
+    def __init__(self, numel: int, settings: PolicySettings = PolicySettings(), rates: ElementRates | None = None) -> None:
+        super().__init__(numel, settings, rates)
         self.statistics = GapStatistics(numel, beta=settings.ga_beta, eps=settings.ga_eps)
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -127,8 +134,8 @@ class GapAware(ASGD):
               stale_theta: Tensor | None = None, worker_id: int = 0) -> float:
         scalars = self.statistics.begin_update(lr)
         gap_sum = fused.run(gap_aware_push_, theta, grad, stale_theta, self.statistics.v, self.momentum_buffer,
-                            **scalars, weight_decay=self.weight_decay, lr=lr, momentum=self.momentum,
-                            nesterov=self.nesterov)
+                            **scalars, weight_decay=self.decay, lr=lr, momentum=self.momentum,
+                            nesterov=self.nesterov, lr_scale=self.lr_scale)
         return gap_sum / self.numel
 
     def _state(self) -> dict[str, Tensor]:

@@ -6,7 +6,10 @@ PyTorch ``torch.optim.SGD`` semantics with dampening 0, written for one flat ten
     step = d + μ·buf  if nesterov  else  buf          (when μ = 0: step = d)
     θ   ← θ − η·step
 
-Weight decay enters ``d`` as ``λ·θ`` (coupled L2), see :func:`weight_decayed`.
+Weight decay enters ``d`` as ``λ·θ`` (coupled L2), see :func:`weight_decayed`. With parameter groups
+(:mod:`.groups`) ``λ`` is a flat tensor of per-element ``λ_j`` and the step is multiplied element by
+element by the learning-rate multipliers ``r`` (``θ ← θ − η·r⊙step``); a float ``λ`` and ``r = None``
+are the plain step.
 
 These functions are traced by ``torch.compile`` too, inside GA's push (:mod:`.fused`). Eagerly a
 scaled sum is one torch call with a Python float ``alpha`` (one pass, no temporary, rounded as
@@ -24,8 +27,12 @@ import torch
 from torch import Tensor
 
 
-def add_scaled_(target: Tensor, tensor: Tensor, scale: float) -> Tensor:
-    """``target ← target + scale·tensor``, in place."""
+def add_scaled_(target: Tensor, tensor: Tensor, scale: float, weights: Tensor | None = None) -> Tensor:
+    """``target ← target + scale·tensor``, or ``target + scale·weights⊙tensor`` with ``weights``, in place."""
+    if weights is not None:
+        if torch.compiler.is_compiling():
+            return target.add_(tensor * weights * scale)
+        return target.addcmul_(tensor, weights, value=scale)
     if torch.compiler.is_compiling():
         return target.add_(tensor * scale)
     return target.add_(tensor, alpha=scale)
@@ -45,24 +52,30 @@ def add_scaled(tensor: Tensor, other: Tensor, scale: float) -> Tensor:
     return torch.add(tensor, other, alpha=scale)
 
 
-def weight_decayed(grad: Tensor, theta: Tensor, weight_decay: float) -> Tensor:
-    """``g + λ·θ``: ``grad`` itself when ``λ = 0`` (no copy), otherwise a new tensor."""
+def weight_decayed(grad: Tensor, theta: Tensor, weight_decay: float | Tensor) -> Tensor:
+    """``g + λ·θ`` (``λ`` a float, or a flat tensor of per-element ``λ_j``): ``grad`` itself when
+    ``λ`` is the float 0 (no copy), otherwise a new tensor."""
+    if isinstance(weight_decay, Tensor):
+        if torch.compiler.is_compiling():
+            return grad + theta * weight_decay
+        return torch.addcmul(grad, theta, weight_decay)
     if weight_decay == 0:
         return grad
     return add_scaled(grad, theta, weight_decay)
 
 
 def sgd_step(theta: Tensor, direction: Tensor, momentum_buffer: Tensor | None, *,
-             lr: float, momentum: float, nesterov: bool) -> None:
+             lr: float, momentum: float, nesterov: bool, lr_scale: Tensor | None = None) -> None:
     """Apply one SGD step with ``direction`` to ``theta``, updating ``momentum_buffer`` in place.
 
     ``momentum_buffer`` is ``None`` exactly when ``momentum == 0``. ``direction`` is only read.
+    ``lr_scale``, the per-element learning-rate multipliers ``r``, multiplies the step (None: 1).
     """
     if momentum_buffer is None:
-        add_scaled_(theta, direction, -lr)
+        add_scaled_(theta, direction, -lr, lr_scale)
         return
     scale_add_(momentum_buffer, momentum, direction)
     if nesterov:
-        add_scaled_(add_scaled_(theta, direction, -lr), momentum_buffer, -lr * momentum)
+        add_scaled_(add_scaled_(theta, direction, -lr, lr_scale), momentum_buffer, -lr * momentum, lr_scale)
     else:
-        add_scaled_(theta, momentum_buffer, -lr)
+        add_scaled_(theta, momentum_buffer, -lr, lr_scale)

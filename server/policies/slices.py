@@ -22,10 +22,13 @@ SLICE = 1 << 18
 R = TypeVar("R")
 
 
-def in_slices(push: Callable[..., R], *tensors: Tensor | None, **scalars: float | bool) -> list[R]:
-    """``push(*slices, **scalars)`` for each slice of ``tensors`` (flat, of one length, the first
-    never None; a None passes through), in order; what each call returned."""
+def in_slices(push: Callable[..., R], *tensors: Tensor | None, **keywords: Tensor | float | bool | None) -> list[R]:
+    """``push(*slices, **keywords)`` for each slice of ``tensors`` (flat, of one length, the first
+    never None; a None passes through), in order; what each call returned. A keyword that is a
+    tensor (the per-element rates of :mod:`.groups`) is sliced alike; the others pass as they are."""
     first = tensors[0]
     size = SLICE if first.device.type == "cpu" else first.numel()
-    return [push(*(None if t is None else t[start:start + size] for t in tensors), **scalars)
+    return [push(*(None if t is None else t[start:start + size] for t in tensors),
+                 **{key: value[start:start + size] if isinstance(value, Tensor) else value
+                    for key, value in keywords.items()})
             for start in range(0, first.numel(), size)]
