@@ -1,0 +1,64 @@
+"""Sharded servers (``--shard I/S``): the split, the identity checks and bit-exactness against one server."""
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from gapaware.common.config import RunConfig
+from gapaware.common.layout import ParamLayout
+from gapaware.common.registry import POLICY_NAMES
+from gapaware.common.shards import BALANCE_TOLERANCE, Shard, shard_cuts, shard_layout
+from gapaware.server.build import build_state
+from gapaware.worker.loop import WorkerOptions, run_worker
+from gapaware.worker.sharded import ShardedClient
+
+
+def test_cuts_fall_on_tensors_when_that_balances_and_on_elements_otherwise():
+    balanced = ParamLayout(("a", "b", "c", "d"), ((100,), (10, 10), (95,), (105,)))
+    assert shard_cuts(balanced, 2) == [0, 200, 400]
+    lopsided = ParamLayout(("embedding", "bias"), ((1000,), (10,)))
+    assert shard_cuts(lopsided, 2) == [0, 505, 1010]
+    assert shard_cuts(lopsided, 3) == [0, 336, 673, 1010]
+    nearly = ParamLayout(("a", "b"), ((100 - int(BALANCE_TOLERANCE * 100),), (100 + int(BALANCE_TOLERANCE * 100),)))
+    assert shard_cuts(nearly, 2) == [0, 90, 200]
+
+
+def test_a_shard_layout_names_the_model_and_range_and_only_shard_0_holds_buffers():
+    model = ParamLayout(("w",), ((10,),))
+    first, second = (shard_layout(model, Shard(i, 2)) for i in range(2))
+    assert first.shapes == ((5,),) and second.shapes == ((5,),)
+    assert first.fingerprint != second.fingerprint
+    assert "1/2" in second.names[0] and model.fingerprint[:16] in second.names[0]
+    assert shard_layout(model, Shard()) == model
+
+
+@pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/2", "0/0"])
+def test_a_bad_shard_is_refused(text):
+    with pytest.raises(ValueError, match="Invalid shard"):
+        Shard.parse(text)
+
+
+def _config(policy: str, **changes) -> RunConfig:
+    return RunConfig(task="synthetic", policy=policy, lr=0.05, momentum=0.9, schedule="constant", max_updates=12,
+                     batch_size=16, eval_every=1000, seed=3, **changes)
+
+
+def _train(inprocess_servers, config: RunConfig, count: int) -> list:
+    states = [build_state(config, shard=Shard(i, count))[1] for i in range(count)]
+    servers = [inprocess_servers(state) for state in states]
+    summary = run_worker(WorkerOptions(server=",".join(s.address for s in servers), prefetch_batches=0,
+                                       progress_every=0))
+    assert summary.applied == config.max_updates
+    return states
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_two_and_three_shards_end_bit_identical_to_one_server(inprocess_servers, policy):
+    config = _config(policy)
+    single = _train(inprocess_servers, config, 1)[0]
+    for count in (2, 3):
+        states = _train(inprocess_servers, config, count)
+        assert [s.version for s in states] == [config.max_updates] * count
+        assert torch.equal(torch.cat([s.theta for s in states]), single.theta), f"{count} shards differ"
+        assert states[0].finished and all(s.finished for s in states[1:])  # told at the worker's Leave
