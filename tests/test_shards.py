@@ -1,6 +1,8 @@
 """Sharded servers (``--shard I/S``): the split, the identity checks and bit-exactness against one server."""
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 import torch
@@ -9,7 +11,12 @@ from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.registry import POLICY_NAMES
 from gapaware.common.shards import BALANCE_TOLERANCE, Shard, shard_cuts, shard_layout
+from gapaware.common.tasks import load_task
+from gapaware.server.app import ServerOptions, prepare_state
 from gapaware.server.build import build_state
+from gapaware.server.checkpointer import CheckpointOptions
+from gapaware.server.resume import ResumeError
+from gapaware.worker.client import WorkerClient
 from gapaware.worker.loop import WorkerOptions, run_worker
 from gapaware.worker.sharded import ShardedClient
 
@@ -40,8 +47,9 @@ def test_a_bad_shard_is_refused(text):
 
 
 def _config(policy: str, **changes) -> RunConfig:
-    return RunConfig(task="synthetic", policy=policy, lr=0.05, momentum=0.9, schedule="constant", max_updates=12,
-                     batch_size=16, eval_every=1000, seed=3, **changes)
+    settings = dict(task="synthetic", policy=policy, lr=0.05, momentum=0.9, schedule="constant", max_updates=12,
+                    batch_size=16, eval_every=1000, seed=3)
+    return RunConfig(**{**settings, **changes})
 
 
 def _train(inprocess_servers, config: RunConfig, count: int) -> list:
@@ -62,3 +70,57 @@ def test_two_and_three_shards_end_bit_identical_to_one_server(inprocess_servers,
         assert [s.version for s in states] == [config.max_updates] * count
         assert torch.equal(torch.cat([s.theta for s in states]), single.theta), f"{count} shards differ"
         assert states[0].finished and all(s.finished for s in states[1:])  # told at the worker's Leave
+
+
+def test_shards_of_another_run_or_listed_out_of_order_refuse_the_worker(inprocess_servers):
+    first = inprocess_servers(build_state(_config("gap-aware"), shard=Shard(0, 2))[1])
+    other_run = inprocess_servers(build_state(_config("gap-aware", seed=4), shard=Shard(1, 2))[1])
+    second = inprocess_servers(build_state(_config("gap-aware"), shard=Shard(1, 2))[1])
+    layout = ParamLayout.from_module(_task_model())
+    with ShardedClient([first.address, other_run.address]) as client, pytest.raises(grpc.RpcError) as refused:
+        client.join(layout)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "another run" in refused.value.details()
+    with ShardedClient([second.address, first.address]) as client, pytest.raises(grpc.RpcError) as refused:
+        client.join(layout)
+    assert "shard 1/2 of a sharded run" in refused.value.details()
+    with WorkerClient(first.address) as client, pytest.raises(grpc.RpcError) as refused:
+        client.join(layout)
+    assert "give the worker every shard" in refused.value.details()
+
+
+def _task_model():
+    return load_task("synthetic", seed=3).model
+
+
+def test_a_shard_refuses_checkpoints_of_another_shard(tmp_path):
+    config = _config("gap-aware")
+    checkpoints = CheckpointOptions(tmp_path)
+    prepare_state(config, ServerOptions(checkpoints=checkpoints, shard=Shard(1, 2)))
+    with pytest.raises(ResumeError, match=r"the checkpoint is of shard 1/2 .* started as shard 0/3: give --shard 1/2"):
+        prepare_state(config, ServerOptions(checkpoints=checkpoints, resume=tmp_path, shard=Shard(0, 3)))
+    with pytest.raises(ResumeError, match=r"shard 1/2 .* started as shard 0/1"):
+        prepare_state(config, ServerOptions(checkpoints=checkpoints, resume=tmp_path))
+
+
+def test_a_shard_restarted_alone_from_its_checkpoint_is_rejoined_alone_and_the_run_completes(inprocess_servers,
+                                                                                              caplog):
+    config = _config("gap-aware", max_updates=150)
+    states = [build_state(config, shard=Shard(i, 2))[1] for i in range(2)]
+    servers = [inprocess_servers(state) for state in states]
+    summaries = []
+    worker = threading.Thread(target=lambda: summaries.append(run_worker(WorkerOptions(
+        server=",".join(s.address for s in servers), prefetch_batches=0, progress_every=0))))
+    worker.start()
+    assert states[1].wait_for_version(20, timeout=60) >= 20
+    saved = states[1].checkpoint()
+    servers[1].close()
+    restarted = build_state(config, shard=Shard(1, 2))[1]
+    restarted.restore(saved, incarnation=1)
+    inprocess_servers(restarted, port=servers[1].port)
+    worker.join(timeout=120)
+    assert summaries and summaries[0].joins == 1
+    assert states[0].version == config.max_updates and restarted.finished
+    assert "shard 1 " in caplog.text and "shard 0 " not in caplog.text
+    for state in (states[0], restarted):
+        assert state.version == state.totals()["pushes"]

@@ -20,6 +20,7 @@ parameters come back assembled into one flat tensor; a push sends each shard its
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,8 @@ from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.worker.client import JoinInfo, WorkerClient
 
 T = TypeVar("T")
+
+log = logging.getLogger("gapaware.worker")
 
 
 def split_addresses(addresses: str) -> list[str]:
@@ -217,6 +220,8 @@ class ShardedClient:
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND:
                 raise
+            log.warning("shard %d (%s) forgot this worker (%s): joining it again alone", index,
+                        self.shards[index].address, error.details())
         info = self._join_shard(index)
         if index == 0:
             self._info = JoinInfo(worker_id=info.worker_id, config=info.config, layout=self.info.layout,
