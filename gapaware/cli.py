@@ -396,17 +396,22 @@ def status(address, as_json, **values) -> None:
 
 
 @main.command()
-@server_address_option(default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
+@server_address_option(default="127.0.0.1:7070", show_default=True,
+                       help="HOST:PORT; a sharded run's servers H0:P0,H1:P1,... to ask each.")
 @click.option("--wait", type=float, default=0.0, show_default=True,
               help="Keep asking for up to this many seconds until the server is SERVING.")
 @client_security_options
 def health(address, wait, **values) -> None:
-    """Ask the server's standard gRPC health service; exit 0 only when it is SERVING."""
+    """Ask the server's standard gRPC health service; exit 0 only when it is (every one is) SERVING."""
     from gapaware.worker.health import wait_until_serving
+    from gapaware.worker.sharded import split_addresses
 
-    status = wait_until_serving(address, wait, client_security_from_options(values))
-    click.echo(f"{address}: {status}")
-    if status != "SERVING":
+    serving = True
+    for each in split_addresses(address):
+        status = wait_until_serving(each, wait, client_security_from_options(values))
+        click.echo(f"{each}: {status}")
+        serving = serving and status == "SERVING"
+    if not serving:
         sys.exit(1)
 
 
