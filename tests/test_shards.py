@@ -1,7 +1,9 @@
 """Sharded servers (``--shard I/S``): the split, the identity checks and bit-exactness against one server."""
 from __future__ import annotations
 
+import signal
 import threading
+import time
 
 import grpc
 import pytest
@@ -12,6 +14,7 @@ from gapaware.common.layout import ParamLayout
 from gapaware.common.registry import POLICY_NAMES
 from gapaware.common.shards import BALANCE_TOLERANCE, Shard, shard_cuts, shard_layout
 from gapaware.common.tasks import load_task
+from gapaware.processes import ServerProcess, start_worker
 from gapaware.server.app import ServerOptions, prepare_state
 from gapaware.server.build import build_state
 from gapaware.server.checkpointer import CheckpointOptions
@@ -124,3 +127,41 @@ def test_a_shard_restarted_alone_from_its_checkpoint_is_rejoined_alone_and_the_r
     assert "shard 1 " in caplog.text and "shard 0 " not in caplog.text
     for state in (states[0], restarted):
         assert state.version == state.totals()["pushes"]
+
+
+@pytest.mark.slow
+def test_a_shard_process_sigkilled_and_resumed_alone_lets_the_run_complete(tmp_path):
+    """Real processes: two shards checkpointing every 5 updates and one worker; shard 1 is SIGKILLed
+    mid-run and started again on its port with --resume; the run ends, and every shard's update count is
+    the pushes it applied (those of its checkpoint and those after the restart)."""
+    run = ("--task", "digits-mlp", "--max-updates", "300", "--eval-every", "100000", "--lease-seconds", "5")
+    flags = [(*run, "--shard", f"{i}/2", "--checkpoint-dir", str(tmp_path / f"shard-{i}"), "--checkpoint-every", "5",
+              "--resume", str(tmp_path / f"shard-{i}")) for i in range(2)]
+    shards = [ServerProcess(tmp_path, *flags[i], name=f"shard-{i}") for i in range(2)]
+    restarted = None
+    worker = start_worker(",".join(s.address for s in shards), tmp_path, 0, "--retry-max-backoff", "1")
+    try:
+        with WorkerClient(shards[1].address) as client:
+            wait_for(lambda: client.status().version >= 30, 120, "shard 1 to pass update 30")
+        shards[1].proc.send_signal(signal.SIGKILL)
+        shards[1].wait(timeout=30)
+        restarted = ServerProcess(tmp_path, *flags[1], "--port", str(shards[1].port), name="shard-1-again")
+        assert worker.wait(timeout=180) == 0, (tmp_path / "worker-0.log").read_text()
+        assert shards[0].wait(timeout=60) == 0 and restarted.wait(timeout=60) == 0
+        first, second = shards[0].records("final")[-1], restarted.records("final")[-1]
+        assert first["version"] == 300 and first["pushes"] == 300
+        assert 30 <= second["version"] == second["pushes"] <= 300
+        assert "resuming from" in restarted.log()
+        assert "shard 1 (" in (tmp_path / "worker-0.log").read_text()  # joined shard 1 again, alone
+    finally:
+        for proc in (worker, *(s.proc for s in shards), *([restarted.proc] if restarted else [])):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.05)
