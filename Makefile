@@ -26,7 +26,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 # Each benchmark prints ratios measured side by side in one run; BENCH_QUICK=1 is a smoke test.
-BENCHMARKS := transport server_update end_to_end scale memory overlap free_work push_norms time_to_accuracy links
+BENCHMARKS := transport server_update end_to_end scale memory overlap free_work push_norms time_to_accuracy links shards
 bench: $(STAMP)
 	uptime
 	set -e; for name in $(BENCHMARKS); do $(BIN)/python -m bench.$$name; done

@@ -141,11 +141,11 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run_processes(processes: list, started, results, expected: int, server_pid: Callable[[], int]) -> Run:
-    """Starts ``processes`` and measures the ``expected`` workers among them, and the server whose
-    pid ``server_pid`` gives once they started: its CPU time from the moment the workers pass their
-    barrier (the event ``started``) to the last worker's report. Raises when one fails or the run
-    overruns."""
+def _run_processes(processes: list, started, results, expected: int, server_pids: Callable[[], list[int]]) -> Run:
+    """Starts ``processes`` and measures the ``expected`` workers among them, and the servers whose
+    pids ``server_pids`` gives once they started: their CPU time, summed, from the moment the workers
+    pass their barrier (the event ``started``) to the last worker's report. Raises when one fails or
+    the run overruns."""
     deadline = time.monotonic() + RUN_TIMEOUT
     rates: list[Rate] = []
 
@@ -165,9 +165,10 @@ def _run_processes(processes: list, started, results, expected: int, server_pid:
         for process in processes:
             process.start()
         wait(started.wait)
-        server_cpu = _process_cpu_seconds(server_pid())
+        pids = server_pids()
+        server_cpu = sum(map(_process_cpu_seconds, pids))
         wait(collected)
-        server_cpu = _process_cpu_seconds(server_pid()) - server_cpu
+        server_cpu = sum(map(_process_cpu_seconds, pids)) - server_cpu
         for process in processes:
             process.join(timeout=60)
         round_trips = sum(rate.round_trips for rate in rates)
@@ -192,18 +193,18 @@ def run(system: str, nbytes: int, workers: int, seconds: float = SECONDS, *,
                              prefix=server_prefix) as server:
             processes = [CTX.Process(target=_gapaware_worker, args=(server.address, dtype, barrier, seconds, results))
                          for _ in range(workers)]
-            return _run_processes(processes, started, results, workers, lambda: server.proc.pid)
+            return _run_processes(processes, started, results, workers, lambda: [server.proc.pid])
     if system == "grpc-floor":
         with FloorServer(nbytes) as server:
             processes = [CTX.Process(target=_floor_worker, args=(server.address, nbytes, barrier, seconds, results))
                          for _ in range(workers)]
-            return _run_processes(processes, started, results, workers, lambda: server.pid)
+            return _run_processes(processes, started, results, workers, lambda: [server.pid])
     transport = system.removeprefix("rpc-")
     port = _free_port()
     processes = [CTX.Process(target=_rpc_process, args=(rank, workers + 1, port, transport, nbytes // 4, barrier,
                                                          seconds, results))
                  for rank in range(workers + 1)]
-    return _run_processes(processes, started, results, workers, lambda: processes[0].pid)
+    return _run_processes(processes, started, results, workers, lambda: [processes[0].pid])
 
 
 def main() -> None:

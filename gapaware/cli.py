@@ -164,6 +164,15 @@ def main() -> None:
     """gapaware: an asynchronous parameter server with Gap-Aware staleness mitigation."""
 
 
+def _shard(ctx, param, value: str):
+    from gapaware.common.shards import Shard
+
+    try:
+        return Shard.parse(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
 @main.command()
 @run_config_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -215,11 +224,14 @@ def main() -> None:
               help="gRPC receive window per stream, in MiB: bounds what each push being received (and each "
                    "from a peer that does not wait for its turn) buffers in the server; 0: gRPC's automatic "
                    "window (better across high-latency links).")
+@click.option("--shard", type=str, default="0/1", show_default=True, callback=_shard, metavar="I/S",
+              help="Serve shard I of S of the model: a contiguous slice of its parameters (README, Sharded "
+                   "servers). Start S servers, 0/S to S-1/S, with the same run flags; workers list them all.")
 @server_limit_options
 @log_level_option
 def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, lease_seconds, checkpoint_dir,
            checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, grad_norm_bound,
-           max_concurrent_rpcs, threads, chunk_timeout, receive_window_mib, log_level, **values) -> None:
+           max_concurrent_rpcs, threads, chunk_timeout, receive_window_mib, shard, log_level, **values) -> None:
     """Run the parameter server until the run ends.
 
     Exits 0 when the run ended, 2 or 4 when it could not start, and 6 when it ended (final
@@ -259,7 +271,7 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
                                          security=security, nonfinite=nonfinite, grad_norm_bound=grad_norm_bound,
                                          max_concurrent_rpcs=max_concurrent_rpcs, threads=threads,
                                          chunk_timeout=chunk_timeout, receive_window_mib=receive_window_mib,
-                                         **limits))
+                                         shard=shard, **limits))
     except (ResumeError, ListenError) as error:
         raise UserError(str(error), ExitCode.CANNOT_RUN) from None
     except CheckpointWriteError as error:
@@ -269,9 +281,16 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
 
 
 def _server_address(ctx, param, value: str | None) -> str | None:
-    """``--server HOST:PORT``, the port required: gRPC would dial port 443 for a bare HOST."""
+    """``--server HOST:PORT``, or every shard's ``H0:P0,H1:P1,...`` (each checked by :func:`_one_address`)."""
     if value is None:
         return value
+    for part in value.split(","):
+        _one_address(part.strip())
+    return value
+
+
+def _one_address(value: str) -> None:
+    """One ``HOST:PORT``, the port required: gRPC would dial port 443 for a bare HOST."""
     host, _, port = value.rpartition(":")
     if ":" not in value or value.endswith("]"):
         raise click.BadParameter(f"{value!r} has no port: give HOST:PORT, e.g. {value}:7070 "
@@ -283,14 +302,14 @@ def _server_address(ctx, param, value: str | None) -> str | None:
                                  "(e.g. [::1]:7070)")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise click.BadParameter(f"{value!r}: the port {port!r} is not a number from 1 to 65535")
-    return value
 
 
 server_address_option = functools.partial(click.option, "--server", "address", callback=_server_address)
 
 
 @main.command()
-@server_address_option(required=True, help="The parameter server, HOST:PORT.")
+@server_address_option(required=True, help="The parameter server, HOST:PORT; a sharded run's servers "
+                                            "H0:P0,H1:P1,... in shard order.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option("--batch-size", type=int, default=None, help="Examples per step (default: the run's).")
 @click.option("--task", default=None, help="Task to load (default: the one the server runs).")
@@ -378,12 +397,14 @@ def _flags_of(ctx: click.Context, skip: str) -> list[str]:
 @main.command()
 @run_config_options
 @click.option("--workers", type=int, default=4, show_default=True, help="Worker processes to start.")
+@click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Server processes, each serving a shard of the model (README, Sharded servers).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Directory for metrics and logs (default: runs/<time>).")
 @delay_option
 @local_security_options
-def train(workers, out, delay, tls_cert, tls_key, tls_client_ca, tls_ca, token_file, **values) -> None:
-    """Start a server and WORKERS worker processes on this machine and train."""
+def train(workers, shards, out, delay, tls_cert, tls_key, tls_client_ca, tls_ca, token_file, **values) -> None:
+    """Start a server (or SHARDS) and WORKERS worker processes on this machine and train."""
     from gapaware.local_run import LocalSecurity, run_local
 
     config = config_from_options(values)
@@ -394,34 +415,40 @@ def train(workers, out, delay, tls_cert, tls_key, tls_client_ca, tls_ca, token_f
                                  token_file=token_file)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    final = run_local(config, workers, out, security, delay=delay)
+    final = run_local(config, workers, out, security, delay=delay, shards=shards)
     if not final or "eval_error" in final or not math.isfinite(final.get("loss") or math.nan):
         sys.exit(1)
 
 
 @main.command()
-@server_address_option(default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@server_address_option(default="127.0.0.1:7070", show_default=True,
+                       help="HOST:PORT; a sharded run's servers H0:P0,H1:P1,... to show every shard.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (a list for several servers).")
 @client_security_options
 def status(address, as_json, **values) -> None:
-    """Show the server's version, policy and live workers."""
+    """Show the server's version, policy and live workers (each shard's, for a list)."""
     from gapaware.worker.status_view import print_status
 
     print_status(address, as_json, client_security_from_options(values))
 
 
 @main.command()
-@server_address_option(default="127.0.0.1:7070", show_default=True, help="HOST:PORT.")
+@server_address_option(default="127.0.0.1:7070", show_default=True,
+                       help="HOST:PORT; a sharded run's servers H0:P0,H1:P1,... to ask each.")
 @click.option("--wait", type=float, default=0.0, show_default=True,
               help="Keep asking for up to this many seconds until the server is SERVING.")
 @client_security_options
 def health(address, wait, **values) -> None:
-    """Ask the server's standard gRPC health service; exit 0 only when it is SERVING."""
+    """Ask the server's standard gRPC health service; exit 0 only when it is (every one is) SERVING."""
     from gapaware.worker.health import wait_until_serving
+    from gapaware.worker.sharded import split_addresses
 
-    status = wait_until_serving(address, wait, client_security_from_options(values))
-    click.echo(f"{address}: {status}")
-    if status != "SERVING":
+    serving = True
+    for each in split_addresses(address):
+        status = wait_until_serving(each, wait, client_security_from_options(values))
+        click.echo(f"{each}: {status}")
+        serving = serving and status == "SERVING"
+    if not serving:
         sys.exit(1)
 
 
@@ -442,22 +469,23 @@ def plot(metrics_file, out) -> None:
 
 
 @main.command()
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="safetensors file to write the model's state_dict() to.")
 @click.option("--data-dir", default=None, help="Directory with data sets for tasks that read files.")
-def export(source, out, data_dir) -> None:
+def export(sources, out, data_dir) -> None:
     """Write the model of a checkpoint (SOURCE: a checkpoint file, a --checkpoint-dir or a run directory
     holding one as 'checkpoints', whose newest valid checkpoint is taken) as its full state_dict(),
-    parameters and buffers, to a safetensors file: model.load_state_dict(safetensors.torch.load_file(OUT))."""
+    parameters and buffers, to a safetensors file: model.load_state_dict(safetensors.torch.load_file(OUT)).
+    A sharded run's model: give every shard's SOURCE, in any order; they are assembled."""
     from gapaware.common.tasks import TaskError
     from gapaware.export import ExportError, export_model
 
     try:
-        checkpoint = export_model(source, out, data_dir)
+        read = export_model(sources, out, data_dir)
     except (ExportError, TaskError) as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"wrote {out} from {checkpoint}")
+    click.echo(f"wrote {out} from {', '.join(map(str, read))}")
 
 
 def _positive_ints(ctx, param, value: str) -> tuple[int, ...]:

@@ -2,10 +2,13 @@
 
 The checkpoint holds θ (flat float32) and the buffers; the task (the checkpoint's run config names it)
 rebuilds the model, so the file holds the model's own names and dtypes, parameters and buffers alike,
-and ``model.load_state_dict(safetensors.torch.load_file(path))`` restores it.
+and ``model.load_state_dict(safetensors.torch.load_file(path))`` restores it. A sharded run's model is
+assembled from every shard's checkpoint (:func:`assemble`).
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -13,6 +16,7 @@ from safetensors.torch import save_file
 
 from gapaware.common.buffers import load_buffers
 from gapaware.common.layout import ParamLayout, load_flat_parameters
+from gapaware.common.shards import Shard, run_identity
 from gapaware.common.tasks import load_task
 from gapaware.server.checkpoint import Checkpoint, CheckpointDirectory, CorruptCheckpoint, read_checkpoint
 
@@ -37,6 +41,25 @@ def find_checkpoint(source: Path) -> tuple[Checkpoint, Path]:
                       "or a run directory holding a 'checkpoints' folder)")
 
 
+def assemble(checkpoints: Sequence[Checkpoint]) -> Checkpoint:
+    """One checkpoint of the whole model from one checkpoint of each shard (any order): the shards' θ
+    concatenated in shard order, shard 0's buffers, version and run. Refuses shards missing, repeated,
+    of different shard counts or of different runs."""
+    if len(checkpoints) == 1 and checkpoints[0].shard.count == 1:
+        return checkpoints[0]
+    ordered = sorted(checkpoints, key=lambda c: c.shard.index)
+    count = ordered[0].shard.count
+    found = [str(c.shard) for c in ordered]
+    if [(c.shard.index, c.shard.count) for c in ordered] != [(i, count) for i in range(count)]:
+        raise ExportError(f"the checkpoints are of shards {', '.join(found)}: give one checkpoint of every shard "
+                          f"0/{count} to {count - 1}/{count} of the run")
+    runs = {run_identity(c.config) for c in ordered}
+    if len(runs) > 1:
+        raise ExportError(f"the checkpoints of shards {', '.join(found)} are of different runs (their run configs "
+                          "differ): give every shard's checkpoint of one run")
+    return dataclasses.replace(ordered[0], theta=torch.cat([c.theta for c in ordered]), shard=Shard())
+
+
 def model_state(checkpoint: Checkpoint, data_dir: str | None = None) -> dict[str, torch.Tensor]:
     """The model's ``state_dict()`` with the checkpoint's parameters and buffers, in the model's dtypes."""
     task = load_task(checkpoint.config.task, seed=checkpoint.config.seed, data_dir=data_dir or checkpoint.config.data_dir)
@@ -55,10 +78,12 @@ def model_state(checkpoint: Checkpoint, data_dir: str | None = None) -> dict[str
             for name, tensor in model.state_dict().items()}
 
 
-def export_model(source: Path, out: Path, data_dir: str | None = None) -> Path:
-    """Writes the model of the checkpoint ``source`` names to ``out``; returns the checkpoint's path."""
-    checkpoint, path = find_checkpoint(source)
+def export_model(sources: Sequence[Path], out: Path, data_dir: str | None = None) -> list[Path]:
+    """Writes the model of the checkpoints ``sources`` name (one, or one per shard) to ``out``; returns
+    the checkpoints' paths."""
+    found = [find_checkpoint(source) for source in sources]
+    checkpoint = assemble([c for c, _ in found])
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(model_state(checkpoint, data_dir), str(out),
               metadata={"task": checkpoint.config.task, "version": str(checkpoint.version)})
-    return path
+    return [path for _, path in found]

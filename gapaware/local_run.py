@@ -2,7 +2,9 @@
 
 The processes are the same ``gapaware server`` and ``gapaware worker`` commands a
 cluster runs; this module only starts them, shows progress from the server's Status
-and prints the summary the server wrote last to its metrics file.
+and prints the summary the server wrote last to its metrics file. With ``--shards S`` it starts S
+servers (``--shard I/S``, each checkpointing into ``OUT/shard-I``) and, since no shard holds the whole
+model, evaluates the model assembled from their final checkpoints itself.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from tqdm import tqdm
 
 from gapaware.command_line import config_flags, flags
 from gapaware.common.config import RunConfig
+from gapaware.common.evaluation import evaluate_task
+from gapaware.common.tasks import load_task
+from gapaware.export import assemble, find_checkpoint, model_state
 from gapaware.common.security import ClientSecurity, SecurityConfigError, ServerSecurity, load_token
 from gapaware.processes import NotReady, ServerProcess, log_tail, start_worker
 from gapaware.server.evaluator import describe_metrics
@@ -62,35 +67,39 @@ class LocalSecurity:
 
 
 def run_local(config: RunConfig, workers: int, out: Path | None,
-              security: LocalSecurity = LocalSecurity(), delay: DelaySpec | None = None) -> dict | None:
+              security: LocalSecurity = LocalSecurity(), delay: DelaySpec | None = None, shards: int = 1) -> dict | None:
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    click.echo(f"gapaware train: task {config.task}, policy {config.policy}, {workers} workers; logs in {out}")
-    try:
-        server = ServerProcess(out, *config_flags(config), *security.server_flags(), metrics_file=out / "metrics.jsonl")
-    except NotReady as error:
-        raise click.ClickException(str(error)) from None
+    click.echo(f"gapaware train: task {config.task}, policy {config.policy}, {workers} workers"
+               f"{f', {shards} shards' if shards > 1 else ''}; logs in {out}")
+    servers: list[ServerProcess] = []
     procs: list[subprocess.Popen] = []
     try:
+        servers += _start_servers(config, out, security, shards)
+        server = servers[0]
+        address = ",".join(s.address for s in servers)
         delay_flags = [] if delay is None else ["--delay", str(delay)]
         for i in range(workers):
-            procs.append(start_worker(server.address, out, i, *delay_flags, *security.worker_flags()))
+            procs.append(start_worker(address, out, i, *delay_flags, *security.worker_flags()))
         if not _show_progress(server.address, server.proc, procs, security.client()):
             _stop_if_workers_gone(server, procs, out, security.client())
-        server.proc.wait()
+        for each in servers:
+            each.proc.wait()
         for proc in procs:
             proc.wait(timeout=30)
     finally:
-        for proc in [*procs, server.proc]:
+        for proc in [*procs, *(s.proc for s in servers)]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    finals = server.records("final")
-    if server.proc.returncode != 0 or not finals:
-        raise click.ClickException(f"the server failed (exit {server.proc.returncode}); the end of its log "
-                                   f"({server.log_path}):\n{log_tail(server.log_path)}")
-    final = finals[-1]
+    for each in servers:
+        if each.proc.returncode != 0 or not each.records("final"):
+            raise click.ClickException(f"the server failed (exit {each.proc.returncode}); the end of its log "
+                                       f"({each.log_path}):\n{log_tail(each.log_path)}")
+    final = server.records("final")[-1]
+    if shards > 1:
+        final = {**final, **_evaluate_shards(out, shards)}
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     click.echo(
         f"final {describe_metrics(final)} after {final['version']} updates "
@@ -99,6 +108,28 @@ def run_local(config: RunConfig, workers: int, out: Path | None,
         + (f"; workers {failed} exited with errors, see their logs in {out}" if failed else "")
     )
     return final
+
+
+def _start_servers(config: RunConfig, out: Path, security: LocalSecurity, shards: int) -> list[ServerProcess]:
+    """The run's server, or its ``shards`` servers in shard order, started and ready."""
+    flags_of_all = [*config_flags(config), *security.server_flags()]
+    try:
+        if shards == 1:
+            return [ServerProcess(out, *flags_of_all, metrics_file=out / "metrics.jsonl")]
+        return [ServerProcess(out, *flags_of_all, "--shard", f"{i}/{shards}", "--checkpoint-dir",
+                              str(out / f"shard-{i}"), name=f"server-{i}",
+                              metrics_file=out / "metrics.jsonl" if i == 0 else None) for i in range(shards)]
+    except NotReady as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _evaluate_shards(out: Path, shards: int) -> dict:
+    """The test metrics of the model assembled from the shards' final checkpoints."""
+    checkpoint = assemble([find_checkpoint(out / f"shard-{i}")[0] for i in range(shards)])
+    task = load_task(checkpoint.config.task, seed=checkpoint.config.seed, data_dir=checkpoint.config.data_dir)
+    task.model.load_state_dict(model_state(checkpoint))
+    metrics = evaluate_task(task, task.model)
+    return {**metrics, "eval_metrics": sorted(metrics)}
 
 
 def _show_progress(address: str, server: subprocess.Popen, workers: list[subprocess.Popen],

@@ -77,14 +77,16 @@ class ParamLayout(_message.Message):
     def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., fingerprint: _Optional[str] = ..., buffers: _Optional[_Iterable[_Union[BufferSpec, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[BufferSpec, _Mapping]]] = ..., frozen_crc32c: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("layout", "hostname", "device")
+    __slots__ = ("layout", "hostname", "device", "run_config_sha256")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RUN_CONFIG_SHA256_FIELD_NUMBER: _ClassVar[int]
     layout: ParamLayout
     hostname: str
     device: str
-    def __init__(self, layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    run_config_sha256: str
+    def __init__(self, layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ..., run_config_sha256: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("worker_id", "run_config_json", "layout", "version", "finished", "lease_seconds", "worker_secret")
@@ -215,12 +217,14 @@ class HeartbeatReply(_message.Message):
     def __init__(self, finished: _Optional[bool] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("worker_id", "worker_secret")
+    __slots__ = ("worker_id", "worker_secret", "run_finished")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
+    RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     worker_secret: bytes
-    def __init__(self, worker_id: _Optional[int] = ..., worker_secret: _Optional[bytes] = ...) -> None: ...
+    run_finished: bool
+    def __init__(self, worker_id: _Optional[int] = ..., worker_secret: _Optional[bytes] = ..., run_finished: _Optional[bool] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ()
@@ -249,7 +253,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ..., staleness: _Optional[int] = ..., pushes: _Optional[int] = ..., last_seen_seconds: _Optional[float] = ..., mean_gap: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "policy", "updates", "samples", "epoch", "workers", "finished", "run_config_json", "last_accuracy", "last_loss", "mean_staleness", "mean_gap", "uptime_seconds", "max_updates", "held_snapshots", "nonfinite_pushes", "oversized_pushes", "nonfinite_updates", "grad_norm_limit", "checkpoint_failures", "last_checkpoint_error", "checkpoint_version", "last_metrics", "eval_errors", "last_eval_error", "evals_skipped")
+    __slots__ = ("version", "policy", "updates", "samples", "epoch", "workers", "finished", "run_config_json", "last_accuracy", "last_loss", "mean_staleness", "mean_gap", "uptime_seconds", "max_updates", "held_snapshots", "nonfinite_pushes", "oversized_pushes", "nonfinite_updates", "grad_norm_limit", "checkpoint_failures", "last_checkpoint_error", "checkpoint_version", "last_metrics", "eval_errors", "last_eval_error", "evals_skipped", "shard_index", "shard_count", "parameters")
     class LastMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +287,9 @@ class StatusReply(_message.Message):
     EVAL_ERRORS_FIELD_NUMBER: _ClassVar[int]
     LAST_EVAL_ERROR_FIELD_NUMBER: _ClassVar[int]
     EVALS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     version: int
     policy: str
     updates: int
@@ -309,4 +316,7 @@ class StatusReply(_message.Message):
     eval_errors: int
     last_eval_error: str
     evals_skipped: int
-    def __init__(self, version: _Optional[int] = ..., policy: _Optional[str] = ..., updates: _Optional[int] = ..., samples: _Optional[int] = ..., epoch: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., finished: _Optional[bool] = ..., run_config_json: _Optional[str] = ..., last_accuracy: _Optional[float] = ..., last_loss: _Optional[float] = ..., mean_staleness: _Optional[float] = ..., mean_gap: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., max_updates: _Optional[int] = ..., held_snapshots: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ..., oversized_pushes: _Optional[int] = ..., nonfinite_updates: _Optional[int] = ..., grad_norm_limit: _Optional[float] = ..., checkpoint_failures: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., checkpoint_version: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., eval_errors: _Optional[int] = ..., last_eval_error: _Optional[str] = ..., evals_skipped: _Optional[int] = ...) -> None: ...
+    shard_index: int
+    shard_count: int
+    parameters: int
+    def __init__(self, version: _Optional[int] = ..., policy: _Optional[str] = ..., updates: _Optional[int] = ..., samples: _Optional[int] = ..., epoch: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., finished: _Optional[bool] = ..., run_config_json: _Optional[str] = ..., last_accuracy: _Optional[float] = ..., last_loss: _Optional[float] = ..., mean_staleness: _Optional[float] = ..., mean_gap: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., max_updates: _Optional[int] = ..., held_snapshots: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ..., oversized_pushes: _Optional[int] = ..., nonfinite_updates: _Optional[int] = ..., grad_norm_limit: _Optional[float] = ..., checkpoint_failures: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., checkpoint_version: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., eval_errors: _Optional[int] = ..., last_eval_error: _Optional[str] = ..., evals_skipped: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., parameters: _Optional[int] = ...) -> None: ...

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from gapaware.common.config import RunConfig
 from gapaware.common.registry import DEFAULTS
 from gapaware.common.security import ServerSecurity
+from gapaware.common.shards import Shard
 from gapaware.common.transport import MAX_MESSAGE_BYTES
 from gapaware.server.auth import TokenAuthInterceptor
 from gapaware.server.build import build_state
@@ -91,6 +92,7 @@ class ServerOptions:
     max_workers: int = DEFAULT_MAX_WORKERS            # workers registered at once; more Joins: RESOURCE_EXHAUSTED
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds a call's first request message may take to arrive
     min_transfer_rate: float = DEFAULT_MIN_TRANSFER_RATE  # MiB/s below which a tensor transfer is ended
+    shard: Shard = field(default_factory=Shard)   # the slice of the model this server owns (gapaware.common.shards)
 
 
 def listen_address(host: str, port: int) -> str:
@@ -111,7 +113,7 @@ def prepare_state(config: RunConfig, options: ServerOptions):
     elif checkpoint_dir is not None:
         check_fresh_directory(checkpoint_dir)
     task, state = build_state(config, nonfinite=options.nonfinite, grad_norm_bound=options.grad_norm_bound,
-                              max_workers=options.max_workers)
+                              max_workers=options.max_workers, shard=options.shard)
     if checkpoint is not None:
         others = [checkpoint_dir] if checkpoint_dir is not None else []
         try:
@@ -204,9 +206,10 @@ async def serve(config: RunConfig, options: ServerOptions) -> dict:
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("listening on %s (%s): task %s, policy %s, %d parameters, %d updates",
+    log.info("listening on %s (%s): task %s, policy %s, %d parameters%s, %d updates",
              listen_address(options.host, port), options.security.describe(options.host), config.task,
-             config.policy, state.layout.numel, state.total_updates)
+             config.policy, state.layout.numel, f" (shard {state.shard})" if state.shard.count > 1 else "",
+             state.total_updates)
     if options.ready_file is not None:
         options.ready_file.write_text(json.dumps({"port": port}))
 

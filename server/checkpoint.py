@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gapaware.common.config import RunConfig
+from gapaware.common.shards import Shard
 from gapaware.common.transport import all_finite
 from gapaware.server.push_bound import NORM_CEILING
 
@@ -89,6 +90,7 @@ class Checkpoint:
     totals: dict[str, float]             # sums over the run's pushes (the state's Window fields)
     push_norms: tuple[float, ...] = ()   # the push bound's recent gradient norms, oldest first
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # the model's buffers, by name
+    shard: Shard = Shard()               # the slice of the model it holds (gapaware.common.shards)
 
 
 def checkpoint_name(incarnation: int, version: int) -> str:
@@ -136,7 +138,7 @@ def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     meta_json = json.dumps({
         "format": FORMAT, "version": checkpoint.version, "samples": checkpoint.samples,
         "incarnation": checkpoint.incarnation, "config": json.loads(checkpoint.config.to_json()),
-        "totals": checkpoint.totals, "push_norms": list(checkpoint.push_norms),
+        "totals": checkpoint.totals, "push_norms": list(checkpoint.push_norms), "shard": str(checkpoint.shard),
     }, sort_keys=True)
     path = directory / checkpoint_name(checkpoint.incarnation, checkpoint.version)
     nonfinite = nonfinite_tensors(checkpoint)
@@ -188,6 +190,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
             totals=dict(meta["totals"]), push_norms=tuple(float(n) for n in meta.get("push_norms", ())),
             buffers={key.removeprefix(BUFFER_PREFIX): value for key, value in tensors.items()
                      if key.startswith(BUFFER_PREFIX)},
+            shard=Shard.parse(meta.get("shard", "0/1")),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CorruptCheckpoint(f"{path}: invalid metadata ({error})") from None

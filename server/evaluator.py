@@ -75,14 +75,10 @@ class Evaluator:
     def evaluate_now(self, event: str = "eval", extra: dict | None = None) -> dict:
         """Evaluates the current parameters and logs the record, with ``extra`` fields (the final
         record carries the run's totals)."""
-        version, theta = self._state.parameters()
-        try:
-            load_flat_parameters(self._task.model, theta)
-            load_buffers(self._task.model, self._state.buffer_tensors())
-            metrics, error = self._metrics()
-        finally:
-            load_flat_parameters(self._task.model, self._state.theta)  # frees the copy: see build_state
-            del theta
+        if self._state.shard.count > 1:  # a slice of the model: nothing to evaluate (gapaware export assembles it)
+            version, metrics, error = self._state.version, {}, None
+        else:
+            version, metrics, error = self._evaluate()
         record = {
             "event": event,
             "version": version,
@@ -105,6 +101,16 @@ class Evaluator:
         self._log.write(record)
         return record
 
+    def _evaluate(self) -> tuple[int, dict[str, float], str | None]:
+        version, theta = self._state.parameters()
+        try:
+            load_flat_parameters(self._task.model, theta)
+            load_buffers(self._task.model, self._state.buffer_tensors())
+            return version, *self._metrics()
+        finally:
+            load_flat_parameters(self._task.model, self._state.theta)  # frees the copy: see build_state
+            del theta
+
     def _metrics(self) -> tuple[dict[str, float], str | None]:
         """The task's metrics, or NaN loss and the error that stopped them (logged with its traceback)."""
         try:
@@ -122,7 +128,7 @@ class Evaluator:
     def _run(self) -> None:
         every = self._state.config.eval_every
         evaluated = 0
-        while not self._stop.is_set() and not self._state.finished:
+        while self._state.shard.count == 1 and not self._stop.is_set() and not self._state.finished:
             version = self._state.wait_for_version((evaluated // every + 1) * every, timeout=0.5)
             if version // every > evaluated // every and not self._state.finished:
                 missed = version // every - evaluated // every - 1  # multiples of every passed unevaluated

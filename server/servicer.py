@@ -115,7 +115,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
         layout = ParamLayout.from_proto(request.layout) if request.layout.params else None
         record = await self._call(lambda: self._state.join(
-            request.hostname or context.peer(), request.device, layout, fingerprint=request.layout.fingerprint))
+            request.hostname or context.peer(), request.device, layout, fingerprint=request.layout.fingerprint,
+            run_config_sha256=request.run_config_sha256))
         return pb.JoinReply(
             worker_id=record.worker_id,
             run_config_json=self._state.config.to_json(),
@@ -171,6 +172,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
         self._authenticate(request.worker_id, request.worker_secret)
         await self._call(self._state.leave, request.worker_id)
+        if request.run_finished and self._state.shard.index > 0:
+            self._state.finish()
         return pb.LeaveReply()
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
@@ -332,4 +335,5 @@ def status_reply(state: ParameterServerState, last_eval: dict) -> pb.StatusReply
                       if isinstance(last_eval.get(name), (int, float))},
         eval_errors=last_eval.get("eval_errors", 0), last_eval_error=last_eval.get("eval_error", ""),
         evals_skipped=last_eval.get("evals_skipped", 0),
+        shard_index=state.shard.index, shard_count=state.shard.count, parameters=state.layout.numel,
     )

@@ -21,6 +21,7 @@ from gapaware.common.codecs import Codec
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.results import PushResult
+from gapaware.common.shards import Shard, run_identity
 from gapaware.server.checkpoint import Checkpoint, CheckpointHealth
 from gapaware.server.errors import InvalidLayout, LayoutMismatch, TooManyWorkers
 from gapaware.server.limits import DEFAULT_MAX_WORKERS
@@ -35,11 +36,12 @@ log = logging.getLogger("gapaware.server")
 class ParameterServerState:
     def __init__(self, config: RunConfig, layout: ParamLayout, theta: torch.Tensor, train_size: int, *,
                  nonfinite: str = "reject", grad_norm_bound: float = 0.0, buffers: bytes = b"",
-                 max_workers: int = DEFAULT_MAX_WORKERS) -> None:
+                 max_workers: int = DEFAULT_MAX_WORKERS, shard: Shard = Shard()) -> None:
         if theta.dim() != 1 or theta.numel() != layout.numel or theta.dtype != torch.float32:
             raise ValueError(f"theta must be a flat float32 tensor of {layout.numel} elements")
         self.config = config
         self.layout = layout
+        self.shard = shard  # the slice of the model ``layout`` is (gapaware.common.shards)
         self.train_size = train_size
         self.model = ModelStore(theta, getattr(torch, config.snapshot_dtype), config.full_pull_every)
         self.model.buffers = (buffers, checksum(buffers))
@@ -99,19 +101,27 @@ class ParameterServerState:
         return self.samples / self.train_size if self.train_size else 0.0
 
     # -- membership -------------------------------------------------------------------------
-    def join(self, hostname: str, device: str, layout: ParamLayout | None, *, fingerprint: str = "") -> WorkerRecord:
+    def join(self, hostname: str, device: str, layout: ParamLayout | None, *, fingerprint: str = "",
+             run_config_sha256: str = "") -> WorkerRecord:
         """Registers a worker, up to :attr:`max_workers` at once. ``layout`` and its claimed ``fingerprint``
         (either may be absent) must agree with each other and with the server's layout; ``hostname`` and
-        ``device`` must be plain names of bounded length (:func:`check_join_labels`)."""
+        ``device`` must be plain names of bounded length (:func:`check_join_labels`); ``run_config_sha256``,
+        when given, must be this run's (:func:`gapaware.common.shards.run_identity`)."""
         check_join_labels(hostname, device)
+        if run_config_sha256 and run_config_sha256 != run_identity(self.config):
+            raise LayoutMismatch(f"this server (shard {self.shard}) runs another run than the worker's shard 0: "
+                                 "their run configs differ (task, policy, seed, ...); start every shard with "
+                                 "the same run flags")
         if fingerprint and layout is not None and fingerprint != layout.fingerprint:
             raise InvalidLayout(f"the layout's fingerprint {fingerprint[:16]}... is not that of the {len(layout.names)} "
                                 "parameters it lists: the message is corrupt or was built by other code")
         if layout is not None:
             mismatch = self.layout.describe_mismatch(layout)
             if mismatch:
+                hint = (f"; this server is shard {self.shard} of a sharded run: give the worker every shard, "
+                        "in order (--server H0:P0,H1:P1,...)" if self.shard.count > 1 else "")
                 raise LayoutMismatch(f"the worker's model does not match the server's (task "
-                                     f"{self.config.task!r}): {mismatch}")
+                                     f"{self.config.task!r}): {mismatch}{hint}")
         elif fingerprint and fingerprint != self.layout.fingerprint:
             raise LayoutMismatch(f"the worker's model does not match the server's (task {self.config.task!r}): "
                                  f"layout fingerprint {fingerprint[:16]}..., the server's is "
@@ -212,7 +222,7 @@ class ParameterServerState:
         """A new push of a worker that may push, under the lock."""
         staleness = self.version - push.base_version
         dropped = PushResult(self.version, staleness, 1.0, self.finished, False)
-        if self.finished or self.updater.drops(push, norm):
+        if self.finished or self.version >= self.total_updates or self.updater.drops(push, norm):
             return dropped
         stale_theta, used_up = self.model.take_snapshot(record.worker_id)
         backup = self.model.spare()
@@ -231,11 +241,18 @@ class ParameterServerState:
         record.pulled_version = None
         record.pushes += 1
         record.last_gap = gap
-        if self.version >= self.total_updates:
+        if self._reached_end():
             self.finished = True
         if self.finished or any(self.version >= awaited for awaited in self._awaited_versions):
             self._changed.notify_all()
         return PushResult(self.version, staleness, gap, self.finished, True)
+
+    def _reached_end(self) -> bool:
+        """Whether this server ends the run by itself: shard 0 (or the only server) at the run's last
+        update. A later shard applies no push past it but serves on until told the run ended
+        (:meth:`finish`, at a worker's Leave): it may have reached the end first only because shard 0
+        restarted from an older checkpoint and still needs pushes."""
+        return self.shard.index == 0 and self.version >= self.total_updates
 
     # -- observation ------------------------------------------------------------------------
     def parameters(self) -> tuple[int, torch.Tensor]:
@@ -298,7 +315,7 @@ class ParameterServerState:
                               policy_state=self.policy.state_dict(),
                               totals=dataclasses.asdict(self.updater.totals),
                               push_norms=tuple(self.updater.bound.recent()) if self.updater.bound else (),
-                              buffers=self.buffer_tensors())
+                              buffers=self.buffer_tensors(), shard=self.shard)
 
     def restore(self, checkpoint: Checkpoint, incarnation: int) -> None:
         """Continues the run saved in ``checkpoint`` as server incarnation ``incarnation``.
@@ -310,6 +327,10 @@ class ParameterServerState:
         the look-ahead's ``Σⱼ vʲ`` forever. Snapshots are not saved: every worker pulls afresh.
         Raises ``ValueError`` when the checkpoint does not fit this run's model or policy.
         """
+        if checkpoint.shard != self.shard:
+            raise ValueError(f"the checkpoint is of shard {checkpoint.shard} (I/S) of its run, this server was started "
+                             f"as shard {self.shard}: give --shard {checkpoint.shard}, or resume that shard's own "
+                             "checkpoint directory")
         if checkpoint.theta.shape != self.theta.shape:
             raise ValueError(f"the checkpoint holds {checkpoint.theta.numel()} parameters, the model of task "
                              f"{self.config.task!r} has {self.theta.numel()}")
@@ -331,4 +352,4 @@ class ParameterServerState:
                 self.updater.bound.load(checkpoint.push_norms)
             self.incarnation = incarnation
             self.workers = WorkerRegistry(first_id=first_worker_id(incarnation))
-            self.finished = self.version >= self.total_updates
+            self.finished = self._reached_end()

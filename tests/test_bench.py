@@ -102,3 +102,9 @@ def test_free_work_bound_runs_gapaware_without_its_arithmetic():
         result, version, new_version, after, theta = _push_nan(prefix=FREE_SERVER)
     assert result.applied and new_version == version + 1
     assert torch.equal(after, theta)
+
+
+@pytest.mark.slow
+def test_shards_benchmark_runs_and_prints_finite_figures(tmp_path):
+    """bench.shards starts S servers a run, too slow for the quick list above."""
+    test_benchmark_runs_and_prints_finite_figures("shards", tmp_path)

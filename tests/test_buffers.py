@@ -65,7 +65,7 @@ def test_server_accuracy_is_the_exported_models_with_its_buffers(tmp_path):
     final = server.records("final")[-1]
     assert final["version"] == 200
     out = tmp_path / "model.safetensors"
-    export_model(tmp_path, out)
+    export_model([tmp_path], out)
     task = load_task(BN_TASK)
     state = load_file(str(out))
     assert set(state) == set(task.model.state_dict())

@@ -60,6 +60,15 @@ def compose_services() -> dict[str, dict]:
     return services
 
 
+def sharded_compose_services() -> dict[str, dict]:
+    return load_yaml("docker-compose.sharded.yml")[0]["services"]
+
+
+def sharded_k8s_objects() -> list[dict]:
+    return [doc for name in ("kubernetes/sharded/shards.yaml", "kubernetes/sharded/workers.yaml")
+            for doc in load_yaml(name)]
+
+
 def k8s_objects() -> list[dict]:
     return [doc for name in ("kubernetes/server.yaml", "kubernetes/worker.yaml") for doc in load_yaml(name)]
 
@@ -141,6 +150,19 @@ def invocations() -> list[tuple[str, list[str], dict[str, str]]]:
                 assert "command" not in container, "containers run the image's gapaware entrypoint"
                 found.append((f"kubernetes {obj['metadata']['name']}", container["args"],
                               {**image_env, **container_env(container)}))
+    for name, service in sharded_compose_services().items():
+        env = {**image_env, **{k: str(v) for k, v in service["environment"].items()}}
+        found.append((f"compose sharded {name}", service["command"], env))
+        if "healthcheck" in service:
+            found.append((f"compose sharded {name} healthcheck", service["healthcheck"]["test"][2:], env))
+    for obj in sharded_k8s_objects():
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            container = obj["spec"]["template"]["spec"]["containers"][0]
+            assert "command" not in container, "containers run the image's gapaware entrypoint"
+            for index in range(obj["spec"]["replicas"] if obj["kind"] == "StatefulSet" else 1):
+                env = {k: v.replace("$(POD_INDEX)", str(index)) for k, v in container_env(container).items()}
+                found.append((f"kubernetes {obj['metadata']['name']} pod {index}", container["args"],
+                              {**image_env, **env}))
     for path in deploy_files(".service"):
         found.append((f"systemd {path.name}", *systemd_unit(path)))
     for path in deploy_files(".sh", ".sbatch"):
@@ -180,12 +202,16 @@ def test_every_recipe_has_gapaware_command_lines():
 @pytest.mark.parametrize("where,args,env", INVOCATIONS, ids=[f"{w}: {' '.join(a)}" for w, a, _ in INVOCATIONS])
 def test_every_gapaware_command_line_in_deploy_is_accepted_by_the_cli(where, args, env, tmp_path, monkeypatch):
     # A script's "$RUN_DIR/metrics.jsonl" exists only at run time: make such words exist
-    # here, so that what is checked is the flags and their values.
+    # here (a file when named with a suffix, else a directory), so that what is checked is the
+    # flags and their values.
     monkeypatch.chdir(tmp_path)
     for word in args:
         if "$" in word and not word.startswith("-"):
             (tmp_path / word).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / word).touch()
+            if PurePosixPath(word).suffix:
+                (tmp_path / word).touch()
+            else:
+                (tmp_path / word).mkdir(exist_ok=True)
     try:
         parse_invocation(args, without_pending(env))
     except click.ClickException as error:
@@ -310,3 +336,36 @@ def test_the_image_holds_every_package_folder():
 def test_shell_scripts_have_valid_syntax(script):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+def test_sharded_recipes_list_every_shard_in_order_with_stable_names():
+    """Kubernetes: a StatefulSet of S pods whose index is their shard, reached through a headless Service by
+    name; compose: one service per shard; SLURM: one server per head node. The workers list every shard in
+    shard order, and each shard keeps checkpoints of its own that it resumes from."""
+    shards = k8s_objects_of("StatefulSet", "gapaware-shard")
+    count = shards["spec"]["replicas"]
+    service = next(o for o in sharded_k8s_objects() if o["kind"] == "Service")
+    assert service["spec"]["clusterIP"] == "None" and shards["spec"]["serviceName"] == service["metadata"]["name"]
+    assert shards["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    port = params_of("kubernetes gapaware-shard pod 0")["port"]
+    for index in range(count):
+        params = params_of(f"kubernetes gapaware-shard pod {index}")
+        assert str(params["shard"]) == f"{index}/{count}" and params["resume"] == params["checkpoint_dir"]
+    addresses = params_of("kubernetes gapaware-sharded-worker pod 0")["address"].split(",")
+    assert addresses == [f"gapaware-shard-{i}.gapaware-shard:{port}" for i in range(count)]
+
+    compose = sharded_compose_services()
+    servers = [name for name, s in compose.items() if s["command"] == ["server"]]
+    for index, name in enumerate(servers):
+        params = params_of(f"compose sharded {name}")
+        assert str(params["shard"]) == f"{index}/{len(servers)}" and params["resume"] == params["checkpoint_dir"]
+        assert compose[name]["volumes"] == [f"{name}-data:/data"]
+    worker = params_of("compose sharded worker")["address"].split(",")
+    assert worker == [f"{name}:{params_of(f'compose sharded {name}')['port']}" for name in servers]
+
+    sbatch = (DEPLOY / "slurm" / "gapaware.sbatch").read_text()
+    assert 'GAPAWARE_SHARD="$I/$SHARDS" srun' in sbatch and "--checkpoint-dir \"$SHARD_DIR/checkpoints\"" in sbatch
+
+
+def k8s_objects_of(kind: str, name: str) -> dict:
+    return next(o for o in sharded_k8s_objects() if o["kind"] == kind and o["metadata"]["name"] == name)

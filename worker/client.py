@@ -103,12 +103,13 @@ class WorkerClient:
         """The server's model buffers (gapaware.common.buffers) as of the last parameters received."""
 
     # -- lifecycle ------------------------------------------------------------------------
-    def join(self, layout: ParamLayout | None = None, *, device: str = "cpu") -> JoinInfo:
-        """Registers with the server. With ``layout`` the server checks the model matches. A new worker
-        id starts afresh: error feedback zeroed, the next pull a full one."""
+    def join(self, layout: ParamLayout | None = None, *, device: str = "cpu", run_config_sha256: str = "") -> JoinInfo:
+        """Registers with the server. With ``layout`` the server checks the model matches; with
+        ``run_config_sha256`` (a shard of a sharded run, :mod:`gapaware.worker.sharded`) that it runs that run.
+        A new worker id starts afresh: error feedback zeroed, the next pull a full one."""
         reply = self._stub.Join(
             pb.JoinRequest(layout=layout.to_proto() if layout else None, hostname=socket.gethostname(),
-                           device=device),
+                           device=device, run_config_sha256=run_config_sha256),
             timeout=self._timeout,
         )
         self._info = JoinInfo(
@@ -126,8 +127,10 @@ class WorkerClient:
             raise RuntimeError("join() first: the server assigns the worker id at Join")
         return self._info
 
-    def leave(self) -> None:
-        self._stub.Leave(pb.LeaveRequest(worker_id=self.info.worker_id, worker_secret=self.info.worker_secret),
+    def leave(self, *, run_finished: bool = False) -> None:
+        """Leaves the run; ``run_finished`` tells a later shard of a sharded run that shard 0 ended it."""
+        self._stub.Leave(pb.LeaveRequest(worker_id=self.info.worker_id, worker_secret=self.info.worker_secret,
+                                         run_finished=run_finished),
                          timeout=self._timeout)
         self._info = None
 

@@ -41,6 +41,7 @@ from gapaware.worker.client import WorkerClient
 from gapaware.worker.delay import DelaySpec
 from gapaware.worker.heartbeat import Heartbeat
 from gapaware.worker.prefetch import Prefetcher
+from gapaware.worker.sharded import connect
 from gapaware.worker.progress import Progress
 from gapaware.worker.retry import RetryAborted, RetryPolicy, call_with_retries, is_retryable
 
@@ -58,7 +59,7 @@ class ServerUnreachable(RuntimeError):
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    server: str
+    server: str                       # HOST:PORT, or every shard's, comma-separated in shard order
     device: str = "cpu"
     batch_size: int | None = None     # None: the run's batch size
     task: str | None = None           # None: the task the server runs
@@ -150,9 +151,9 @@ def run_worker(options: WorkerOptions) -> WorkerSummary:
     torch.set_num_threads(options.threads)
     check_device(options.device)
     with stop_on_signals(threading.Event()) as stop, \
-            WorkerClient(options.server, transport_dtype=options.transport_dtype, push_dtype=options.push_dtype,
-                         pull_dtype=options.pull_dtype, timeout=options.rpc_timeout,
-                         **options.security.client_kwargs()) as client:
+            connect(options.server, transport_dtype=options.transport_dtype, push_dtype=options.push_dtype,
+                    pull_dtype=options.pull_dtype, timeout=options.rpc_timeout,
+                    **options.security.client_kwargs()) as client:
         retry = functools.partial(call_with_retries, policy=options.retry, stop=stop, answers=client.answers)
         try:
             return _train(client, options, retry, stop)

@@ -2,7 +2,8 @@
 
 The JSON keeps the proto's field names, numbers as numbers (not the strings that the
 proto3 JSON mapping gives 64-bit integers), ``null`` for "not measured yet" and the run
-configuration as an object, so ``jq '.version'`` or ``json.load`` need no conversions.
+configuration as an object, so ``jq '.version'`` or ``json.load`` need no conversions. Given a sharded
+run's servers, it shows each shard's status (JSON: a list, in shard order).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from google.protobuf.message import Message
 from gapaware.cli_errors import UserError, rpc_exit_code
 from gapaware.common.security import ClientSecurity
 from gapaware.worker.client import WorkerClient
+from gapaware.worker.sharded import split_addresses
 
 COLUMNS = (("worker", 6), ("host", -20), ("device", -8), ("staleness", 9), ("pushes", 8), ("last gap", 8),
            ("last seen", 10))
@@ -50,8 +52,10 @@ def _row(values) -> str:
 def format_status(address: str, reply) -> str:
     accuracy = "not evaluated yet" if math.isnan(reply.last_accuracy) else \
         f"{reply.last_accuracy:.4f} (loss {reply.last_loss:.4f})"
+    shard = f" (shard {reply.shard_index}/{reply.shard_count}, {reply.parameters} parameters)" \
+        if reply.shard_count > 1 else ""
     lines = [
-        f"server {address}: task {json.loads(reply.run_config_json or '{}').get('task', '?')}, policy {reply.policy}, "
+        f"server {address}{shard}: task {json.loads(reply.run_config_json or '{}').get('task', '?')}, policy {reply.policy}, "
         f"{'finished' if reply.finished else 'running'} for {reply.uptime_seconds:.0f}s",
         f"progress: update {reply.version} of {reply.max_updates}, epoch {reply.epoch:.2f}, {reply.samples} examples",
         f"last test accuracy: {accuracy}",
@@ -87,11 +91,21 @@ def _checkpoint_lines(reply) -> list[str]:
     return [line]
 
 
-def print_status(address: str, as_json: bool, security: ClientSecurity = ClientSecurity()) -> None:
+def print_status(addresses: str, as_json: bool, security: ClientSecurity = ClientSecurity()) -> None:
+    """Prints the status of the server at ``addresses``, or of each of a comma-separated list."""
+    parts = split_addresses(addresses)
+    replies = [_status(address, security) for address in parts]
+    if as_json:
+        data = [status_dict(reply) for reply in replies]
+        click.echo(json.dumps(data if len(parts) > 1 else data[0], indent=2))
+    else:
+        click.echo("\n\n".join(format_status(address, reply) for address, reply in zip(parts, replies)))
+
+
+def _status(address: str, security: ClientSecurity):
     try:
         with WorkerClient(address, timeout=10.0, **security.client_kwargs()) as client:
-            reply = client.status()
+            return client.status()
     except grpc.RpcError as error:
         raise UserError(f"no status from {address}: {error.code().name}: {error.details()}",
                         rpc_exit_code(error)) from None
-    click.echo(json.dumps(status_dict(reply), indent=2) if as_json else format_status(address, reply))
