@@ -19,8 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/gapaware train --task digits-cnn --workers 4 --policy gap-aware
 
+# Two test processes (pytest-xdist), a file each at a time, so a file's module fixtures run once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -55,4 +55,4 @@ def test_a_worker_that_never_reached_its_server_gives_up_after_the_connect_timeo
     assert "Traceback" not in ended.stdout and len(lines) <= 10, ended.stdout
     connecting = next(line for line in lines if f"connecting to {address}" in line)
     since = datetime.strptime(connecting[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    assert exited - since < 2 + 3, f"exited {exited - since:.1f}s after it began to connect, with --connect-timeout 2"
+    assert exited - since < 2 + 10, f"exited {exited - since:.1f}s after it began to connect, with --connect-timeout 2"
