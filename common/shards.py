@@ -80,7 +80,6 @@ def shard_layout(layout: ParamLayout, shard: Shard) -> ParamLayout:
     return ParamLayout((name,), ((stop - start,),), layout.buffers if shard.index == 0 else ())
 
 
-
 def run_identity(config: RunConfig) -> str:
     """The SHA-256 (hex) of a run's config: every shard of one run has the same, a worker presents shard
     0's to the others (JoinRequest.run_config_sha256)."""

@@ -9,6 +9,7 @@ from gapaware.common.registry import DEFAULTS
 from gapaware.common.shards import Shard, shard_layout
 from gapaware.common.tasks import Task, TaskError, load_task
 from gapaware.server.limits import DEFAULT_MAX_WORKERS
+from gapaware.server.policies import element_rates
 from gapaware.server.state import ParameterServerState
 
 
@@ -27,7 +28,7 @@ def build_state(config: RunConfig, *, nonfinite: str = DEFAULTS.nonfinite,
         state = ParameterServerState(config, layout, theta if shard.count == 1 else theta[start:stop].clone(),
                                      train_size=len(task.train), nonfinite=nonfinite, grad_norm_bound=grad_norm_bound,
                                      max_workers=max_workers, buffers=model_buffers(task.model, layout.buffers),
-                                     shard=shard)
+                                     shard=shard, rates=element_rates(model_layout, config).sliced(start, stop))
     except ValueError as error:
         raise TaskError(str(error)) from None
     if shard.count > 1:

@@ -27,6 +27,7 @@ from gapaware.server.errors import InvalidLayout, LayoutMismatch, TooManyWorkers
 from gapaware.server.limits import DEFAULT_MAX_WORKERS
 from gapaware.server.model_store import ModelStore, Outgoing
 from gapaware.server.push import AdmittedPush, admit
+from gapaware.server.policies import ElementRates
 from gapaware.server.registry import WorkerRecord, WorkerRegistry, check_join_labels, first_worker_id
 from gapaware.server.updater import Updater, Window
 
@@ -36,7 +37,8 @@ log = logging.getLogger("gapaware.server")
 class ParameterServerState:
     def __init__(self, config: RunConfig, layout: ParamLayout, theta: torch.Tensor, train_size: int, *,
                  nonfinite: str = "reject", grad_norm_bound: float = 0.0, buffers: bytes = b"",
-                 max_workers: int = DEFAULT_MAX_WORKERS, shard: Shard = Shard()) -> None:
+                 max_workers: int = DEFAULT_MAX_WORKERS, shard: Shard = Shard(),
+                 rates: ElementRates | None = None) -> None:
         if theta.dim() != 1 or theta.numel() != layout.numel or theta.dtype != torch.float32:
             raise ValueError(f"theta must be a flat float32 tensor of {layout.numel} elements")
         self.config = config
@@ -46,7 +48,7 @@ class ParameterServerState:
         self.model = ModelStore(theta, getattr(torch, config.snapshot_dtype), config.full_pull_every)
         self.model.buffers = (buffers, checksum(buffers))
         unpack_buffers(*self.model.buffers, layout.buffers)  # refuses buffers that do not fit the layout
-        self.updater = Updater(config, layout, config.total_updates(train_size), nonfinite, grad_norm_bound)
+        self.updater = Updater(config, layout, config.total_updates(train_size), nonfinite, grad_norm_bound, rates)
         self.checkpoint_health = CheckpointHealth()
         self.workers = WorkerRegistry()
         self.max_workers = max_workers

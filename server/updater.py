@@ -13,7 +13,7 @@ from gapaware.common.config import RunConfig, learning_rate
 from gapaware.common.transport import all_finite
 from gapaware.server.errors import NonFiniteGradient, NonFiniteUpdate, OversizedGradient
 from gapaware.common.layout import ParamLayout
-from gapaware.server.policies import Policy, element_rates, make_policy
+from gapaware.server.policies import ElementRates, Policy, element_rates, make_policy
 from gapaware.server.push import AdmittedPush
 from gapaware.server.push_bound import NormBound, gradient_norm
 
@@ -46,12 +46,13 @@ class Window:
         return {"mean_staleness": self.staleness / n, "mean_gap": self.gap / n, "train_loss": train_loss}
 
 
-def policy_for(config: RunConfig, layout: ParamLayout) -> Policy:
-    """The policy ``config`` names for ``layout``, with the run's hyper-parameters and parameter groups
-    (raises ``ValueError`` for a group pattern that matches no trainable parameter)."""
+def policy_for(config: RunConfig, layout: ParamLayout, rates: ElementRates | None = None) -> Policy:
+    """The policy ``config`` names for ``layout``, with the run's hyper-parameters and parameter groups:
+    ``rates``, or those of ``layout`` (raises ``ValueError`` for a group pattern that matches no
+    trainable parameter)."""
     return make_policy(config.policy, layout.numel, momentum=config.momentum, nesterov=config.nesterov,
                        weight_decay=config.weight_decay, ga_beta=config.ga_beta, ga_eps=config.ga_eps,
-                       rates=element_rates(layout, config))
+                       rates=element_rates(layout, config) if rates is None else rates)
 
 
 class Updater:
@@ -68,11 +69,11 @@ class Updater:
     """
 
     def __init__(self, config: RunConfig, layout: ParamLayout, total_updates: int, nonfinite: str = "reject",
-                 grad_norm_bound: float = 0.0) -> None:
+                 grad_norm_bound: float = 0.0, rates: ElementRates | None = None) -> None:
         if nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"Invalid non-finite action: {nonfinite!r} (choose from {', '.join(NONFINITE_ACTIONS)})")
         self.config = config
-        self.policy = policy_for(config, layout)
+        self.policy = policy_for(config, layout, rates)
         self.total_updates = total_updates
         self.nonfinite = nonfinite
         self.nonfinite_pushes = 0

@@ -75,6 +75,20 @@ def test_two_and_three_shards_end_bit_identical_to_one_server(inprocess_servers,
         assert states[0].finished and all(s.finished for s in states[1:])  # told at the worker's Leave
 
 
+@pytest.mark.parametrize("policy", ["gap-aware", "dana-ga"])
+def test_parameter_groups_split_over_shards_as_over_the_model(inprocess_servers, policy):
+    """A shard's layout is one nameless slice, so its weight-decay and learning-rate groups come from
+    the whole model's: skipping biases (one dimension each) and scaling the last layer's rate split
+    over 2 and 3 shards end bit-identical to one server, and unlike a run without them."""
+    config = _config(policy, weight_decay=0.05, weight_decay_skip_bias_norm=True, lr_scale=(("2.*", 3.0),))
+    single = _train(inprocess_servers, config, 1)[0]
+    plain = _train(inprocess_servers, _config(policy, weight_decay=0.05), 1)[0]
+    assert not torch.equal(single.theta, plain.theta)
+    for count in (2, 3):
+        states = _train(inprocess_servers, config, count)
+        assert torch.equal(torch.cat([s.theta for s in states]), single.theta), f"{count} shards differ"
+
+
 def test_shards_of_another_run_or_listed_out_of_order_refuse_the_worker(inprocess_servers):
     first = inprocess_servers(build_state(_config("gap-aware"), shard=Shard(0, 2))[1])
     other_run = inprocess_servers(build_state(_config("gap-aware", seed=4), shard=Shard(1, 2))[1])

@@ -32,6 +32,13 @@ class ElementRates:
     weight_decay: float | Tensor = 0.0
     lr_scale: Tensor | None = None
 
+    def sliced(self, start: int, stop: int) -> ElementRates:
+        """The rates of elements ``[start:stop]``: a shard's (gapaware.common.shards), whose own layout
+        is one nameless slice, so its groups come from the whole model's layout."""
+        return ElementRates(self.weight_decay[start:stop].clone() if isinstance(self.weight_decay, Tensor)
+                            else self.weight_decay,
+                            None if self.lr_scale is None else self.lr_scale[start:stop].clone())
+
 
 def decays(name: str, shape: tuple[int, ...], config: RunConfig) -> bool:
     """Whether weight decay reaches parameter ``name`` of ``shape`` under ``config``.
