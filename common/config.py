@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from gapaware.common.registry import DEFAULTS, SCHEDULES, SNAPSHOT_DTYPES
+from gapaware.common.registry import DEFAULTS, FROM_WORKER, SCHEDULES, SNAPSHOT_DTYPES
 
 
 MAX_LR = 1000.0
@@ -61,6 +61,9 @@ class RunConfig:
             (self.max_updates >= 0, f"Invalid max updates: {self.max_updates}"),
             (0 <= self.epochs < math.inf, f"Invalid epochs: {self.epochs}"),
             (self.max_updates > 0 or self.epochs > 0, "Give --max-updates or --epochs: the run needs an end"),
+            (self.task != FROM_WORKER or not self.epochs,
+             "--epochs needs the training set's size, which a server taking its model from a worker does not "
+             "know: give --max-updates"),
             (self.eval_every >= 1, f"Invalid eval interval: {self.eval_every}"),
             (all(isinstance(p, str) and p for p in self.no_weight_decay),
              f"Invalid --no-weight-decay patterns: {self.no_weight_decay} (non-empty names or shell patterns)"),

@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 
 import torch
+from google.protobuf import json_format
 from torch import nn
 
 from gapaware.common.buffers import BufferSpec, buffer_specs, checksum, pack_buffers
@@ -74,6 +75,23 @@ class ParamLayout:
             frozen=[_proto_spec(b) for b in self.frozen],
             frozen_crc32c=self.frozen_crc32c,
         )
+
+    def to_json(self) -> dict:
+        """The layout as a JSON object (protobuf's JSON mapping of :meth:`to_proto`), for checkpoints."""
+        return json_format.MessageToDict(self.to_proto())
+
+    @classmethod
+    def from_json(cls, data: dict) -> ParamLayout:
+        """The layout :meth:`to_json` wrote; raises ``ValueError`` for anything else, or a fingerprint that
+        is not the layout's own."""
+        try:
+            message = json_format.ParseDict(data, pb.ParamLayout())
+        except json_format.ParseError as error:
+            raise ValueError(f"not a parameter layout: {error}") from None
+        layout = cls.from_proto(message)
+        if message.fingerprint != layout.fingerprint:
+            raise ValueError("the layout's fingerprint is not that of the parameters it lists")
+        return layout
 
     @property
     def numel(self) -> int:
@@ -175,16 +193,16 @@ def load_flat_parameters(model: nn.Module, flat: torch.Tensor) -> None:
 
 
 def flat_gradients(model: nn.Module, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's gradients as one flat float32 CPU tensor; zeros where a trainable parameter has none.
+    """The model's gradients as one flat float32 tensor; zeros where a trainable parameter has none.
 
-    ``out``, a flat float32 CPU tensor of the model's size, receives them when the gradients are
-    float32 CPU tensors (reused every step, it saves a model-sized allocation); otherwise a new
+    ``out``, a flat float32 tensor of the model's size on the gradients' device, receives them when
+    they are float32 (reused every step, it saves a model-sized allocation); otherwise a new CPU
     tensor is returned. Gradients of other dtypes are cast to float32.
     """
     parts = [
         (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
         for _, p in trainable_parameters(model)
     ]
-    if out is not None and all(part.device.type == "cpu" and part.dtype == torch.float32 for part in parts):
+    if out is not None and all(part.device == out.device and part.dtype == torch.float32 for part in parts):
         return torch.cat(parts, out=out).detach()
     return torch.cat([part.to("cpu", torch.float32) for part in parts]).detach()

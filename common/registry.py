@@ -28,6 +28,10 @@ SIMULATED_POLICY_NAMES = (POLICY_NAMES[0], NESTEROV_ASGD, *POLICY_NAMES[1:], SYN
 TASK_NAMES = ("digits-mlp", "digits-cnn", "synthetic", "cifar10-resnet20", "image-folder")
 """The built-in tasks (``--task``); a task may also be a user's ``package.module:factory``."""
 
+FROM_WORKER = "from-worker"
+"""The run config's task when the server takes its model from the first worker (``server --init
+from-worker``) and has none of the user's code."""
+
 TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")
 """How gradients and parameters may travel on the wire (``gapaware worker --transport-dtype``)."""
 

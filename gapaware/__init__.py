@@ -1,15 +1,17 @@
 """gapaware: an asynchronous parameter server for PyTorch with Gap-Aware staleness mitigation.
 
-The public API is :class:`Task` (how a user plugs in a model and data) and
-:class:`WorkerClient` (join, pull, push, leave over gRPC). Both are imported on
-first use, so ``import gapaware.server.policies`` does not pull in gRPC.
+The public API is :class:`RemoteOptimizer` (an existing training loop as a worker), :class:`Task`
+(how a user plugs in a model and data for the built-in worker and a server that evaluates) and
+:class:`WorkerClient` (join, pull, push, leave over gRPC). They are imported on first use, so
+``import gapaware.server.policies`` does not pull in gRPC.
 """
 import importlib
 
-__all__ = ["Task", "WorkerClient"]
+__all__ = ["RemoteOptimizer", "Task", "WorkerClient"]
 __version__ = "0.1.0"
 
-_LAZY = {"Task": "gapaware.common.tasks", "WorkerClient": "gapaware.worker.client"}
+_LAZY = {"RemoteOptimizer": "gapaware.worker.remote_optimizer", "Task": "gapaware.common.tasks",
+         "WorkerClient": "gapaware.worker.client"}
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""The ``gapaware`` command line: server, worker, train (a local run), status and simulate."""
+"""The ``gapaware`` command line: server, worker, evaluate, train (a local run), status and simulate."""
 from __future__ import annotations
 
 import atexit
@@ -7,6 +7,7 @@ import gc
 import logging
 import math
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -21,7 +22,7 @@ from gapaware.cli_security import (
 from gapaware.command_line import flags
 from gapaware.common.config import RunConfig
 from gapaware.common.registry import (
-    DEFAULTS, NESTEROV_ASGD, NONFINITE_ACTIONS, POLICY_NAMES, SCHEDULES, SIMULATED_POLICY_NAMES, SNAPSHOT_DTYPES,
+    DEFAULTS, FROM_WORKER, NESTEROV_ASGD, NONFINITE_ACTIONS, POLICY_NAMES, SCHEDULES, SIMULATED_POLICY_NAMES, SNAPSHOT_DTYPES,
     SYNCHRONOUS_SGD, TASK_NAMES, TRANSPORT_DTYPES, WIRE_DTYPES,
 )
 from gapaware.server.limits import DEFAULT_CHUNK_TIMEOUT, DEFAULT_MAX_CONCURRENT_RPCS
@@ -227,11 +228,18 @@ def _shard(ctx, param, value: str):
 @click.option("--shard", type=str, default="0/1", show_default=True, callback=_shard, metavar="I/S",
               help="Serve shard I of S of the model: a contiguous slice of its parameters (README, Sharded "
                    "servers). Start S servers, 0/S to S-1/S, with the same run flags; workers list them all.")
+@click.option("--init", "init", type=click.Choice(["task", "from-worker"]), default="task", show_default=True,
+              help="Where the model comes from: --task builds it (the server imports that code), or the first "
+                   "worker to join sends its layout, parameters and buffers (the server runs none of the user's "
+                   "code; evaluation is reported by workers: RemoteOptimizer(evaluate=...), gapaware evaluate).")
+@click.option("--max-model-mib", type=click.IntRange(min=1), default=4096, show_default=True, metavar="MIB",
+              help="--init from-worker: the largest model, as float32, a worker may send.")
 @server_limit_options
 @log_level_option
 def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboard_dir, lease_seconds, checkpoint_dir,
            checkpoint_every, checkpoint_seconds, keep_checkpoints, resume, nonfinite, grad_norm_bound,
-           max_concurrent_rpcs, threads, chunk_timeout, receive_window_mib, shard, log_level, **values) -> None:
+           max_concurrent_rpcs, threads, chunk_timeout, receive_window_mib, shard, init, max_model_mib, log_level,
+           **values) -> None:
     """Run the parameter server until the run ends.
 
     Exits 0 when the run ended, 2 or 4 when it could not start, and 6 when it ended (final
@@ -251,6 +259,14 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
         security.check_listen(host)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
+    if init == "from-worker":
+        if "task" in explicit:
+            raise click.UsageError("--task and --init from-worker exclude each other: the model comes from one of them")
+        if shard.count > 1:
+            raise click.UsageError("--init from-worker serves a whole model: a sharded run's servers build theirs "
+                                   "with --task")
+        values["task"] = FROM_WORKER
+        explicit |= {"task"}
     config = config_from_options(values)
     if tensorboard_dir is not None:
         try:
@@ -271,7 +287,7 @@ def server(host, port, metrics_file, ready_file, linger, metrics_port, tensorboa
                                          security=security, nonfinite=nonfinite, grad_norm_bound=grad_norm_bound,
                                          max_concurrent_rpcs=max_concurrent_rpcs, threads=threads,
                                          chunk_timeout=chunk_timeout, receive_window_mib=receive_window_mib,
-                                         shard=shard, **limits))
+                                         shard=shard, max_model_mib=max_model_mib, **limits))
     except (ResumeError, ListenError) as error:
         raise UserError(str(error), ExitCode.CANNOT_RUN) from None
     except CheckpointWriteError as error:
@@ -418,6 +434,37 @@ def train(workers, shards, out, delay, tls_cert, tls_key, tls_client_ca, tls_ca,
     final = run_local(config, workers, out, security, delay=delay, shards=shards)
     if not final or "eval_error" in final or not math.isfinite(final.get("loss") or math.nan):
         sys.exit(1)
+
+
+@main.command()
+@server_address_option(required=True, help="The parameter server, HOST:PORT; a sharded run's servers "
+                                            "H0:P0,H1:P1,... in shard order.")
+@click.option("--task", default=None,
+              help="Task whose model and test split to evaluate (default: the server's; required for a server "
+                   "started with --init from-worker).")
+@click.option("--data-dir", default=None, help="Directory with data sets for tasks that read files.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
+@click.option("--every", type=click.IntRange(min=1), default=None, metavar="UPDATES",
+              help="Evaluate every this many updates (default: the run's --eval-every).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Torch threads.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+              help="Give up (exit 5) when the server has not answered for this long at the start.")
+@client_security_options
+@log_level_option
+def evaluate(address, task, data_dir, device, every, threads, connect_timeout, log_level, **values) -> None:
+    """Evaluate a run's parameters here, where the task's code is, every EVERY updates and at the end,
+    and report the metrics into the server's metrics stream (file, Prometheus, TensorBoard, status)."""
+    from gapaware.common.devices import check_device
+    from gapaware.worker.evaluate import EvaluateOptions, run_evaluator
+    from gapaware.worker.loop import stop_on_signals
+
+    _setup_logging(log_level)
+    check_device(device)
+    options = EvaluateOptions(server=address, task=task, data_dir=data_dir, device=device, every=every,
+                              threads=threads, connect_timeout=connect_timeout,
+                              security=client_security_from_options(values))
+    with stop_on_signals(threading.Event()) as stop:
+        run_evaluator(options, stop)
 
 
 @main.command()

@@ -49,7 +49,7 @@ USER_ERRORS: tuple[tuple[str, str, ExitCode], ...] = (
     ("gapaware.common.tasks", "TaskError", ExitCode.CANNOT_RUN),
     ("gapaware.common.devices", "DeviceUnavailable", ExitCode.CANNOT_RUN),
     ("gapaware.common.security", "SecurityConfigError", ExitCode.USAGE),
-    ("gapaware.worker.loop", "ServerUnreachable", ExitCode.UNREACHABLE),
+    ("gapaware.worker.session", "ServerUnreachable", ExitCode.UNREACHABLE),
     ("torch.cuda", "OutOfMemoryError", ExitCode.CANNOT_RUN),
 )
 

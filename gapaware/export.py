@@ -2,7 +2,8 @@
 
 The checkpoint holds θ (flat float32) and the buffers; the task (the checkpoint's run config names it)
 rebuilds the model, so the file holds the model's own names and dtypes, parameters and buffers alike,
-and ``model.load_state_dict(safetensors.torch.load_file(path))`` restores it. A sharded run's model is
+and ``model.load_state_dict(safetensors.torch.load_file(path))`` restores it. A run whose model came
+from a worker has no task: the layout in its checkpoint names and shapes the tensors. A sharded run's model is
 assembled from every shard's checkpoint (:func:`assemble`).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 
 from gapaware.common.buffers import load_buffers
 from gapaware.common.layout import ParamLayout, load_flat_parameters
+from gapaware.common.registry import FROM_WORKER
 from gapaware.common.shards import Shard, run_identity
 from gapaware.common.tasks import load_task
 from gapaware.server.checkpoint import Checkpoint, CheckpointDirectory, CorruptCheckpoint, read_checkpoint
@@ -62,6 +64,8 @@ def assemble(checkpoints: Sequence[Checkpoint]) -> Checkpoint:
 
 def model_state(checkpoint: Checkpoint, data_dir: str | None = None) -> dict[str, torch.Tensor]:
     """The model's ``state_dict()`` with the checkpoint's parameters and buffers, in the model's dtypes."""
+    if checkpoint.config.task == FROM_WORKER:
+        return layout_state(checkpoint)
     task = load_task(checkpoint.config.task, seed=checkpoint.config.seed, data_dir=data_dir or checkpoint.config.data_dir)
     model = task.model
     layout = ParamLayout.from_module(model)
@@ -76,6 +80,20 @@ def model_state(checkpoint: Checkpoint, data_dir: str | None = None) -> dict[str
     load_buffers(model, checkpoint.buffers)
     return {name: tensor.detach().to("cpu", dtypes[name]).clone().contiguous()
             for name, tensor in model.state_dict().items()}
+
+
+def layout_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """The ``state_dict()`` of a run without a task (``server --init from-worker``), from the layout its
+    checkpoint holds: each parameter its slice of θ in its own dtype and shape, then the buffers."""
+    layout = checkpoint.layout
+    if layout is None:
+        raise ExportError("the checkpoint holds no parameter layout (an older gapaware wrote it)")
+    if layout.frozen:
+        raise ExportError(f"the model has {len(layout.frozen)} frozen parameters, which a server taking its model "
+                          "from a worker never receives: save the model where it is trained instead")
+    state = {name: checkpoint.theta[start:stop].reshape(shape).to(getattr(torch, dtype)).clone()
+             for (name, shape, start, stop), dtype in zip(layout.segments(), layout.dtypes)}
+    return {**state, **{b.name: checkpoint.buffers[b.name].contiguous() for b in layout.buffers}}
 
 
 def export_model(sources: Sequence[Path], out: Path, data_dir: str | None = None) -> list[Path]:

@@ -77,19 +77,21 @@ class ParamLayout(_message.Message):
     def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., fingerprint: _Optional[str] = ..., buffers: _Optional[_Iterable[_Union[BufferSpec, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[BufferSpec, _Mapping]]] = ..., frozen_crc32c: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("layout", "hostname", "device", "run_config_sha256")
+    __slots__ = ("layout", "hostname", "device", "run_config_sha256", "observer")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_SHA256_FIELD_NUMBER: _ClassVar[int]
+    OBSERVER_FIELD_NUMBER: _ClassVar[int]
     layout: ParamLayout
     hostname: str
     device: str
     run_config_sha256: str
-    def __init__(self, layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ..., run_config_sha256: _Optional[str] = ...) -> None: ...
+    observer: bool
+    def __init__(self, layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ..., run_config_sha256: _Optional[str] = ..., observer: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "run_config_json", "layout", "version", "finished", "lease_seconds", "worker_secret")
+    __slots__ = ("worker_id", "run_config_json", "layout", "version", "finished", "lease_seconds", "worker_secret", "send_initial")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,7 @@ class JoinReply(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
+    SEND_INITIAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     run_config_json: str
     layout: ParamLayout
@@ -104,7 +107,8 @@ class JoinReply(_message.Message):
     finished: bool
     lease_seconds: float
     worker_secret: bytes
-    def __init__(self, worker_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., version: _Optional[int] = ..., finished: _Optional[bool] = ..., lease_seconds: _Optional[float] = ..., worker_secret: _Optional[bytes] = ...) -> None: ...
+    send_initial: bool
+    def __init__(self, worker_id: _Optional[int] = ..., run_config_json: _Optional[str] = ..., layout: _Optional[_Union[ParamLayout, _Mapping]] = ..., version: _Optional[int] = ..., finished: _Optional[bool] = ..., lease_seconds: _Optional[float] = ..., worker_secret: _Optional[bytes] = ..., send_initial: _Optional[bool] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("worker_id", "dtype", "worker_secret", "delta_base")
@@ -167,7 +171,7 @@ class PullFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., ready: _Optional[_Union[PushReady, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull", "pull_dtype", "buffers", "buffers_crc32c", "worker_secret", "delta_base")
+    __slots__ = ("worker_id", "base_version", "seq", "samples", "loss", "tensor", "pull", "pull_dtype", "buffers", "buffers_crc32c", "worker_secret", "delta_base", "initial")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +184,7 @@ class PushHeader(_message.Message):
     BUFFERS_CRC32C_FIELD_NUMBER: _ClassVar[int]
     WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
     DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     base_version: int
     seq: int
@@ -192,7 +197,8 @@ class PushHeader(_message.Message):
     buffers_crc32c: int
     worker_secret: bytes
     delta_base: int
-    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull: _Optional[bool] = ..., pull_dtype: _Optional[_Union[DType, str]] = ..., buffers: _Optional[bytes] = ..., buffers_crc32c: _Optional[int] = ..., worker_secret: _Optional[bytes] = ..., delta_base: _Optional[int] = ...) -> None: ...
+    initial: bool
+    def __init__(self, worker_id: _Optional[int] = ..., base_version: _Optional[int] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., pull: _Optional[bool] = ..., pull_dtype: _Optional[_Union[DType, str]] = ..., buffers: _Optional[bytes] = ..., buffers_crc32c: _Optional[int] = ..., worker_secret: _Optional[bytes] = ..., delta_base: _Optional[int] = ..., initial: _Optional[bool] = ...) -> None: ...
 
 class PushFrame(_message.Message):
     __slots__ = ("header", "chunk")
@@ -230,6 +236,31 @@ class LeaveReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReportRequest(_message.Message):
+    __slots__ = ("worker_id", "worker_secret", "version", "metrics", "error")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    worker_secret: bytes
+    version: int
+    metrics: _containers.ScalarMap[str, float]
+    error: str
+    def __init__(self, worker_id: _Optional[int] = ..., worker_secret: _Optional[bytes] = ..., version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ReportReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -253,7 +284,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., hostname: _Optional[str] = ..., device: _Optional[str] = ..., staleness: _Optional[int] = ..., pushes: _Optional[int] = ..., last_seen_seconds: _Optional[float] = ..., mean_gap: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "policy", "updates", "samples", "epoch", "workers", "finished", "run_config_json", "last_accuracy", "last_loss", "mean_staleness", "mean_gap", "uptime_seconds", "max_updates", "held_snapshots", "nonfinite_pushes", "oversized_pushes", "nonfinite_updates", "grad_norm_limit", "checkpoint_failures", "last_checkpoint_error", "checkpoint_version", "last_metrics", "eval_errors", "last_eval_error", "evals_skipped", "shard_index", "shard_count", "parameters")
+    __slots__ = ("version", "policy", "updates", "samples", "epoch", "workers", "finished", "run_config_json", "last_accuracy", "last_loss", "mean_staleness", "mean_gap", "uptime_seconds", "max_updates", "held_snapshots", "nonfinite_pushes", "oversized_pushes", "nonfinite_updates", "grad_norm_limit", "checkpoint_failures", "last_checkpoint_error", "checkpoint_version", "last_metrics", "eval_errors", "last_eval_error", "evals_skipped", "shard_index", "shard_count", "parameters", "awaiting_model")
     class LastMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +321,7 @@ class StatusReply(_message.Message):
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_MODEL_FIELD_NUMBER: _ClassVar[int]
     version: int
     policy: str
     updates: int
@@ -319,4 +351,5 @@ class StatusReply(_message.Message):
     shard_index: int
     shard_count: int
     parameters: int
-    def __init__(self, version: _Optional[int] = ..., policy: _Optional[str] = ..., updates: _Optional[int] = ..., samples: _Optional[int] = ..., epoch: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., finished: _Optional[bool] = ..., run_config_json: _Optional[str] = ..., last_accuracy: _Optional[float] = ..., last_loss: _Optional[float] = ..., mean_staleness: _Optional[float] = ..., mean_gap: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., max_updates: _Optional[int] = ..., held_snapshots: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ..., oversized_pushes: _Optional[int] = ..., nonfinite_updates: _Optional[int] = ..., grad_norm_limit: _Optional[float] = ..., checkpoint_failures: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., checkpoint_version: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., eval_errors: _Optional[int] = ..., last_eval_error: _Optional[str] = ..., evals_skipped: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., parameters: _Optional[int] = ...) -> None: ...
+    awaiting_model: bool
+    def __init__(self, version: _Optional[int] = ..., policy: _Optional[str] = ..., updates: _Optional[int] = ..., samples: _Optional[int] = ..., epoch: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., finished: _Optional[bool] = ..., run_config_json: _Optional[str] = ..., last_accuracy: _Optional[float] = ..., last_loss: _Optional[float] = ..., mean_staleness: _Optional[float] = ..., mean_gap: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., max_updates: _Optional[int] = ..., held_snapshots: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ..., oversized_pushes: _Optional[int] = ..., nonfinite_updates: _Optional[int] = ..., grad_norm_limit: _Optional[float] = ..., checkpoint_failures: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., checkpoint_version: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., eval_errors: _Optional[int] = ..., last_eval_error: _Optional[str] = ..., evals_skipped: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., parameters: _Optional[int] = ..., awaiting_model: _Optional[bool] = ...) -> None: ...

@@ -64,6 +64,11 @@ class ParameterServerStub:
                 request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.StatusRequest.SerializeToString,
                 response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/gapaware.v2.ParameterServer/Report',
+                request_serializer=gapaware_dot_proto_dot_parameter__server__pb2.ReportRequest.SerializeToString,
+                response_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.ReportReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -114,6 +119,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Report(self, request, context):
+        """An evaluation made where the user's code is (a worker, `gapaware evaluate`): the server writes it
+        into its metrics stream (metrics file, Prometheus, TensorBoard, status) as its own evaluations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.StatusRequest.FromString,
                     response_serializer=gapaware_dot_proto_dot_parameter__server__pb2.StatusReply.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=gapaware_dot_proto_dot_parameter__server__pb2.ReportRequest.FromString,
+                    response_serializer=gapaware_dot_proto_dot_parameter__server__pb2.ReportReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +328,33 @@ class ParameterServer:
             '/gapaware.v2.ParameterServer/Status',
             gapaware_dot_proto_dot_parameter__server__pb2.StatusRequest.SerializeToString,
             gapaware_dot_proto_dot_parameter__server__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gapaware.v2.ParameterServer/Report',
+            gapaware_dot_proto_dot_parameter__server__pb2.ReportRequest.SerializeToString,
+            gapaware_dot_proto_dot_parameter__server__pb2.ReportReply.FromString,
             options,
             channel_credentials,
             insecure,

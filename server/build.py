@@ -2,6 +2,8 @@
 parameters, for the gRPC server (:mod:`gapaware.server.app`) and the simulator alike."""
 from __future__ import annotations
 
+import torch
+
 from gapaware.common.buffers import model_buffers
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_parameters, load_flat_parameters
@@ -37,3 +39,17 @@ def build_state(config: RunConfig, *, nonfinite: str = DEFAULTS.nonfinite,
     # then its parameters are views of θ, so the server holds no second copy of the model.
     load_flat_parameters(task.model, state.theta)
     return task, state
+
+
+def state_from_model(config: RunConfig, layout: ParamLayout, theta: torch.Tensor, buffers: bytes, *,
+                     nonfinite: str = DEFAULTS.nonfinite, grad_norm_bound: float = 0.0,
+                     max_workers: int = DEFAULT_MAX_WORKERS) -> ParameterServerState:
+    """The state of a run whose model came from a worker (``server --init from-worker``), or from a
+    checkpoint of such a run: ``layout``, the flat float32 ``theta`` and the packed ``buffers``. No task:
+    the training set's size is not known, so the run ends at ``max_updates``."""
+    try:
+        return ParameterServerState(config, layout, theta, train_size=0, nonfinite=nonfinite,
+                                    grad_norm_bound=grad_norm_bound, max_workers=max_workers, buffers=buffers,
+                                    rates=element_rates(layout, config))
+    except ValueError as error:  # a parameter-group pattern that fits none of the model
+        raise TaskError(str(error)) from None

@@ -3,7 +3,7 @@
 A checkpoint file holds the tensors ``theta``, ``policy/<key>`` (the policy's
 ``state_dict()``: momentum, GA's ``v``, ``k`` and ``η_max``, DANA's buffers; scalars as 0-d
 tensors) and ``buffer/<name>`` (the model's buffers, BatchNorm's statistics, in their own dtypes) and two metadata strings: ``gapaware``, a JSON object (format, version, examples seen,
-server incarnation, run config, the run's totals), and ``sha256``, the digest of that JSON and
+server incarnation, run config, the run's totals, the parameter layout), and ``sha256``, the digest of that JSON and
 of every tensor's name, dtype, shape and bytes. safetensors cannot run code on load (unlike
 pickle), and the digest catches what its own header check does not: a torn or corrupted file
 is refused with a :class:`CorruptCheckpoint` that says why.
@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gapaware.common.config import RunConfig
+from gapaware.common.layout import ParamLayout
 from gapaware.common.shards import Shard
 from gapaware.common.transport import all_finite
 from gapaware.server.push_bound import NORM_CEILING
@@ -91,6 +92,7 @@ class Checkpoint:
     push_norms: tuple[float, ...] = ()   # the push bound's recent gradient norms, oldest first
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # the model's buffers, by name
     shard: Shard = Shard()               # the slice of the model it holds (gapaware.common.shards)
+    layout: ParamLayout | None = None    # what theta and the buffers are (None: a checkpoint of an older gapaware)
 
 
 def checkpoint_name(incarnation: int, version: int) -> str:
@@ -139,6 +141,7 @@ def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "format": FORMAT, "version": checkpoint.version, "samples": checkpoint.samples,
         "incarnation": checkpoint.incarnation, "config": json.loads(checkpoint.config.to_json()),
         "totals": checkpoint.totals, "push_norms": list(checkpoint.push_norms), "shard": str(checkpoint.shard),
+        **({"layout": checkpoint.layout.to_json()} if checkpoint.layout is not None else {}),
     }, sort_keys=True)
     path = directory / checkpoint_name(checkpoint.incarnation, checkpoint.version)
     nonfinite = nonfinite_tensors(checkpoint)
@@ -191,6 +194,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
             buffers={key.removeprefix(BUFFER_PREFIX): value for key, value in tensors.items()
                      if key.startswith(BUFFER_PREFIX)},
             shard=Shard.parse(meta.get("shard", "0/1")),
+            layout=ParamLayout.from_json(meta["layout"]) if "layout" in meta else None,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CorruptCheckpoint(f"{path}: invalid metadata ({error})") from None
@@ -213,6 +217,8 @@ def _out_of_range(checkpoint: Checkpoint, named: tuple[int, int] | None) -> str:
                 f"{checkpoint.incarnation}, version {checkpoint.version}")
     if checkpoint.theta.dim() != 1 or checkpoint.theta.dtype != torch.float32:
         return f"the parameters are a {checkpoint.theta.dtype} tensor of shape {tuple(checkpoint.theta.shape)}"
+    if checkpoint.layout is not None and checkpoint.layout.numel != checkpoint.theta.numel():
+        return f"its layout lists {checkpoint.layout.numel} parameters, it holds {checkpoint.theta.numel()}"
     nonfinite = nonfinite_tensors(checkpoint)
     if nonfinite:
         return f"{', '.join(nonfinite)} hold NaN or Inf"

@@ -54,6 +54,7 @@ class WorkerRecord:
     last_gap: float = 1.0
     last_seq: int = 0                      # sequence number of the last push answered
     last_result: PushResult | None = None  # and its answer, replayed to a retried copy
+    observer: bool = False                 # pulls to evaluate, never pushes (`gapaware evaluate`)
 
 
 class WorkerRegistry:
@@ -68,8 +69,8 @@ class WorkerRegistry:
         self._ids = itertools.count(first_id)
         self._workers: dict[int, WorkerRecord] = {}
 
-    def add(self, hostname: str, device: str) -> WorkerRecord:
-        record = WorkerRecord(next(self._ids), hostname, device)
+    def add(self, hostname: str, device: str, observer: bool = False) -> WorkerRecord:
+        record = WorkerRecord(next(self._ids), hostname, device, observer=observer)
         self._workers[record.worker_id] = record
         return record
 
@@ -121,7 +122,10 @@ class WorkerRegistry:
 
     @staticmethod
     def check_base(record: WorkerRecord, base_version: int, version: int) -> None:
-        """Refuses a new push whose gradient was not computed on what the server last sent its worker."""
+        """Refuses a new push whose gradient was not computed on what the server last sent its worker,
+        and any push of an observer."""
+        if record.observer:
+            raise BadPush(f"worker {record.worker_id} joined as an observer, to evaluate: it does not push")
         if base_version > version:
             raise BadPush(f"base version {base_version} is ahead of the server's version {version}: "
                           "the gradient was computed on parameters this server never sent")

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from gapaware.common.config import RunConfig
-from gapaware.common.registry import TASK_NAMES
+from gapaware.common.registry import FROM_WORKER, TASK_NAMES
 from gapaware.server.checkpoint import Checkpoint, CheckpointDirectory
 
 log = logging.getLogger("gapaware.server")
@@ -31,7 +31,8 @@ class ResumeError(ValueError):
 
 def resolve_config(saved: RunConfig, given: RunConfig, explicit: frozenset[str]) -> RunConfig:
     """The config of a resumed run: ``saved`` with the ``explicit`` fields of ``given`` on top."""
-    if saved.task not in TASK_NAMES and not ("task" in explicit and given.task == saved.task):
+    imports_code = saved.task not in (*TASK_NAMES, FROM_WORKER)
+    if imports_code and not ("task" in explicit and given.task == saved.task):
         raise ResumeError(f"the checkpoint names the task {saved.task!r}, which is not built in, and a checkpoint "
                           f"cannot make the server import code: pass --task {saved.task} to resume it")
     for name in MUST_MATCH:

@@ -74,6 +74,7 @@ def status_code_for(error: Exception) -> grpc.StatusCode:
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def __init__(self, state: ParameterServerState, *, last_eval: Callable[[], dict] = dict,
+                 report: Callable[[int, dict[str, float], str], object] | None = None,
                  lease_seconds: float = 0.0, metrics: ServerMetrics | None = None,
                  chunk_timeout: float = DEFAULT_CHUNK_TIMEOUT,
                  min_transfer_rate: float = DEFAULT_MIN_TRANSFER_RATE) -> None:
@@ -81,6 +82,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._chunk_timeout = chunk_timeout
         self._min_transfer_rate = min_transfer_rate
         self._last_eval = last_eval
+        self._report = report  # records an evaluation a worker reports (Evaluator.report)
         self._lease_seconds = lease_seconds
         self._metrics = metrics or ServerMetrics(state)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gapaware-update")
@@ -116,7 +118,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         layout = ParamLayout.from_proto(request.layout) if request.layout.params else None
         record = await self._call(lambda: self._state.join(
             request.hostname or context.peer(), request.device, layout, fingerprint=request.layout.fingerprint,
-            run_config_sha256=request.run_config_sha256))
+            run_config_sha256=request.run_config_sha256, observer=request.observer))
         return pb.JoinReply(
             worker_id=record.worker_id,
             run_config_json=self._state.config.to_json(),
@@ -178,6 +180,13 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
         return status_reply(self._state, self._last_eval())
+
+    async def Report(self, request: pb.ReportRequest, context) -> pb.ReportReply:
+        self._authenticate(request.worker_id, request.worker_secret)
+        if self._report is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this server records no reported evaluations")
+        await self._call(self._report, request.version, dict(request.metrics), request.error)
+        return pb.ReportReply()
 
     async def _push_header(self, frames: AsyncIterator) -> pb.PushHeader:
         try:
@@ -277,6 +286,7 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.aio.Server) ->
     unary = {
         "Join": (pb.JoinRequest, pb.JoinReply), "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatReply),
         "Leave": (pb.LeaveRequest, pb.LeaveReply), "Status": (pb.StatusRequest, pb.StatusReply),
+        "Report": (pb.ReportRequest, pb.ReportReply),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=request.FromString,

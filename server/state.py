@@ -104,11 +104,12 @@ class ParameterServerState:
 
     # -- membership -------------------------------------------------------------------------
     def join(self, hostname: str, device: str, layout: ParamLayout | None, *, fingerprint: str = "",
-             run_config_sha256: str = "") -> WorkerRecord:
+             run_config_sha256: str = "", observer: bool = False) -> WorkerRecord:
         """Registers a worker, up to :attr:`max_workers` at once. ``layout`` and its claimed ``fingerprint``
         (either may be absent) must agree with each other and with the server's layout; ``hostname`` and
         ``device`` must be plain names of bounded length (:func:`check_join_labels`); ``run_config_sha256``,
-        when given, must be this run's (:func:`gapaware.common.shards.run_identity`)."""
+        when given, must be this run's (:func:`gapaware.common.shards.run_identity`). An ``observer`` only
+        pulls, to evaluate: it is sent θ itself and keeps no snapshot."""
         check_join_labels(hostname, device)
         if run_config_sha256 and run_config_sha256 != run_identity(self.config):
             raise LayoutMismatch(f"this server (shard {self.shard}) runs another run than the worker's shard 0: "
@@ -131,8 +132,8 @@ class ParameterServerState:
         with self._lock:
             if len(self.workers) >= self.max_workers:
                 raise TooManyWorkers(self.max_workers)
-            record = self.workers.add(hostname, device)
-        log.info("worker %d joined from %s (%s)", record.worker_id, hostname, device)
+            record = self.workers.add(hostname, device, observer)
+        log.info("%s %d joined from %s (%s)", "observer" if observer else "worker", record.worker_id, hostname, device)
         return record
 
     def leave(self, worker_id: int) -> WorkerRecord:
@@ -182,6 +183,9 @@ class ParameterServerState:
         codec, a delta pull (:meth:`ModelStore.delta_pull`) from the parameters ``delta_base`` names."""
         with self._lock:
             record = self.workers.get(worker_id)
+            if record.observer:
+                plain = torch.float32 if isinstance(dtype, Codec) else dtype  # a full pull, never a delta
+                return self.version, self.model.sent_copy(worker_id, self.theta, plain, keep_snapshot=False)
             parameters = self.theta if self.policy.pulls_theta else \
                 self.policy.pull_view(self.theta, lr=self.lr(), worker_id=worker_id)
             if isinstance(dtype, Codec):
@@ -317,7 +321,7 @@ class ParameterServerState:
                               policy_state=self.policy.state_dict(),
                               totals=dataclasses.asdict(self.updater.totals),
                               push_norms=tuple(self.updater.bound.recent()) if self.updater.bound else (),
-                              buffers=self.buffer_tensors(), shard=self.shard)
+                              buffers=self.buffer_tensors(), shard=self.shard, layout=self.layout)
 
     def restore(self, checkpoint: Checkpoint, incarnation: int) -> None:
         """Continues the run saved in ``checkpoint`` as server incarnation ``incarnation``.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from gapaware.common.registry import TRANSPORT_DTYPES
 from gapaware.common.results import PushResult
 from gapaware.common.security import client_security
 from gapaware.common.transport import (
-    DEFAULT_CHUNK_BYTES, TransportError, dtype_from_name, frame_parser, serialize_frame,
+    DEFAULT_CHUNK_BYTES, TransportError, dtype_from_name, encode, frame_parser, serialize_frame,
 )
 from gapaware.proto import parameter_server_pb2 as pb
 from gapaware.proto import parameter_server_pb2_grpc as pb_grpc
@@ -43,6 +43,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.min_reconnect_backoff_ms", 5000),
 ]
+
+
+InitialModel = Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""Gives a model's flat float32 parameters and its buffers by name, for a server that takes its model
+from a worker (:meth:`WorkerClient.join`)."""
 
 
 @dataclass(frozen=True)
@@ -103,23 +108,52 @@ class WorkerClient:
         """The server's model buffers (gapaware.common.buffers) as of the last parameters received."""
 
     # -- lifecycle ------------------------------------------------------------------------
-    def join(self, layout: ParamLayout | None = None, *, device: str = "cpu", run_config_sha256: str = "") -> JoinInfo:
+    def join(self, layout: ParamLayout | None = None, *, device: str = "cpu", run_config_sha256: str = "",
+             observer: bool = False, initial: InitialModel | None = None) -> JoinInfo:
         """Registers with the server. With ``layout`` the server checks the model matches; with
         ``run_config_sha256`` (a shard of a sharded run, :mod:`gapaware.worker.sharded`) that it runs that run.
-        A new worker id starts afresh: error feedback zeroed, the next pull a full one."""
-        reply = self._stub.Join(
-            pb.JoinRequest(layout=layout.to_proto() if layout else None, hostname=socket.gethostname(),
-                           device=device, run_config_sha256=run_config_sha256),
-            timeout=self._timeout,
-        )
-        self._info = JoinInfo(
-            worker_id=reply.worker_id, config=RunConfig.from_json(reply.run_config_json),
-            layout=ParamLayout.from_proto(reply.layout), version=reply.version, finished=reply.finished,
-            lease_seconds=reply.lease_seconds, worker_secret=reply.worker_secret,
-        )
+        An ``observer`` only pulls, to evaluate (``gapaware evaluate``). A new worker id starts afresh:
+        error feedback zeroed, the next pull a full one.
+
+        A server that takes its model from a worker (``server --init from-worker``) and has none yet may
+        choose this one to send it: ``initial()`` then gives the model's flat float32 parameters and its
+        buffers by name, which are sent before this worker joins again as a worker of the run."""
+        reply = self._join(layout, device, run_config_sha256, observer)
+        if reply.send_initial:
+            if initial is None or layout is None:
+                raise ValueError("the server takes its model from the first worker (--init from-worker): join with "
+                                 "the model's layout and initial=")
+            self._send_initial(reply, *initial())
+            reply = self._join(layout, device, run_config_sha256, observer)
+        self._info = _join_info(reply)
         self._pushes.reset()
         self._pulled.reset()
         return self._info
+
+    def _join(self, layout: ParamLayout | None, device: str, run_config_sha256: str, observer: bool) -> pb.JoinReply:
+        return self._stub.Join(
+            pb.JoinRequest(layout=layout.to_proto() if layout else None, hostname=socket.gethostname(),
+                           device=device, run_config_sha256=run_config_sha256, observer=observer),
+            timeout=self._timeout,
+        )
+
+    def _send_initial(self, reply: pb.JoinReply, theta: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
+        """The model's parameters (float32, whatever the transport dtype) and buffers, to the server that
+        chose this worker to send them (``reply``)."""
+        self._info = _join_info(reply)
+        if theta.dim() != 1 or theta.numel() != self._info.layout.numel:
+            raise ValueError(f"the initial parameters must be flat with {self._info.layout.numel} elements")
+        packed = pack_buffers(buffers, self._info.layout.buffers)
+        tensor, chunks = encode(theta.to(torch.float32), pb.FLOAT32)
+        header = pb.PushHeader(worker_id=0, worker_secret=reply.worker_secret, tensor=tensor, initial=True,
+                               buffers=packed, buffers_crc32c=checksum(packed))
+        self._stream_push(header, chunks)
+
+    def report(self, version: int, metrics: dict[str, float], error: str = "") -> None:
+        """Reports an evaluation of the parameters of ``version``, made here: ``metrics`` by name, or the
+        ``error`` that stopped it; the server writes it into its metrics stream."""
+        self._stub.Report(pb.ReportRequest(worker_id=self.info.worker_id, worker_secret=self.info.worker_secret,
+                                           version=version, metrics=metrics, error=error), timeout=self._timeout)
 
     @property
     def info(self) -> JoinInfo:
@@ -229,6 +263,12 @@ class WorkerClient:
                                tensor=tensor, pull=pull, pull_dtype=self._pulled.dtype,
                                delta_base=self._pulled.base(out) if pull else 0, buffers=packed,
                                buffers_crc32c=checksum(packed))
+        reply, frames = self._stream_push(header, chunks)
+        return reply, self._receive(reply, frames, out) if pull else None
+
+    def _stream_push(self, header: pb.PushHeader, chunks) -> tuple[pb.PullHeader, Iterator]:
+        """Sends ``header``, then ``chunks`` once the server's ready frame admitted the push; returns the
+        reply's header and the rest of the reply."""
         decided = threading.Event()  # the ready frame came (admitted), or the call ended without it
         admitted = False
 
@@ -244,8 +284,7 @@ class WorkerClient:
                 raise TransportError("the server's reply to a push did not start with its ready frame")
             admitted = True
             decided.set()
-            reply = self._reply_header(replies)
-            return reply, self._receive(reply, replies, out) if pull else None
+            return self._reply_header(replies), replies
         finally:
             decided.set()
 
@@ -260,6 +299,12 @@ class WorkerClient:
         parameters = self._pulled.receive(header, frames, self.info.layout.numel, out)
         self.buffers = unpack_buffers(header.buffers, header.buffers_crc32c, self.info.layout.buffers)
         return parameters
+
+
+def _join_info(reply: pb.JoinReply) -> JoinInfo:
+    return JoinInfo(worker_id=reply.worker_id, config=RunConfig.from_json(reply.run_config_json),
+                    layout=ParamLayout.from_proto(reply.layout), version=reply.version, finished=reply.finished,
+                    lease_seconds=reply.lease_seconds, worker_secret=reply.worker_secret)
 
 
 def _result(reply: pb.PushReply) -> PushResult:

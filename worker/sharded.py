@@ -76,8 +76,9 @@ class ShardedClient:
         """The model's buffers (they live on shard 0) as of the last parameters received."""
 
     # -- lifecycle ------------------------------------------------------------------------
-    def join(self, layout: ParamLayout | None = None, *, device: str = "cpu") -> JoinInfo:
-        """Joins every shard: shard 0 first, whose run the others must run (their run configs' digest)."""
+    def join(self, layout: ParamLayout | None = None, *, device: str = "cpu", initial=None) -> JoinInfo:
+        """Joins every shard: shard 0 first, whose run the others must run (their run configs' digest).
+        ``initial`` is never asked for: the servers of a sharded run build their model with ``--task``."""
         if layout is None:
             raise ValueError("a sharded run needs the model's layout to join: pass ParamLayout.from_module(model)")
         count = len(self.shards)
@@ -208,6 +209,10 @@ class ShardedClient:
         gap = sum(size * result.mean_gap for size, result in zip(sizes, results)) / numel
         return PushResult(version=results[0].version, staleness=max(result.staleness for result in results),
                           mean_gap=gap, finished=results[0].finished, applied=all(r.applied for r in results))
+
+    def report(self, version: int, metrics: dict[str, float], error: str = "") -> None:
+        """:meth:`WorkerClient.report` to shard 0, whose version the run's is."""
+        self.shards[0].report(version, metrics, error)
 
     # -- helpers ----------------------------------------------------------------------------
     def _slice(self, flat: torch.Tensor, index: int) -> torch.Tensor:
