@@ -178,4 +178,4 @@ def test_a_worker_without_a_task_is_told_to_give_one(servers):
     server = servers("--init", "from-worker", "--max-updates", "10")
     done = subprocess.run(gapaware_command("worker", "--server", server.address), capture_output=True, text=True,
                           timeout=TIMEOUT)
-    assert done.returncode == 4 and "give this worker --task" in done.stderr, done.stderr
+    assert done.returncode == 4 and "give --task" in done.stderr, done.stderr

@@ -20,11 +20,9 @@ import torch
 from gapaware.common.buffers import load_buffers
 from gapaware.common.evaluation import evaluate_task
 from gapaware.common.layout import ParamLayout, load_flat_parameters
-from gapaware.common.registry import FROM_WORKER
 from gapaware.common.security import ClientSecurity
-from gapaware.common.tasks import TaskError, load_task
 from gapaware.worker.retry import RetryAborted, RetryPolicy
-from gapaware.worker.session import Session
+from gapaware.worker.session import Session, load_run_task
 from gapaware.worker.sharded import connect
 
 log = logging.getLogger("gapaware.evaluate")
@@ -62,11 +60,7 @@ def run_evaluator(options: EvaluateOptions, stop: threading.Event | None = None)
 
 def _evaluate_run(session: Session, options: EvaluateOptions, stop: threading.Event) -> int:
     config = session.first_contact()
-    task_name = options.task or config.task
-    if task_name == FROM_WORKER:
-        raise TaskError("the server takes its model from the workers (--init from-worker): give --task, the task "
-                        "whose model they train and whose test split to evaluate")
-    task = load_task(task_name, seed=config.seed, data_dir=options.data_dir or config.data_dir)
+    task_name, task = load_run_task(options.server, config, options.task, options.data_dir)
     model = task.model.to(options.device)
     info = session.join(ParamLayout.from_module(model), options.device)
     every = options.every or config.eval_every

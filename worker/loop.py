@@ -21,14 +21,13 @@ from gapaware.common.buffers import load_buffers
 from gapaware.common.data import batches
 from gapaware.common.devices import check_device
 from gapaware.common.layout import ParamLayout, flat_gradients, flat_parameters, load_flat_parameters
-from gapaware.common.registry import DEFAULTS, FROM_WORKER
+from gapaware.common.registry import DEFAULTS
 from gapaware.common.security import ClientSecurity
-from gapaware.common.tasks import TaskError, load_task
 from gapaware.worker.delay import DelaySpec
 from gapaware.worker.prefetch import Prefetcher
 from gapaware.worker.progress import Progress
 from gapaware.worker.retry import RetryAborted, RetryPolicy
-from gapaware.worker.session import Session
+from gapaware.worker.session import Session, load_run_task
 from gapaware.worker.sharded import connect
 
 log = logging.getLogger("gapaware.worker")
@@ -105,13 +104,7 @@ def run_worker(options: WorkerOptions) -> WorkerSummary:
 
 def _train(session: Session, options: WorkerOptions, stop: threading.Event) -> WorkerSummary:
     config = session.first_contact()
-    task_name = options.task or config.task
-    if task_name == FROM_WORKER:
-        raise TaskError("the server takes its model from the workers (--init from-worker): give this worker --task, "
-                        "the task whose model it trains (its model is sent if it is the first to join)")
-    log.info("the server at %s runs task %s (policy %s): loading %s", options.server, config.task, config.policy,
-             "it" if task_name == config.task else f"task {task_name}")
-    task = load_task(task_name, seed=config.seed, data_dir=options.data_dir or config.data_dir)
+    task_name, task = load_run_task(options.server, config, options.task, options.data_dir)
     model = task.model.to(options.device)
     model.train()
     client = session.client

@@ -20,7 +20,9 @@ import torch
 
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
+from gapaware.common.registry import FROM_WORKER
 from gapaware.common.results import PushResult
+from gapaware.common.tasks import Task, TaskError, load_task
 from gapaware.worker.client import InitialModel, JoinInfo
 from gapaware.worker.heartbeat import Heartbeat
 from gapaware.worker.retry import RetryPolicy, call_with_retries, is_retryable
@@ -35,6 +37,19 @@ beyond a restart: e.g. a lease shorter than one step)."""
 class ServerUnreachable(RuntimeError):
     """The server did not answer for as long as the worker waits: before the first contact
     ``connect_timeout``, later the retry policy's ``give_up_after``. The message says what to check."""
+
+
+def load_run_task(server: str, config: RunConfig, task: str | None, data_dir: str | None) -> tuple[str, Task]:
+    """The name and the task this process loads for the run ``server`` runs: ``task``, else the run's (its
+    seed and data directory too). A server that takes its model from the workers names none: then
+    ``task`` must be given."""
+    name = task or config.task
+    if name == FROM_WORKER:
+        raise TaskError("the server takes its model from the workers (--init from-worker) and names no task: "
+                        "give --task, the task whose model is trained (a worker's is sent if it joins first)")
+    log.info("the server at %s runs task %s (policy %s): loading %s", server, config.task, config.policy,
+             "it" if name == config.task else f"task {name}")
+    return name, load_task(name, seed=config.seed, data_dir=data_dir or config.data_dir)
 
 
 class Session:
