@@ -12,7 +12,9 @@ from gapaware.common.buffers import model_buffers
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_gradients, flat_parameters
 from gapaware.common.registry import FROM_WORKER
-from gapaware.server.build import state_from_model
+from gapaware.common.shards import Shard
+from gapaware.common.tasks import load_task
+from gapaware.server.build import build_state, state_from_model
 from gapaware.worker.remote_optimizer import LocalScheduleRefused
 
 LR = 0.1
@@ -176,3 +178,20 @@ def test_evaluate_needs_an_interval(served):
     _, address = served(bn_model())
     with pytest.raises(ValueError, match="every="):
         gapaware.RemoteOptimizer(bn_model(), server=address, evaluate=lambda model: {})
+
+
+def test_it_trains_against_sharded_servers(inprocess_servers):
+    config = RunConfig(task="digits-mlp", policy="asgd", lr=LR, momentum=0.0, schedule="constant", max_updates=100)
+    shards = [inprocess_servers(build_state(config, shard=Shard(index, 2))[1]) for index in range(2)]
+    model = load_task("digits-mlp", seed=config.seed).model
+    optimizer = gapaware.RemoteOptimizer(model, server=",".join(server.address for server in shards))
+    before = flat_parameters(model)
+    inputs = torch.rand(16, 64)
+    nn.functional.cross_entropy(model(inputs), torch.randint(0, 10, (16,))).backward()
+    grad = flat_gradients(model)
+    optimizer.step()
+    assembled = torch.cat([server.state.theta for server in shards])
+    assert [server.state.version for server in shards] == [1, 1]
+    torch.testing.assert_close(assembled, before - LR * grad)
+    assert torch.equal(flat_parameters(model), assembled)
+    optimizer.close()
