@@ -115,7 +115,11 @@ class AwaitingModel(pb_grpc.ParameterServerServicer):
             theta = await self._receive(header, grant.layout, frames, context)
         finally:
             self._receiving = False
-        self._on_model(grant.layout, theta, header.buffers)
+        try:
+            self._on_model(grant.layout, theta, header.buffers)
+        except Refused:
+            self._grant = None  # a model this run cannot train: the next worker to join may send another
+            raise
         log.info("the model came from the worker on %s: %d parameters", grant.hostname, theta.numel())
         await context.write(pb.PullFrame(header=pb.PullHeader(push=pb.PushReply(applied=True))))
 

@@ -179,3 +179,17 @@ def test_a_worker_without_a_task_is_told_to_give_one(servers):
     done = subprocess.run(gapaware_command("worker", "--server", server.address), capture_output=True, text=True,
                           timeout=TIMEOUT)
     assert done.returncode == 4 and "give --task" in done.stderr, done.stderr
+
+
+def test_a_model_the_run_cannot_train_is_refused_and_the_next_worker_may_send_another(servers):
+    server = servers("--init", "from-worker", "--max-updates", "10", "--no-weight-decay", "head.*")
+    model = bn_task.task().model  # no parameter named head.*: the pattern fits none of it
+    layout = ParamLayout.from_module(model)
+    theta, buffers = flat_parameters(model), model_buffers(model, layout.buffers)
+    with WorkerClient(server.address) as first, WorkerClient(server.address) as second:
+        reply = first._stub.Join(pb.JoinRequest(layout=layout.to_proto(), hostname="a"))
+        with pytest.raises(grpc.RpcError) as refused:
+            push_initial(first, initial_push(reply, theta, buffers))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "cannot train this model" in refused.value.details() and "head.*" in refused.value.details()
+        assert second._stub.Join(pb.JoinRequest(layout=layout.to_proto(), hostname="b")).send_initial

@@ -89,6 +89,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                timeout=rpc_timeout, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
         self._session = Session(self._client, server, retry=retry, connect_timeout=connect_timeout)
         self._closed = False
+        self._heartbeat = None
         try:
             config = self._session.first_contact()
             super().__init__([_ServerLearningRate(params=trainable, lr=config.lr)], {"lr": config.lr})
@@ -103,6 +104,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._heartbeat = self._session.heartbeats().__enter__()
             self.version, theta = self._session.pull(self._received)
         except BaseException:
+            if self._heartbeat is not None:
+                self._heartbeat.__exit__(None, None, None)
             self._client.close()
             raise
         self._load(theta)
