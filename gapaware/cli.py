@@ -68,6 +68,24 @@ delay_option = click.option(
          "the same delays in every run with the same SPEC.")
 
 
+PARAMETER_GROUP_OPTIONS = (
+    click.option("--no-weight-decay", multiple=True, metavar="PATTERN",
+                 help="Exclude the parameters whose names match this shell pattern (e.g. '*.bias') from weight "
+                      "decay; repeatable."),
+    click.option("--weight-decay-skip-bias-norm/--no-weight-decay-skip-bias-norm", default=False, show_default=True,
+                 help="Exclude every parameter of at most one dimension from weight decay: biases and the "
+                      "weights of normalisation layers, the usual exclusion."),
+    click.option("--lr-scale", multiple=True, metavar="PATTERN=FACTOR", callback=_lr_scales,
+                 help="Multiply the learning rate of the parameters whose names match PATTERN by FACTOR "
+                      "(> 0); repeatable, the first match wins."),
+)
+"""Parameter groups (README, "Frozen parameters and parameter groups"): server, train and simulate."""
+
+
+def with_options(options, fn):
+    return functools.reduce(lambda f, option: option(f), reversed(options), fn)
+
+
 def run_config_options(fn):
     """The flags that make up a :class:`RunConfig`, shared by ``server`` and ``train``."""
     options = [
@@ -81,16 +99,7 @@ def run_config_options(fn):
                      help="Nesterov momentum."),
         click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True,
                      help="Coupled L2 weight decay."),
-        click.option("--no-weight-decay", multiple=True, metavar="PATTERN",
-                     help="Exclude the parameters whose names match this shell pattern (e.g. '*.bias') from weight "
-                          "decay; repeatable."),
-        click.option("--weight-decay-skip-bias-norm/--no-weight-decay-skip-bias-norm", default=False,
-                     show_default=True,
-                     help="Exclude every parameter of at most one dimension from weight decay: biases and the "
-                          "weights of normalisation layers, the usual exclusion."),
-        click.option("--lr-scale", multiple=True, metavar="PATTERN=FACTOR", callback=_lr_scales,
-                     help="Multiply the learning rate of the parameters whose names match PATTERN by FACTOR "
-                          "(> 0); repeatable, the first match wins."),
+        *PARAMETER_GROUP_OPTIONS,
         click.option("--warmup-updates", type=int, default=DEFAULTS.warmup_updates, show_default=True,
                      help="Linear learning-rate warm-up from 0 over this many updates."),
         click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule, show_default=True,
@@ -124,7 +133,7 @@ def run_config_options(fn):
                      help="A worker pulling deltas (--pull-dtype int8 or float8) gets a full float32 pull every K "
                           "pulls, besides at join; 1: always full."),
     ]
-    return functools.reduce(lambda f, option: option(f), reversed(options), fn)
+    return with_options(options, fn)
 
 
 CONFIG_FIELDS = ("task", "policy", "lr", "momentum", "nesterov", "weight_decay", "warmup_updates", "schedule",
@@ -576,6 +585,7 @@ def _simulated_policies(ctx, param, value: str) -> tuple[str, ...]:
               help=f"Momentum of every policy (0 disables; {NESTEROV_ASGD} needs > 0).")
 @click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True,
               help="Coupled L2 weight decay.")
+@functools.partial(with_options, PARAMETER_GROUP_OPTIONS)
 @click.option("--gamma-shape", type=float, default=DEFAULTS.gamma_shape, show_default=True,
               help="Shape k of the gamma distribution of a worker's time per batch (mean 1, coefficient "
                    "of variation 1/sqrt(k)).")
@@ -597,7 +607,8 @@ def _simulated_policies(ctx, param, value: str) -> tuple[str, ...]:
               help="Directory for results.csv, curves.csv, results.md and results.png "
                    "(default: runs/simulate-<time>).")
 def simulate(task, data_dir, workers, policies, seeds, epochs, batch_size, lr, momentum, weight_decay,
-             gamma_shape, heterogeneous, eval_points, jobs, device, push_dtype, pull_dtype, out) -> None:
+             no_weight_decay, weight_decay_skip_bias_norm, lr_scale, gamma_shape, heterogeneous, eval_points, jobs,
+             device, push_dtype, pull_dtype, out) -> None:
     """Simulate N asynchronous workers on this machine and compare staleness policies.
 
     Each virtual worker's time per batch is gamma-distributed; gradients are applied in order of
@@ -608,7 +619,9 @@ def simulate(task, data_dir, workers, policies, seeds, epochs, batch_size, lr, m
 
     try:
         settings = SimulationSettings(task=task, data_dir=data_dir, lr=lr, momentum=momentum,
-                                      weight_decay=weight_decay, batch_size=batch_size, epochs=epochs,
+                                      weight_decay=weight_decay, no_weight_decay=no_weight_decay,
+                                      weight_decay_skip_bias_norm=weight_decay_skip_bias_norm, lr_scale=lr_scale,
+                                      batch_size=batch_size, epochs=epochs,
                                       gamma_shape=gamma_shape, heterogeneous=heterogeneous,
                                       eval_points=eval_points, device=device, push_dtype=push_dtype,
                                       pull_dtype=pull_dtype)

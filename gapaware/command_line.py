@@ -35,7 +35,13 @@ def config_flags(config: RunConfig) -> list[str]:
     """The ``gapaware server`` (and ``train``) flags that reproduce ``config``; ``max_updates`` and
     ``epochs`` only where set (not 0)."""
     values = dataclasses.asdict(config)
+    repeated = group_flags(values)
+    return flags({**values, "max_updates": config.max_updates or None, "epochs": config.epochs or None}) + repeated
+
+
+def group_flags(values: dict) -> list[str]:
+    """Pops the repeatable parameter-group settings out of ``values`` (``no_weight_decay``, ``lr_scale``)
+    and returns their flags, one flag a pattern."""
     repeated = [("--no-weight-decay", pattern) for pattern in values.pop("no_weight_decay")]
     repeated += [("--lr-scale", f"{pattern}={factor!r}") for pattern, factor in values.pop("lr_scale")]
-    return flags({**values, "max_updates": config.max_updates or None, "epochs": config.epochs or None}) + \
-        [word for pair in repeated for word in pair]
+    return [word for pair in repeated for word in pair]

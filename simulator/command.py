@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from gapaware.command_line import flags
+from gapaware.command_line import flags, group_flags
 from gapaware.common.registry import SYNCHRONOUS_SGD
 from gapaware.common.devices import check_device
 from gapaware.common.tasks import load_task
@@ -23,7 +23,8 @@ def command_line(settings: SimulationSettings, *, policies: Sequence[str], worke
     """The ``gapaware simulate`` command that reproduces a sweep, every setting spelled out."""
     options = {"task": settings.task, "workers": workers, "policies": policies, "seeds": seeds,
                **dataclasses.asdict(settings)}
-    return shlex.join(["gapaware", "simulate", *flags(options)])
+    repeated = group_flags(options)
+    return shlex.join(["gapaware", "simulate", *flags(options), *repeated])
 
 
 def run_simulation(settings: SimulationSettings, *, policies: Sequence[str], workers: Sequence[int],

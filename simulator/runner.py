@@ -38,6 +38,9 @@ class SimulationSettings:
     lr: float = DEFAULTS.lr
     momentum: float = DEFAULTS.momentum
     weight_decay: float = DEFAULTS.weight_decay
+    no_weight_decay: tuple[str, ...] = ()          # parameter groups, as the server's flags
+    weight_decay_skip_bias_norm: bool = False
+    lr_scale: tuple[tuple[str, float], ...] = ()
     batch_size: int = DEFAULTS.batch_size
     epochs: float = DEFAULTS.simulated_epochs
     gamma_shape: float = DEFAULTS.gamma_shape
@@ -58,7 +61,12 @@ class SimulationSettings:
             if dtype not in WIRE_DTYPES:
                 raise ValueError(f"Invalid transport dtype: {dtype!r} (choose from {', '.join(WIRE_DTYPES)})")
         RunConfig(task=self.task, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                  batch_size=self.batch_size, epochs=self.epochs)  # the server's checks of the rest
+                  batch_size=self.batch_size, epochs=self.epochs, **self.groups())  # the server's checks of the rest
+
+    def groups(self) -> dict:
+        """The parameter-group settings, as :class:`RunConfig` takes them."""
+        return dict(no_weight_decay=tuple(self.no_weight_decay),
+                    weight_decay_skip_bias_norm=self.weight_decay_skip_bias_norm, lr_scale=tuple(self.lr_scale))
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,7 @@ def run_config(settings: SimulationSettings, spec: RunSpec) -> RunConfig:
         task=settings.task, policy=server_policy, seed=spec.seed, lr=settings.lr, momentum=settings.momentum,
         nesterov=spec.policy == NESTEROV_ASGD, weight_decay=settings.weight_decay,
         batch_size=settings.batch_size * (spec.workers if synchronous else 1), epochs=settings.epochs,
-        data_dir=settings.data_dir,
+        data_dir=settings.data_dir, **settings.groups(),
     )
 
 

@@ -2,6 +2,8 @@
 to, learning-rate multipliers scale steps, in every policy alike (docs/ALGORITHMS.md#per-parameter-settings)."""
 from __future__ import annotations
 
+import shlex
+
 import pytest
 import torch
 from torch import nn
@@ -14,8 +16,11 @@ from gapaware.server.build import build_state
 from gapaware.server.observability import ServerMetrics
 from gapaware.server.policies import POLICIES, ElementRates, element_rates, make_policy
 from gapaware.server.state import ParameterServerState
+from gapaware.simulator.command import command_line
+from gapaware.simulator.runner import RunSpec, SimulationSettings, simulate_run
 from gapaware.worker.loop import WorkerOptions, run_worker
 from tests.inprocess import InProcessServer
+from tests.invocations import parse_invocation
 
 FROZEN_TASK = "tests.group_tasks:frozen"
 
@@ -155,3 +160,17 @@ def test_the_server_refuses_a_pattern_that_fits_no_parameter_before_it_starts():
     config = RunConfig(task=FROZEN_TASK, max_updates=1, weight_decay=0.1, no_weight_decay=("head.*",))
     with pytest.raises(TaskError, match=r"--no-weight-decay 'head\.\*' matches no trainable parameter"):
         build_state(config)
+
+
+def test_the_simulator_applies_parameter_groups_and_its_command_line_keeps_them():
+    fast = dict(task="digits-mlp", epochs=0.2, eval_points=1, lr=0.05, momentum=0.9)
+    plain = simulate_run(SimulationSettings(**fast), RunSpec("gap-aware", 2, seed=0)).curve
+    decayed = simulate_run(SimulationSettings(**fast, weight_decay=0.5), RunSpec("gap-aware", 2, seed=0)).curve
+    excluded = SimulationSettings(**fast, weight_decay=0.5, no_weight_decay=("*",))
+    assert decayed != plain
+    assert simulate_run(excluded, RunSpec("gap-aware", 2, seed=0)).curve == plain  # every parameter excluded
+
+    settings = SimulationSettings(**fast, no_weight_decay=("*.bias", "0.*"), weight_decay_skip_bias_norm=True,
+                                  lr_scale=(("2.*", 0.5),))
+    params = parse_invocation(shlex.split(command_line(settings, policies=("gap-aware",), workers=(2,), seeds=1))[1:])[1]
+    assert SimulationSettings(**{name: params[name] for name in vars(settings)}) == settings
