@@ -117,6 +117,9 @@ def test_only_the_chosen_worker_sends_the_model_and_later_ones_must_match_it(ser
     model = bn_task.task().model
     layout = ParamLayout.from_module(model)
     theta, buffers = flat_parameters(model), model_buffers(model, layout.buffers)
+    shown = subprocess.run(gapaware_command("status", "--server", server.address), capture_output=True, text=True,
+                           timeout=TIMEOUT)
+    assert "waiting for the first worker to send the model" in shown.stdout, shown.stdout + shown.stderr
     with WorkerClient(server.address) as chosen, WorkerClient(server.address) as other:
         assert chosen.status().awaiting_model
         reply = chosen._stub.Join(pb.JoinRequest(layout=layout.to_proto(), hostname="a"))

@@ -57,6 +57,7 @@ def format_status(address: str, reply) -> str:
     lines = [
         f"server {address}{shard}: task {json.loads(reply.run_config_json or '{}').get('task', '?')}, policy {reply.policy}, "
         f"{'finished' if reply.finished else 'running'} for {reply.uptime_seconds:.0f}s",
+        *(["waiting for the first worker to send the model (--init from-worker)"] if reply.awaiting_model else []),
         f"progress: update {reply.version} of {reply.max_updates}, epoch {reply.epoch:.2f}, {reply.samples} examples",
         f"last test accuracy: {accuracy}",
         *([f"last evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(reply.last_metrics.items()))]
