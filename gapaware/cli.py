@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -492,7 +493,7 @@ def status(address, as_json, **values) -> None:
 @server_address_option(default="127.0.0.1:7070", show_default=True,
                        help="HOST:PORT; a sharded run's servers H0:P0,H1:P1,... to ask each.")
 @click.option("--wait", type=float, default=0.0, show_default=True,
-              help="Keep asking for up to this many seconds until the server is SERVING.")
+              help="Keep asking for up to this many seconds in all until the server (every one) is SERVING.")
 @client_security_options
 def health(address, wait, **values) -> None:
     """Ask the server's standard gRPC health service; exit 0 only when it is (every one is) SERVING."""
@@ -500,8 +501,9 @@ def health(address, wait, **values) -> None:
     from gapaware.worker.sharded import split_addresses
 
     serving = True
+    deadline = time.monotonic() + wait  # one --wait for every shard, not one each
     for each in split_addresses(address):
-        status = wait_until_serving(each, wait, client_security_from_options(values))
+        status = wait_until_serving(each, max(0.0, deadline - time.monotonic()), client_security_from_options(values))
         click.echo(f"{each}: {status}")
         serving = serving and status == "SERVING"
     if not serving:
