@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
 import time
 
@@ -9,6 +10,7 @@ import grpc
 import pytest
 import torch
 
+from gapaware.command_line import gapaware_command
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout
 from gapaware.common.registry import POLICY_NAMES
@@ -179,3 +181,16 @@ def wait_for(condition, timeout: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
         time.sleep(0.05)
+
+
+def test_gapaware_evaluate_observes_a_sharded_run_and_reports_to_shard_0(servers, tmp_path):
+    run = ("--task", "digits-mlp", "--max-updates", "200", "--lr", "0.1")
+    shards = [servers(*run, "--shard", f"{i}/2", name=f"shard-{i}") for i in range(2)]
+    addresses = ",".join(s.address for s in shards)
+    evaluate = subprocess.Popen(gapaware_command("evaluate", "--server", addresses, "--every", "50"),
+                                stdout=(tmp_path / "evaluate.log").open("w"), stderr=subprocess.STDOUT)
+    worker = start_worker(addresses, tmp_path, 0)
+    assert worker.wait(timeout=180) == 0, (tmp_path / "worker-0.log").read_text()
+    assert evaluate.wait(timeout=180) == 0, (tmp_path / "evaluate.log").read_text()
+    reported = [r for r in shards[0].records("eval") if r.get("reported")]
+    assert reported and reported[-1]["version"] == 200 and reported[-1]["accuracy"] > 0.8, reported

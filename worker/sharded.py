@@ -66,7 +66,7 @@ class ShardedClient:
         self._layouts: list[ParamLayout] = []
         self._cuts: list[int] = []
         self._versions: list[int] = []
-        self._device = "cpu"
+        self._device, self._observer = "cpu", False
         self._run = ""
         self._seq = 0
         self._finished = False
@@ -76,16 +76,18 @@ class ShardedClient:
         """The model's buffers (they live on shard 0) as of the last parameters received."""
 
     # -- lifecycle ------------------------------------------------------------------------
-    def join(self, layout: ParamLayout | None = None, *, device: str = "cpu", initial=None) -> JoinInfo:
+    def join(self, layout: ParamLayout | None = None, *, device: str = "cpu", initial=None,
+             observer: bool = False) -> JoinInfo:
         """Joins every shard: shard 0 first, whose run the others must run (their run configs' digest).
-        ``initial`` is never asked for: the servers of a sharded run build their model with ``--task``."""
+        ``initial`` is never asked for: the servers of a sharded run build their model with ``--task``.
+        An ``observer`` joins every shard only to pull (``gapaware evaluate``)."""
         if layout is None:
             raise ValueError("a sharded run needs the model's layout to join: pass ParamLayout.from_module(model)")
         count = len(self.shards)
         self._layouts = [shard_layout(layout, Shard(index, count)) for index in range(count)]
         self._cuts = shard_cuts(layout, count)
-        self._device = device
-        first = self.shards[0].join(self._layouts[0], device=device)
+        self._device, self._observer = device, observer
+        first = self.shards[0].join(self._layouts[0], device=device, observer=observer)
         self._run = run_identity(first.config)
         joined = [first, *self._each(lambda i, c: self._join_shard(i), indices=range(1, count))]
         self._versions = [info.version for info in joined]
@@ -96,7 +98,7 @@ class ShardedClient:
         return self._info
 
     def _join_shard(self, index: int) -> JoinInfo:
-        return self.shards[index].join(self._layouts[index], device=self._device,
+        return self.shards[index].join(self._layouts[index], device=self._device, observer=self._observer,
                                        run_config_sha256=self._run if index else "")
 
     @property
