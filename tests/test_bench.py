@@ -15,9 +15,9 @@ from bench.harness import gapaware_server
 from bench.network import cannot_make_namespaces
 from gapaware import WorkerClient
 
-SLOWEST = ("memory", "free_work")
-"""Smoke tests of half a minute each on 2 cores, left to ``make test-slow``: free_work runs the systems of
-end_to_end again, memory starts 64 workers."""
+SLOWEST = ("memory", "free_work", "end_to_end", "overlap")
+"""Smoke tests of 15 to 30 s each on 2 cores, left to ``make test-slow`` to keep ``make test`` under 6
+minutes: free_work runs the systems of end_to_end again, memory starts 64 workers."""
 BENCHMARKS = [pytest.param(name, marks=pytest.mark.slow) if name in SLOWEST else name
               for name in ["transport", "server_update", "end_to_end", "scale", "memory", "overlap", "free_work",
                            "push_norms", "time_to_accuracy"]]

@@ -142,6 +142,7 @@ def test_a_waiting_worker_stops_on_sigterm_after_its_one_step(servers, tmp_path)
     assert "done after 1 steps, 1 pushes applied" in (tmp_path / "worker-0.log").read_text()
 
 
+@pytest.mark.slow
 def test_train_hands_the_spec_to_every_worker(tmp_path):
     # Half a second after every step: the run outlasts both workers' start, however busy the machine
     # (a worker that starts after the run ended would retry the gone server).
