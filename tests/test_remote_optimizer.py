@@ -2,6 +2,8 @@
 usual companions of an optimizer (GradScaler, clip_grad_norm_, accumulation) work unchanged."""
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 import torch
@@ -12,12 +14,16 @@ from gapaware.common.buffers import model_buffers
 from gapaware.common.config import RunConfig
 from gapaware.common.layout import ParamLayout, flat_gradients, flat_parameters
 from gapaware.common.registry import FROM_WORKER
+from gapaware.common.security import ServerSecurity
 from gapaware.common.shards import Shard
 from gapaware.common.tasks import load_task
+from gapaware.server.app import ServerOptions
 from gapaware.server.build import build_state, state_from_model
 from gapaware.worker.remote_optimizer import LocalScheduleRefused
 
 LR = 0.1
+LEASE = 2.0
+TOKEN = "5ec0d5ec0d5ec0d5ec0d5ec0d5ec0d5e"
 
 
 def bn_model(seed: int = 0) -> nn.Module:
@@ -147,6 +153,31 @@ def test_a_forgotten_worker_joins_again_and_goes_on(served):
     assert optimizer.steps == 2 and state.version == 2  # the push on the forgotten snapshot was dropped
     assert torch.equal(flat_parameters(model), state.theta)
     optimizer.close()
+
+
+def test_heartbeats_keep_the_lease_while_a_step_computes(inprocess_servers):
+    model = bn_model()
+    server = inprocess_servers(plain_sgd_state(model), ServerOptions(lease_seconds=LEASE))
+    with gapaware.RemoteOptimizer(model, server=server.address) as optimizer:
+        worker_id = optimizer.info.worker_id
+        backward(model, seed=0)
+        time.sleep(2.5 * LEASE)  # the user's forward and backward: longer than the lease, without a push
+        assert server.state.reap(LEASE) == [], "the lease expired while the step computed"
+        optimizer.step()
+        assert optimizer.info.worker_id == worker_id and optimizer.steps == 1 and server.state.version == 1
+
+
+def test_the_token_comes_from_the_environment_as_for_the_command_line(inprocess_servers, monkeypatch):
+    model = bn_model()
+    server = inprocess_servers(plain_sgd_state(model), ServerOptions(security=ServerSecurity(token=TOKEN)))
+    with pytest.raises(grpc.RpcError) as refused:
+        gapaware.RemoteOptimizer(model, server=server.address)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and "set GAPAWARE_TOKEN" in refused.value.details()
+    monkeypatch.setenv("GAPAWARE_TOKEN", TOKEN)
+    with gapaware.RemoteOptimizer(model, server=server.address) as optimizer:
+        backward(model, seed=0)
+        optimizer.step()
+        assert server.state.version == 1
 
 
 def test_the_end_of_the_run_is_seen_and_close_leaves(served):
