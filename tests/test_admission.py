@@ -22,6 +22,7 @@ from gapaware.server.admission import GRADIENTS_IN_MEMORY
 from gapaware.worker import compression as encoder_module
 from tests.frames import encode_messages
 from tests.inprocess import small_state
+from tests.waiting import wait_for
 
 NUMEL = 3000
 CHUNK_BYTES = 4096  # three chunks
@@ -103,10 +104,7 @@ def test_a_push_refused_before_admission_ends_its_sender_at_once(inprocess_serve
         with pytest.raises(grpc.RpcError) as refused:
             client.push_pull(torch.ones(NUMEL), version)
         assert refused.value.code() == grpc.StatusCode.NOT_FOUND
-        deadline = time.monotonic() + 5
-        while _waiting_senders() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _waiting_senders(), "the push's sender still waits for a ready frame"
+        wait_for(lambda: not _waiting_senders(), 5, "the push's sender to stop waiting for a ready frame")
         assert time.monotonic() - started < 10
     assert server.state.version == 0
 

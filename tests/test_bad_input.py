@@ -24,7 +24,7 @@ from gapaware.server.app import ServerOptions
 from gapaware.server.policies import POLICIES
 from gapaware.server.servicer import SERVICE_NAME
 from gapaware.worker.client import CHANNEL_OPTIONS
-from tests.frames import encode_messages, push_stream
+from tests.frames import push_stream
 from tests.inprocess import StateSnapshot, small_state
 
 NUMEL = 3000

@@ -14,6 +14,7 @@ from gapaware.server.registry import first_worker_id
 from gapaware.server.resume import ResumeError, check_fresh_directory, find_resume_point, resolve_config
 from gapaware.server.state import ParameterServerState
 from gapaware.server.policies import POLICIES
+from tests.waiting import wait_for
 
 NUMEL = 50
 
@@ -181,9 +182,7 @@ def test_a_thread_waiting_for_a_version_is_woken_when_it_is_reached_not_by_every
     reached = []
     waiter = threading.Thread(target=lambda: reached.append(state.wait_for_version(3, timeout=30)))
     waiter.start()
-    deadline = time.monotonic() + 10
-    while not state._changed._waiters and time.monotonic() < deadline:  # the waiter is waiting
-        time.sleep(0.01)
+    wait_for(lambda: state._changed._waiters, 10, "the waiter to wait", interval=0.01)
     drive(state, [worker], steps=3, seed=0)
     waiter.join(timeout=30)
     drive(state, [worker], steps=2, seed=3)

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from gapaware.server.registry import IDS_PER_INCARNATION, first_worker_id
 from gapaware.server.resume import ResumeError, find_resume_point, next_incarnation, resolve_config
 from tests.test_checkpoint import drive, make_state
 from tests.test_observability import free_port, scrape
+from tests.waiting import wait_for
 
 OUT_OF_RANGE_JUNK = "checkpoint-i20000000000000-v0.safetensors"
 IN_RANGE_JUNK = "checkpoint-i999999999-v0.safetensors"
@@ -164,14 +164,6 @@ def test_the_checkpointer_counts_failures_logs_each_reason_once_and_resumes(tmp_
         checkpointer.stop()
     assert read_checkpoint(CheckpointDirectory(blocked).paths()[-1]).version == 5
     assert "checkpoints resume after 4 failed writes" in caplog.text
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 @pytest.fixture

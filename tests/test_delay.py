@@ -6,7 +6,6 @@ import signal
 import statistics
 import subprocess
 import threading
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -15,6 +14,7 @@ from gapaware import WorkerClient
 from gapaware.cli import main
 from gapaware.worker.delay import DelaySpec
 from tests.invocations import parse_invocation
+from tests.waiting import wait_for
 from gapaware.command_line import gapaware_command as gapaware_cmd
 from gapaware.processes import start_worker
 
@@ -133,10 +133,7 @@ def test_a_waiting_worker_stops_on_sigterm_after_its_one_step(servers, tmp_path)
     server = servers("--task", "digits-mlp", "--max-updates", "1000")
     worker = start_worker(server.address, tmp_path, 0, "--delay", "hiccup:p=1,length=1000")
     with WorkerClient(server.address, timeout=10) as client:
-        deadline = time.monotonic() + 120
-        while client.status().version < 1:
-            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker-0.log").read_text()
-            time.sleep(0.05)
+        wait_for(lambda: client.status().version >= 1, 120, (tmp_path / "worker-0.log").read_text, alive=worker)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
     assert "done after 1 steps, 1 pushes applied" in (tmp_path / "worker-0.log").read_text()

@@ -13,6 +13,7 @@ from gapaware.command_line import gapaware_command
 from gapaware.processes import ServerProcess, start_worker
 from gapaware.server.checkpoint import CheckpointDirectory, read_checkpoint
 from tests.netns import SERVER_ADDRESS, cannot_make_namespaces, veth_pair
+from tests.waiting import wait_for
 
 FAST_RETRY = ("--retry-initial-backoff", "0.2", "--retry-max-backoff", "1", "--retry-give-up-after", "120",
               "--rpc-timeout", "10")
@@ -108,10 +109,9 @@ def test_server_killed_and_resumed_from_the_previous_checkpoint_when_the_newest_
     first = servers(*flags, "--checkpoint-dir", str(ckpt), name="first")
     workers = [start_worker(first.address, tmp_path, i, *FAST_RETRY) for i in range(2)]
     wait_status(first.address, lambda s: s.version >= 320, what="version 320")
-    deadline = time.monotonic() + 60  # checkpoints are written in the background: the one at 300 may lag
-    while max(checkpoint_versions(ckpt), default=-1) < 300:
-        assert time.monotonic() < deadline, f"no checkpoint at version 300 or later: {checkpoint_versions(ckpt)}"
-        time.sleep(0.05)
+    # checkpoints are written in the background: the one at 300 may lag
+    wait_for(lambda: max(checkpoint_versions(ckpt), default=-1) >= 300, 60,
+             lambda: f"a checkpoint at version 300 or later: {checkpoint_versions(ckpt)}")
     first.proc.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
 
@@ -173,10 +173,8 @@ def test_network_cut_longer_than_the_lease_then_the_run_recovers(tmp_path):
         workers = [start_worker(address, tmp_path, i, *FAST_RETRY, "--rpc-timeout", "3",
                                 prefix=net.exec_in(net.worker_ns)) for i in range(2)]
         try:
-            deadline = time.monotonic() + 120
-            while not any(r["version"] >= 100 for r in server.records("eval")):
-                assert time.monotonic() < deadline and server.proc.poll() is None, server.log()
-                time.sleep(0.1)
+            wait_for(lambda: any(r["version"] >= 100 for r in server.records("eval")), 120, server.log,
+                     alive=server.proc, interval=0.1)
             net.set_link(up=False)
             time.sleep(8)  # four leases
             cut_version = max(r["version"] for r in server.records("eval"))

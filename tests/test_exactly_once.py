@@ -14,6 +14,7 @@ from gapaware.worker.retry import RetryPolicy, call_with_retries
 from tests.frames import encode_messages
 from tests.tcp_proxy import ReplyDroppingProxy
 from tests.test_checkpoint import NUMEL, make_state
+from tests.waiting import wait_for
 
 
 def test_state_applies_a_repeated_seq_once_and_refuses_an_older_one():
@@ -34,10 +35,7 @@ def test_state_applies_a_repeated_seq_once_and_refuses_an_older_one():
 
 
 def _wait_for_version(client: WorkerClient, version: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.status().version < version:
-        assert time.monotonic() < deadline, f"the server never reached version {version}"
-        time.sleep(0.05)
+    wait_for(lambda: client.status().version >= version, timeout, f"the server to reach version {version}")
 
 
 def test_push_whose_reply_is_lost_and_is_retried_counts_once(servers):
@@ -60,10 +58,8 @@ def test_push_whose_reply_is_lost_and_is_retried_counts_once(servers):
                 push, RetryPolicy(initial_backoff=0.2, max_backoff=1.0, give_up_after=30), what="push")))
             pusher.start()
             _wait_for_version(observer, 1)  # applied by the server; its reply is being dropped
-            deadline = time.monotonic() + 10
-            while proxy.dropped_bytes == 0 and time.monotonic() < deadline:  # the reply follows the update
-                time.sleep(0.05)
-            assert not results and proxy.dropped_bytes > 0, "the reply must have been lost"
+            wait_for(lambda: proxy.dropped_bytes, 10, "the reply to be lost")  # it follows the update
+            assert not results, "the reply must have been lost"
             proxy.cut()
             pusher.join(timeout=60)
 

@@ -92,7 +92,7 @@ def test_a_user_task_trains_checkpoints_resumes_and_exports_without_the_server_i
     with WorkerClient(resumed.address) as client:
         status = client.status()
         assert (status.version, status.awaiting_model, status.parameters) == (200, False, task_layout().numel)
-        info = client.join(task_layout())  # no model asked for: it came from the checkpoint
+        client.join(task_layout())  # no model asked for: it came from the checkpoint
         version, theta = client.pull()
         assert version == 200 and torch.equal(theta, flat_parameters(task.model))
 

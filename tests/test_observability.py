@@ -3,7 +3,6 @@ import json
 import math
 import signal
 import socket
-import time
 import urllib.request
 
 import grpc
@@ -16,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gapaware import WorkerClient
 from gapaware.cli import main
 from gapaware.worker.health import check_health
+from tests.waiting import wait_for
 
 
 def free_port() -> int:
@@ -64,9 +64,7 @@ def test_metrics_scraped_from_a_live_run_move_with_every_push(servers, tmp_path)
         version, _ = first.pull()
         for _ in range(4):                                                   # four fresh updates via push-and-pull
             _, version, _ = first.push_pull(torch.zeros_like(theta1), base_version=version)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not server.records("eval"):
-            time.sleep(0.1)
+        wait_for(lambda: server.records("eval"), 30, "an evaluation", interval=0.1)
         during = scrape(metrics_port)
 
         table = CliRunner().invoke(main, ["status", "--server", server.address])
@@ -127,9 +125,7 @@ def test_health_is_serving_then_not_serving_while_the_server_shuts_down(servers)
     with WorkerClient(server.address, timeout=10) as client:
         client.join()                          # a live worker keeps the server lingering after SIGTERM
         server.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 4
-        while time.monotonic() < deadline and check_health(server.address) == "SERVING":
-            time.sleep(0.05)
+        wait_for(lambda: check_health(server.address) != "SERVING", 4, "the health service to stop serving")
         assert check_health(server.address) == "NOT_SERVING"
         assert server.proc.poll() is None, "still running: it waits for the worker to leave"
         refused = CliRunner().invoke(main, ["health", "--server", server.address])

@@ -18,6 +18,7 @@ from gapaware.server.push_bound import NORM_CEILING, WINDOW, NormBound
 from gapaware.server.servicer import status_code_for
 from tests.inprocess import StateSnapshot, small_state
 from tests.test_observability import free_port, scrape
+from tests.waiting import wait_for
 
 
 def test_the_bound_follows_the_median_of_the_recent_accepted_norms():
@@ -139,14 +140,6 @@ def test_nonfinite_losses_are_left_out_of_the_training_loss():
     window = state.take_window()
     assert window["train_loss"] == 1.0
     assert state.totals()["run_train_loss"] == 1.0 and state.totals()["pushes"] == 5
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def honest_pushes(status, worker_id: int) -> int:

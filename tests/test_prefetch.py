@@ -9,6 +9,7 @@ import torch
 from gapaware.common.data import batches
 from gapaware.common.tasks import load_task
 from gapaware.worker.prefetch import Prefetcher
+from tests.waiting import wait_for
 
 
 def test_yields_the_sources_items_in_order_then_stops():
@@ -53,10 +54,8 @@ def test_loads_at_most_depth_ahead_plus_one_in_hand():
     produced = []
     with Prefetcher(counting(produced), depth=2) as items:
         assert next(items) == 0
-        deadline = time.monotonic() + 10
-        while len(produced) < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.3)
+        wait_for(lambda: len(produced) >= 4, 10, "four items loaded", interval=0.01)
+        time.sleep(0.3)  # time for a fifth, which must not come
         assert produced == [0, 1, 2, 3], "two queued and one waiting for room, no more"
         assert next(items) == 1
 

@@ -12,19 +12,13 @@ from gapaware import WorkerClient
 from gapaware.processes import ServerProcess, start_worker
 from gapaware.worker.retry import RetryPolicy, call_with_retries
 from tests.inprocess import small_state
+from tests.waiting import wait_for
 
 LONG_BACKOFF = RetryPolicy(initial_backoff=20, max_backoff=20, give_up_after=300)
 """Each wait drawn from [10, 20] s: far longer than the bound the tests assert."""
 REJOIN_BOUND = 5.0
 """Seconds from the restarted server's ready file to the worker's answer: the channel re-attempts the
 connection every second at most (client.CHANNEL_OPTIONS), plus a join and a pull on a busy machine."""
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_a_retry_in_backoff_reaches_a_server_restarted_on_the_same_port(inprocess_servers, caplog):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-import time
 
 import grpc
 import pytest
@@ -24,6 +23,7 @@ from gapaware.server.resume import ResumeError
 from gapaware.worker.client import WorkerClient
 from gapaware.worker.loop import WorkerOptions, run_worker
 from gapaware.worker.sharded import ShardedClient
+from tests.waiting import wait_for
 
 
 def test_cuts_fall_on_tensors_when_that_balances_and_on_elements_otherwise():
@@ -174,13 +174,6 @@ def test_a_shard_process_sigkilled_and_resumed_alone_lets_the_run_complete(tmp_p
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_gapaware_evaluate_observes_a_sharded_run_and_reports_to_shard_0(servers, tmp_path):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import torch
 
 from gapaware.common.config import RunConfig
 from tests import metric_tasks
+from tests.waiting import wait_for
 from gapaware.processes import ServerProcess, start_worker
 from gapaware.server.build import build_state
 from gapaware.server.evaluator import Evaluator, MetricsLog
@@ -62,10 +62,7 @@ def test_a_metrics_function_that_raises_is_reported_and_training_goes_on(tmp_pat
     worker = start_worker(server.address, tmp_path, 0, "--threads", "1")
     try:
         with WorkerClient(server.address, timeout=10) as client:
-            deadline = time.monotonic() + 120
-            while (status := client.status()).eval_errors == 0:
-                assert time.monotonic() < deadline and server.proc.poll() is None, server.log()
-                time.sleep(0.05)
+            status = wait_for(lambda: (s := client.status()).eval_errors and s, 120, server.log, alive=server.proc)
         assert status.last_eval_error == "RuntimeError: the user's evaluation code is broken"
         assert server.wait(timeout=120) == 0, server.log()
         assert worker.wait(timeout=60) == 0
@@ -94,10 +91,8 @@ def test_evaluations_that_updates_outpace_are_counted_as_skipped_with_the_reason
         for _ in range(7):
             update()  # versions 3 to 9 arrive while it evaluates: 4 and 6 are skipped, 8 is evaluated at 9
         metric_tasks.RELEASE.set()
-        deadline = time.monotonic() + 30
-        while evaluator.last["version"] < 9:
-            assert time.monotonic() < deadline, evaluator.last
-            time.sleep(0.01)
+        wait_for(lambda: evaluator.last["version"] >= 9, 30, lambda: f"version 9 evaluated: {evaluator.last}",
+                 interval=0.01)
     finally:
         metric_tasks.RELEASE.set()
         state.finish()

@@ -19,6 +19,7 @@ from gapaware.command_line import gapaware_command
 from gapaware.common.results import PushResult
 from gapaware.worker.procs import run_worker_processes
 from gapaware.worker.progress import Progress
+from tests.waiting import wait_for
 
 PROGRESS_LINE = re.compile(r"worker (\d+): ([\d.]+) steps/s, loss ([\d.e+-]+), staleness ([\d.]+), Gap ([\d.]+) "
                            r"over the last (\d+)s; server version (\d+)")
@@ -81,10 +82,7 @@ def test_a_worker_says_what_it_does_and_exits_promptly_once_done(servers, tmp_pa
     with log.open("w") as out:
         worker = subprocess.Popen(gapaware_command("worker", "--server", server.address, "--progress-every", "0.3"),
                                   stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while " done after " not in log.read_text():
-        assert time.monotonic() < deadline and worker.poll() is None, log.read_text()
-        time.sleep(0.01)
+    wait_for(lambda: " done after " in log.read_text(), 180, log.read_text, alive=worker, interval=0.01)
     done_at, cpu_at_done = time.monotonic(), cpu_seconds(worker.pid)
     _, status, usage = os.wait4(worker.pid, 0)
     exit_cpu, exit_wall = usage.ru_utime + usage.ru_stime - cpu_at_done, time.monotonic() - done_at
@@ -133,11 +131,8 @@ def test_a_procs_parent_reports_a_killed_child_at_once_and_lets_the_others_run(c
     seen: dict[str, object] = {}
 
     def kill_one_then_the_other() -> None:
-        deadline = time.monotonic() + 120
-        while len(children := health_children_of(os.getpid())) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        first, second = children
+        first, second = wait_for(lambda: len(c := health_children_of(os.getpid())) >= 2 and c, 120,
+                                 "two health processes")
         os.kill(first, signal.SIGKILL)
         reported_by = time.monotonic() + 10
         while "was killed by SIGKILL" not in caplog.text and time.monotonic() < reported_by:

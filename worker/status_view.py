@@ -60,7 +60,7 @@ def format_status(address: str, reply) -> str:
         *(["waiting for the first worker to send the model (--init from-worker)"] if reply.awaiting_model else []),
         f"progress: update {reply.version} of {reply.max_updates}, epoch {reply.epoch:.2f}, {reply.samples} examples",
         f"last test accuracy: {accuracy}",
-        *([f"last evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(reply.last_metrics.items()))]
+        *(["last evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(reply.last_metrics.items()))]
           if reply.last_metrics else []),
         *([f"evaluation errors: {reply.eval_errors}" + (f", last: {reply.last_eval_error}"
                                                         if reply.last_eval_error else "")]
