@@ -24,24 +24,12 @@ from gapaware.server.checkpoint import (CheckpointDirectory, CheckpointWriteErro
 from gapaware.server.checkpointer import Checkpointer, CheckpointOptions
 from gapaware.server.registry import IDS_PER_INCARNATION, first_worker_id
 from gapaware.server.resume import ResumeError, find_resume_point, next_incarnation, resolve_config
-from tests.test_checkpoint import drive, make_state
+from tests.test_checkpoint import drive, make_state, saved  # noqa: F401  saved: a fixture
 from tests.test_observability import free_port, scrape
 from tests.waiting import wait_for
 
 OUT_OF_RANGE_JUNK = "checkpoint-i20000000000000-v0.safetensors"
 IN_RANGE_JUNK = "checkpoint-i999999999-v0.safetensors"
-
-
-@pytest.fixture
-def saved(tmp_path):
-    """A directory with checkpoints at versions 3, 6 and 9 of one run."""
-    state = make_state("gap-aware")
-    worker = state.join("h", "cpu", None).worker_id
-    directory = CheckpointDirectory(tmp_path / "ckpt", keep=5)
-    for _ in range(3):
-        drive(state, [worker], steps=3, seed=state.version)
-        directory.save(state.checkpoint())
-    return directory
 
 
 def test_the_largest_incarnation_keeps_worker_ids_inside_64_bits():
