@@ -154,9 +154,8 @@ def test_checkpointer_writes_every_n_updates_and_every_s_seconds(tmp_path):
     by_updates.start()
     for _ in range(12):
         drive(state, [worker], steps=1, seed=state.version)
-        deadline = time.monotonic() + 10  # wait for the thread to write before the next push
-        while len(by_updates.directory.paths()) < state.version // 5 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: len(by_updates.directory.paths()) >= state.version // 5, 10,  # before the next push
+                 f"the checkpoint thread to write version {state.version // 5 * 5}", interval=0.02)
     by_updates.stop()
     versions = [read_checkpoint(p).version for p in by_updates.directory.paths()]
     assert versions == [5, 10], versions

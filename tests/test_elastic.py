@@ -20,18 +20,16 @@ FAST_RETRY = ("--retry-initial-backoff", "0.2", "--retry-max-backoff", "1", "--r
 
 
 def wait_status(address: str, until, timeout: float = 120.0, what: str = "condition"):
-    """Polls Status until ``until(reply)`` holds; returns that reply."""
-    deadline = time.monotonic() + timeout
+    """Polls Status, through refusals and a server not yet listening, until ``until(reply)`` holds;
+    returns that reply."""
     with WorkerClient(address, timeout=5) as client:
-        while time.monotonic() < deadline:
+        def reply_once_it_holds():
             try:
                 reply = client.status()
-                if until(reply):
-                    return reply
             except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+                return None
+            return reply if until(reply) else None
+        return wait_for(reply_once_it_holds, timeout, what, interval=0.1)
 
 
 def joined_ids(log_text: str) -> list[int]:
